@@ -43,6 +43,7 @@ class ModelConfig:
     pq_subspaces: int = 8  # S (the paper's N_bit): sub-vectors per channel embedding; must divide dim
     pq_centroids: int = 256  # C centroids per (channel, sub-space); <= 256 (8-bit codes), <= 16 gives 4-bit
     pq_jit_compile: bool = False  # ADC lookups as one XLA cluster (faster on CPU; the runtime needs XLA)
+    pq_rerank: int = 1  # PQ GSU keeps pq_rerank x top_k candidates, re-scores them exactly, keeps top_k
 
 
 @dataclasses.dataclass

@@ -286,3 +286,24 @@ def test_pq_gsu_rejects_out_of_range_history_ids_naming_the_feature():
         tf.constant(METADATA.num_items + 3, tf.int64))
     with pytest.raises(tf.errors.InvalidArgumentError, match="history_item: index out of range"):
         model(batch)
+
+
+def test_pq_rerank_rescores_the_candidates_exactly():
+    """r·K ≥ L: every position is a candidate, so re-ranking gives the exact GSU's top K and logits."""
+    model = _model(dataclasses.replace(CONFIG, pq_centroids=16))
+    quantization.apply_codebooks(model, quantization.quantize_vocabulary(  # coarse: plain PQ top-K differs
+        model.content, quantization.CodebookConfig(4, 16)))
+    batch = _batch()
+    exact = model(batch)
+    model.set_gsu_mode("pq_adc")
+    plain = model(batch)
+    model.set_gsu_mode("pq_adc", pq_rerank=METADATA.max_history // CONFIG.top_k)
+    reranked = model(batch)
+    lengths = batch[schema.CTX_HISTORY_LENGTH].numpy()
+    for row, length in enumerate(lengths):
+        k = min(CONFIG.top_k, length)
+        assert set(reranked["top_k"][row, :k].numpy()) == set(exact["top_k"][row, :k].numpy())
+    np.testing.assert_allclose(reranked["logit"], exact["logit"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(plain["logit"], exact["logit"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pq_rerank"):
+        builders.build_seminar(dataclasses.replace(CONFIG, pq_rerank=0), METADATA, *_tables())

@@ -41,7 +41,8 @@ class PQBenchConfig:
     preset: str = "test"  # synthetic world + training preset of the quality part (test | demo)
     subspaces: int = 8  # S per channel of the default codebooks (fit-codebooks, the pq_adc run, the targets)
     centroids: int = 256  # C of the default codebooks
-    variants: Tuple[Tuple[int, int], ...] = ((8, 256), (8, 16), (4, 256))  # (S, C) compared; the first = default
+    variants: Tuple[Tuple[int, int], ...] = ((8, 256), (16, 256), (8, 16), (4, 256))  # (S, C); the first = default
+    rerank: int = 4  # the PQ GSU re-scores rerank x K candidates exactly (model.pq_rerank) in the extra rows
     recall_lengths: Tuple[int, ...] = (1000, 10000)
     recall_ks: Tuple[int, ...] = (50, 200)
     recall_targets: int = 32
@@ -74,8 +75,13 @@ def _train(config: PQBenchConfig, work_dir: str, progress) -> Dict[str, str]:
 
     paths = {name: os.path.join(work_dir, name) for name in ("raw", "dataset", "psu", "ctr", "ctr_pq_adc")}
 
+    reused = []
+
     def done(run_dir, marker):
-        return config.reuse and tf.io.gfile.exists(os.path.join(run_dir, marker))
+        if config.reuse and tf.io.gfile.exists(os.path.join(run_dir, marker)):
+            reused.append(os.path.basename(run_dir))
+            return True
+        return False
 
     preset = config_lib.get_preset(config.preset)
     preset.pretrain.verbose = preset.finetune.verbose = 0
@@ -101,11 +107,12 @@ def _train(config: PQBenchConfig, work_dir: str, progress) -> Dict[str, str]:
         pq_preset.model = dataclasses.replace(pq_preset.model, gsu="pq_adc")
         experiment.finetune(paths["dataset"], paths["ctr_pq_adc"], pq_preset, init_from=paths["psu"],
                             codebooks=paths["ctr"])
+    paths["reused"] = sorted(set(reused))
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- quality
-def _quality(paths: Dict[str, str], progress) -> Dict:
+def _quality(paths: Dict[str, str], rerank: int, progress) -> Dict:
     """Test AUC: exact run with exact / pq_adc / pq_sdc GSU (same weights), and the pq_adc-trained run."""
     import tensorflow as tf
 
@@ -115,6 +122,7 @@ def _quality(paths: Dict[str, str], progress) -> Dict:
 
     codebooks = paths["ctr"]
     variants = [("exact run, exact GSU", paths["ctr"], None), ("exact run, pq_adc GSU", paths["ctr"], "pq_adc"),
+                (f"exact run, pq_adc GSU + exact re-rank of {rerank}K", paths["ctr"], "pq_adc"),
                 ("exact run, pq_sdc GSU", paths["ctr"], "pq_sdc"),
                 ("pq_adc-trained run, pq_adc GSU", paths["ctr_pq_adc"], None),
                 ("pq_adc-trained run, exact GSU", paths["ctr_pq_adc"], "exact")]
@@ -122,6 +130,8 @@ def _quality(paths: Dict[str, str], progress) -> Dict:
     for name, run_dir, gsu in variants:
         model, preset, data_dir = experiment.load_model(
             run_dir, gsu=gsu, codebooks=codebooks if gsu in ("pq_adc", "pq_sdc") and run_dir == paths["ctr"] else None)
+        if "re-rank" in name:
+            model.set_gsu_mode(gsu, pq_rerank=rerank)
         metadata = reader.load_metadata(data_dir)
         data = reader.make_dataset(data_dir, schema.CTR_DIR, "test", 64, metadata=metadata,
                                    max_history=preset.build.max_history)
@@ -136,7 +146,9 @@ def _quality(paths: Dict[str, str], progress) -> Dict:
         metrics = evaluate_lib.evaluate_ctr(score, data)
         top_k[name] = picked
         rows.append({"variant": name, "gsu": preset.model.gsu, "auc": metrics["auc"], "gauc": metrics["gauc"],
-                     "logloss": metrics["logloss"], "num_samples": metrics["num_samples"]})
+                     "logloss": metrics["logloss"], "num_samples": metrics["num_samples"],
+                     "auc_standard_error": _auc_standard_error(
+                         metrics["auc"], metrics["num_samples"], metrics["positive_rate"])})
         _log(progress, f"{name}: AUC {metrics['auc']:.4f}")
     exact_sets = top_k["exact run, exact GSU"]
     for row in rows:
@@ -155,17 +167,33 @@ def _quality(paths: Dict[str, str], progress) -> Dict:
             "max_history": preset.build.max_history}
 
 
+def _auc_standard_error(auc: float, samples: int, positive_rate: float) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC from n_pos positives and n_neg negatives."""
+    positives, negatives = samples * positive_rate, samples * (1.0 - positive_rate)
+    if positives < 1 or negatives < 1:
+        return float("nan")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
+        positives * negatives)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 # ---------------------------------------------------------------------------------------------- recall
 def _variant_name(size: int, cents: int, channels: int) -> str:
     bits = 4 if cents <= 16 else 8
     return f"S={size} C={cents} ({channels * size * bits // 8} B)"
 
 
-def _tie_aware_recall(exact: np.ndarray, approximate: np.ndarray, k: int) -> float:
-    """Mean over rows of |{l ∈ top-k(approximate): exact_l ≥ k-th largest exact}| / k."""
+def _tie_aware_recall(exact: np.ndarray, approximate: np.ndarray, k: int, rerank: int = 1) -> float:
+    """Mean over rows of |{l ∈ kept: exact_l ≥ k-th largest exact}| / k; kept = top-k(approximate), or with
+    ``rerank`` r > 1 the k best by exact score among the top r·k by approximate score."""
     k = min(k, exact.shape[1])
     kth = -np.partition(-exact, k - 1, axis=1)[:, k - 1]
-    picked = np.argpartition(-approximate, k - 1, axis=1)[:, :k]
+    candidates = min(k * rerank, exact.shape[1])
+    picked = np.argpartition(-approximate, candidates - 1, axis=1)[:, :candidates]
+    if rerank > 1:
+        best = np.argsort(-np.take_along_axis(exact, picked, axis=1), axis=1)[:, :k]
+        picked = np.take_along_axis(picked, best, axis=1)
     hits = np.take_along_axis(exact, picked, axis=1) >= kth[:, None] - 1e-6 * np.abs(kth[:, None])
     return float(hits.mean())
 
@@ -227,11 +255,14 @@ def _recall(paths: Dict[str, str], config: PQBenchConfig, progress) -> Dict:
             sdc = np.concatenate([
                 layer.sdc_scores(layer.encode(stored_t[i: i + 4]), gamma_t[i: i + 4], words[i: i + 4], bilinear)
                 .numpy()[:, 0] for i in range(0, num_targets, 4)])
-            for method, approx in (("ADC", adc), ("SDC", sdc)):
+            methods = [("ADC", adc, 1), ("SDC", sdc, 1)]
+            if name.startswith("trained"):
+                methods.insert(1, (f"ADC + exact re-rank of {config.rerank}K", adc, config.rerank))
+            for method, approx, rerank in methods:
                 row = {"L": length, "codebooks": name, "method": method,
                        "reconstruction_error": float(np.mean(list(errors.values())))}
                 for k in config.recall_ks:
-                    row[f"recall@{k}"] = _tie_aware_recall(exact, approx, k)
+                    row[f"recall@{k}"] = _tie_aware_recall(exact, approx, k, rerank)
                 rows.append(row)
         last = f"recall@{config.recall_ks[-1]}"
         _log(progress, f"{last} at L={length}: " + ", ".join(
@@ -300,6 +331,15 @@ def _speed(config: PQBenchConfig, progress) -> Dict:
         return pq8.sdc_scores(codes, gamma, pq8.lookup_words(hq, hi), bilinear)
 
     exact_tf, exact_xla = exact_fn(False), exact_fn(True)
+    keep = max(config.recall_ks)
+
+    @tf.function(jit_compile=True)
+    def adc_rerank(hq, hi, v):  # one request, one target: PQ top r·K, exact scores of those from the float table
+        scores = pq8.adc_scores(v, pq8.lookup_words(hq, hi), method="lookup")[0, 0]  # [L]
+        candidates = tf.math.top_k(scores, k=tf.minimum(config.rerank * keep, tf.shape(scores)[0])).indices
+        history = tf.concat([tf.gather(query_table, tf.gather(hq[0], candidates))[:, None],
+                             tf.gather(item_table, tf.gather(hi[0], candidates))], axis=1)  # [rK, J, d]
+        return tf.gather(candidates, tf.math.top_k(tf.einsum("rjd,jd->r", history, v[0, 0]), k=keep).indices)
     lookup_fns = {f"ADC lookup {default} (TF)": adc_fn(pq8, "lookup", False),
                   f"ADC lookup {default} (XLA lookups only)": adc_fn(pq8x, "lookup", False)}
     lookup_fns.update({f"ADC lookup {name} (XLA)": adc_fn(layer, "lookup", True) for name, layer in layers.items()})
@@ -316,6 +356,9 @@ def _speed(config: PQBenchConfig, progress) -> Dict:
         skipped = []
         if lookups <= config.max_lookups:
             fns.update({name: (lambda fn=fn: fn(hq, hi, v)) for name, fn in lookup_fns.items()})
+            if batch == 1 and candidates == 1 and length >= config.rerank * keep:
+                fns[f"ADC lookup {default} (XLA) + top-{config.rerank * keep} + exact re-rank"] = (
+                    lambda: adc_rerank(hq, hi, v))
         else:
             skipped.append(f"ADC lookup ({lookups:.1e} lookups; decode+matmul is the path for many candidates)")
         sdc_lookups = batch * candidates * length * num * num * size
@@ -336,7 +379,7 @@ def _speed(config: PQBenchConfig, progress) -> Dict:
         best_exact = min(seconds["exact (TF)"], seconds["exact (XLA)"])
         row["fastest_adc"], row["speedup_vs_best_exact"], row["speedup_vs_exact_tf"] = {}, {}, {}
         for name in layers:
-            adc = {k: s for k, s in seconds.items() if k.startswith("ADC") and name in k}
+            adc = {k: s for k, s in seconds.items() if k.startswith("ADC") and name in k and "re-rank" not in k}
             fastest = min(adc, key=adc.get)
             row["fastest_adc"][name] = fastest
             row["speedup_vs_best_exact"][name] = best_exact / adc[fastest]
@@ -444,11 +487,12 @@ def _markdown(report: Dict) -> str:
         "Paired rows use the same weights (only the GSU differs). Top-K overlap: share of the exact GSU's K "
         "positions the PQ GSU also keeps, on the test split.",
         "",
-        "| variant | test AUC | AUC − exact | GAUC | logloss | top-K overlap with exact | samples |",
+        "| variant | test AUC (± s.e.) | AUC − exact | GAUC | logloss | top-K overlap with exact | samples |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in quality["rows"]:
-        lines.append(f"| {r['variant']} | {r['auc']:.4f} | {r['auc_minus_exact']:+.4f} | {_fmt(r['gauc'], 4)} | "
+        lines.append(f"| {r['variant']} | {r['auc']:.4f} ± {r['auc_standard_error']:.3f} | "
+                     f"{r['auc_minus_exact']:+.4f} | {_fmt(r['gauc'], 4)} | "
                      f"{r['logloss']:.4f} | {_fmt(r.get('top_k_overlap_with_exact'))} | {r['num_samples']} |")
     recall = report["recall"]
     ks = config["recall_ks"]
@@ -543,10 +587,25 @@ def _targets(report: Dict, config: PQBenchConfig) -> List[Dict]:
               and r["codebooks"] == f"trained, {default}"]
     if recall and "recall@200" in recall[0]:
         value = recall[0]["recall@200"]
+        others = {r["codebooks"]: r["recall@200"] for r in report["recall"]["rows"]
+                  if r["L"] == 10000 and r["method"] == "ADC" and r["codebooks"].startswith("trained")}
         out.append({"target": f"recall@200 ≥ 0.95 at L=10^4, trained codebooks ({default}, ADC)",
-                    "measured": f"{value:.3f}", "met": value >= 0.95,
-                    "why": f"short by {0.95 - value:.3f}: the embeddings are quantized with S={config.subspaces} "
-                    f"sub-spaces of {report['recall']['dim'] // config.subspaces} dims and C={config.centroids}"})
+                    "measured": f"{value:.3f} (" + "; ".join(f"{k}: {v:.3f}" for k, v in others.items()
+                                                             if k != f"trained, {default}") + ")",
+                    "met": value >= 0.95,
+                    "why": f"short by {0.95 - value:.3f}: with S={config.subspaces} sub-spaces of "
+                           f"{report['recall']['dim'] // config.subspaces} dims and C={config.centroids} the relative "
+                           f"reconstruction error is {recall[0]['reconstruction_error']:.3f}, large next to the gaps "
+                           "between the exact scores around the 200th of 10^4; more bytes per position (S=16) or "
+                           "re-scoring a few K candidates exactly (next row) close the gap"})
+        reranked = [r for r in report["recall"]["rows"] if r["L"] == 10000 and "re-rank" in r["method"]
+                    and r["codebooks"] == f"trained, {default}"]
+        if reranked:
+            value = reranked[0]["recall@200"]
+            out.append({"target": f"… the same with the PQ GSU's exact re-rank of {config.rerank}K candidates "
+                                  f"(pq_rerank={config.rerank})",
+                        "measured": f"{value:.3f}", "met": value >= 0.95,
+                        "why": "the true top K is not inside the PQ top r·K"})
     speed = report["speed"]
     for n in (1, 100):
         rows = [r for r in speed["rows"] if r["L"] == 10000 and r["N"] == n and r["requests_per_call"] == 1]
@@ -560,12 +619,12 @@ def _targets(report: Dict, config: PQBenchConfig) -> List[Dict]:
                 "measured": f"{value:.2f}× vs the faster exact ({r['fastest_adc'][speed['default']]}); "
                             f"{r['speedup_vs_exact_tf'][speed['default']]:.2f}× vs exact in plain TF; {others}",
                 "met": value >= 3.0,
-                "why": (f"{3.0 / value:.1f}× short: a single request is bound by L random reads into the catalog "
-                        "tables, one per position for both paths (a row of codes or a row of embeddings, each a "
-                        "cache/TLB miss), plus J·S table lookups per position for ADC, which XLA runs at ≈1 ns each "
-                        "(faiss's SIMD scan needs less); the 16× smaller rows pay off in bandwidth, see the row "
-                        "with several requests per call" if n == 1 else
-                        f"{3.0 / value:.1f}× short: with N targets both paths end in the same GEMM "
+                "why": (f"short of 3× by {3.0 - value:.2f}×: a single request is bound by L random reads into the "
+                        "catalog tables, one per position for both paths (a row of codes or a row of embeddings, "
+                        "each a cache/TLB miss), plus J·S table lookups per position for ADC, which XLA runs at "
+                        "≈1 ns each (faiss's SIMD scan needs less); the 16× smaller rows pay off in bandwidth, see "
+                        "the row with several requests per call" if n == 1 else
+                        f"short of 3× by {3.0 - value:.2f}×: with N targets both paths end in the same GEMM "
                         "(L × J·d by J·d × N); ADC lookups would cost N·L·J·S scalar reads, so decode + matmul is "
                         "ADC's fastest form and saves only the gather's bandwidth")})
     faiss_rows = [r for r in report["speed"]["faiss"] if "L" in r]
@@ -590,10 +649,15 @@ def _targets(report: Dict, config: PQBenchConfig) -> List[Dict]:
                     "why": "the PQ top-K differs from the exact one on some test rows (see the overlap column)"})
     if trained:
         value = abs(trained["auc_minus_exact"])
+        same_weights = trained["auc"] - rows["pq_adc-trained run, exact GSU"]["auc"]
         out.append({"target": "test AUC of the pq_adc-trained run within 0.002 of the exact run",
                     "measured": f"{trained['auc_minus_exact']:+.4f}", "met": value <= 0.002,
-                    "why": f"two separately trained runs on the small `{report['quality']['preset']}` world differ "
-                           "by more than 0.002 from training noise alone (the paired row isolates the GSU)"})
+                    "why": "one training run each; a test AUC's standard error is "
+                           f"≈{trained['auc_standard_error']:.3f} here ({trained['num_samples']} samples, "
+                           "Hanley–McNeil), so two separately trained runs differ by this much from training noise "
+                           "alone; the paired rows (same weights, only the GSU differs) isolate the GSU: "
+                           f"{same_weights:+.4f} on the pq_adc-trained run, "
+                           f"{paired['auc_minus_exact'] if paired else float('nan'):+.4f} on the exact run"})
     return out
 
 
@@ -606,7 +670,7 @@ def run(out_dir: str = "benchmarks", work_dir: str = "runs/bench_pq",
     config = config or PQBenchConfig()
     started = time.time()
     paths = _train(config, work_dir, progress)
-    quality = _quality(paths, progress)
+    quality = _quality(paths, config.rerank, progress)
     recall = _recall(paths, config, progress)
     speed = _speed(config, progress)
     changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
@@ -628,6 +692,9 @@ def run(out_dir: str = "benchmarks", work_dir: str = "runs/bench_pq",
         ],
     }
     report["wall_s"] = time.time() - started
+    if paths["reused"]:
+        report["notes"].append(f"Reused from {work_dir} (trained by an earlier run of this benchmark, not timed "
+                               f"here): {', '.join(paths['reused'])}.")
     report["targets"] = _targets(report, config)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pq.json"), "w") as f:

@@ -59,7 +59,7 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         tower_units=config.tower_units, aux_weight=config.aux_weight, use_history=config.use_history,
         freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
         dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
-        pq_jit_compile=config.pq_jit_compile)
+        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank)
 
 
 def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,

@@ -73,6 +73,8 @@ class SeminarModel(tfrs.Model):
         ``seminar_tf.quantization``; ``set_gsu_mode`` switches a built model).
       pq_subspaces / pq_centroids: S sub-vectors per channel and C centroids of the PQ codebooks.
       pq_jit_compile: run the ADC lookups as one XLA cluster.
+      pq_rerank: r ≥ 1; a PQ GSU keeps r·K candidates and re-scores them exactly from their content (the ESU
+        encodes them anyway), then keeps the K best (faiss IndexRefine style); 1 = plain PQ top-K.
       user_attribute_sizes: {name: vocabulary size} of user profile features for the tower.
       tower_units: hidden layers of the CTR tower.
       aux_weight: weight of the GSU auxiliary loss (0 disables it).
@@ -105,6 +107,7 @@ class SeminarModel(tfrs.Model):
         pq_subspaces: int = 8,
         pq_centroids: int = 256,
         pq_jit_compile: bool = False,
+        pq_rerank: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -116,6 +119,9 @@ class SeminarModel(tfrs.Model):
         dim = content.dim
         self.top_k = int(top_k)
         self.gsu_mode = gsu
+        self.pq_rerank = int(pq_rerank)
+        if self.pq_rerank < 1:
+            raise ValueError(f"pq_rerank must be >= 1, got {pq_rerank}")
         self.use_history = bool(use_history)
         self.aux_weight = float(aux_weight)
         self.projection = ChannelProjection(len(self.channels), dim, name="gsu_projection")
@@ -144,7 +150,7 @@ class SeminarModel(tfrs.Model):
         if gsu in PQ_MODES and self.pq is None:
             raise ValueError(f"gsu={gsu!r} needs the history (use_history=True)")
 
-    def set_gsu_mode(self, gsu: str) -> None:
+    def set_gsu_mode(self, gsu: str, pq_rerank: Optional[int] = None) -> None:
         """Switches the GSU scoring mode of a (trained) model; the PQ modes need fitted codebooks in ``pq``."""
         if gsu not in GSU_MODES:
             raise ValueError(f"gsu must be one of {GSU_MODES}, got {gsu!r}")
@@ -152,6 +158,8 @@ class SeminarModel(tfrs.Model):
             raise ValueError(f"gsu={gsu!r} needs fitted codebooks: load them with "
                              "seminar_tf.quantization.apply_codebooks (seminar-tf fit-codebooks writes them)")
         self.gsu_mode = gsu
+        if pq_rerank is not None:
+            self.pq_rerank = int(pq_rerank)
         # Keras caches traced train/test/predict functions; the next call must trace the new mode.
         self.train_function = self.test_function = self.predict_function = None
 
@@ -278,11 +286,20 @@ class SeminarModel(tfrs.Model):
             length = tf.shape(mask)[1]
             scores = self.gsu_scores(q_t, gamma, history, mask, features=features, target=target)  # [B, N, L]
             row_mask = tf.reshape(tf.repeat(mask[:, None, :], n, axis=1), [-1, length])
-            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), row_mask, self.top_k)
+            rerank = self.pq_rerank if history is None else 1
+            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), row_mask, self.top_k * rerank)
             k = tf.shape(indices)[1]
-            flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K]
+            flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K] (N*rK with re-ranking)
             picked = (tf.gather(history, flat_indices, batch_dims=1) if history is not None
                       else self._encode_positions(features, flat_indices, training))  # [B, N*K, C, d]
+            if rerank > 1:  # exact GSU scores of the r·K PQ candidates, Σ_j γ_j u·x^{GSU(j)}; keep the K best
+                candidates = tf.reshape(picked, [batch * n, k, len(self.channels), dim])
+                u = tf.reshape(self.gsu.folded_query(q_t), [-1, dim])
+                exact = tf.einsum("xrcd,xd,xc->xr", candidates, u, tf.reshape(gamma, [batch * n, -1]))
+                local, valid = top_k_positions(exact, valid, self.top_k)
+                indices = tf.gather(indices, local, batch_dims=1)
+                picked = tf.gather(candidates, local, batch_dims=1)
+                k = tf.shape(indices)[1]
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
             selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
             lifelong = self.esu(tf.reshape(q_t, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
