@@ -168,7 +168,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data", required=True, help="dataset directory written by `seminar-tf build`")
     p.add_argument("--model-dir", default=None, help="run directory (default: $AIP_MODEL_DIR)")
     p.add_argument("--init-from", default=None, help="PSU run directory to restore content weights from")
-    p.add_argument("--gsu", default=None, choices=["exact"], help="GSU scoring mode (default: the preset's)")
+    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
+                   help="GSU scoring mode (default: the preset's); the PQ modes need codebooks (--codebooks)")
+    p.add_argument("--codebooks", default=None,
+                   help="PQ codebooks for --gsu pq_adc|pq_sdc: an .npz or a run directory holding codebooks.npz "
+                        "(seminar-tf fit-codebooks writes it); default: the --init-from run's")
+    p.add_argument("--pq-rerank", type=int, default=None,
+                   help="PQ GSU keeps PQ_RERANK x K candidates and re-scores them exactly (default: the preset's, 1)")
     p.add_argument("--top-k", type=int, default=None, help="K pairs the GSU keeps (default: the preset's)")
     p.add_argument("--freeze", default="", help="comma-separated parts to keep fixed: content, projections")
     p.add_argument("--no-history", action="store_true", help="baseline without the user history")
@@ -194,6 +200,10 @@ def _run_finetune(args, extra) -> int:
                    freeze_projections="projections" in frozen or preset.model.freeze_projections)
     if args.gsu:
         changes["gsu"] = args.gsu
+    if args.pq_rerank:
+        changes["pq_rerank"] = args.pq_rerank
+    if args.codebooks and (args.gsu or preset.model.gsu) == "exact":
+        raise SystemExit("--codebooks is for --gsu pq_adc|pq_sdc; add one of those or drop --codebooks")
     if args.top_k:
         changes["top_k"] = args.top_k
     if args.no_history:
@@ -203,7 +213,8 @@ def _run_finetune(args, extra) -> int:
     if args.no_pretrain and args.init_from:
         raise SystemExit("--no-pretrain and --init-from contradict each other; drop one")
     preset.model = dataclasses.replace(preset.model, **changes)
-    result = experiment.finetune(args.data, args.model_dir, preset, init_from=args.init_from, progress=_progress)
+    result = experiment.finetune(args.data, args.model_dir, preset, init_from=args.init_from, progress=_progress,
+                                 codebooks=args.codebooks)
     print(json.dumps({k: v[-1] for k, v in result["history"].items()}, indent=2, default=float))
     return 0
 
@@ -218,6 +229,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", default=None, help="dataset directory (default: the one the run was trained on)")
     p.add_argument("--out", default=None, help="report directory (default: MODEL_DIR/eval)")
     p.add_argument("--num-negatives", type=int, default=99, help="sampled negatives per positive (default: 99)")
+    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
+                   help="GSU scoring mode to evaluate with (default: the run's)")
+    p.add_argument("--codebooks", default=None,
+                   help="PQ codebooks (.npz or run directory) replacing the ones saved with the run's weights")
+    p.add_argument("--pq-rerank", type=int, default=None,
+                   help="PQ GSU re-scores PQ_RERANK x K candidates exactly (default: the run's)")
     p.set_defaults(handler=_run_evaluate, takes_extra=False)
 
 
@@ -225,7 +242,8 @@ def _run_evaluate(args, extra) -> int:
     from seminar_tf import experiment
 
     metrics = experiment.evaluate(args.model_dir, args.data, args.out, num_negatives=args.num_negatives,
-                                  progress=_progress)
+                                  progress=_progress, gsu=args.gsu, codebooks=args.codebooks,
+                                  pq_rerank=args.pq_rerank)
     _print_metrics_table(metrics)
     return 0
 
@@ -308,6 +326,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--sizes", default="100000,1000000",
                    help="pipeline: comma-separated target raw event counts (default: 100000,1000000)")
     p.add_argument("--work-dir", default="runs/bench", help="scratch directory for generated data")
+    p.add_argument("--preset", default="test",
+                   help="pq: synthetic world + training preset of the trained-embedding parts: test (minutes) | "
+                        "demo (the committed report; about an hour on 2 cores) (default: test)")
     p.set_defaults(handler=_run_bench, takes_extra=False)
 
 
@@ -324,7 +345,8 @@ def _run_bench(args, extra) -> int:
         elif name == "pq":
             from seminar_tf.bench import pq as pq_bench
 
-            report = pq_bench.run(args.out, os.path.join(args.work_dir, "pq"), progress=_progress)
+            report = pq_bench.run(args.out, os.path.join(args.work_dir, "pq", args.preset),
+                                  config=pq_bench.PQBenchConfig(preset=args.preset), progress=_progress)
         else:
             from seminar_tf.bench import serving as serving_bench
 

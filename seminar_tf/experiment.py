@@ -177,11 +177,12 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
 
 
 def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str] = None,
-               codebooks: Optional[str] = None):
+               codebooks: Optional[str] = None, pq_rerank: Optional[int] = None):
     """Rebuilds a fine-tuned run's model from its config.json and best weights. Returns (model, preset, data_dir).
 
     ``gsu`` overrides the run's GSU mode (e.g. evaluate an exact-trained run with pq_adc); ``codebooks`` (an
-    .npz or a run directory) replaces the PQ codebooks and codes saved with the weights.
+    .npz or a run directory) replaces the PQ codebooks and codes saved with the weights; ``pq_rerank``
+    overrides how many K of PQ candidates are re-scored exactly.
     """
     raw = read_run_config(model_dir)
     preset = preset_of_run(model_dir)
@@ -196,10 +197,17 @@ def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str
                                         max_history=preset.build.max_history))))
     train.load_weights(model, model_dir)
     if codebooks:
-        quantization.apply_codebooks(model, quantization.load_codebooks(codebooks))
-    if mode != "exact":
-        model.set_gsu_mode(mode)
-    preset.model = dataclasses.replace(preset.model, gsu=mode)
+        loaded = quantization.load_codebooks(codebooks)
+        pq = getattr(model, "pq", None)
+        if pq is not None and (pq.num_subspaces, pq.num_centroids) != (loaded.num_subspaces, loaded.num_centroids):
+            model.resize_pq(loaded.num_subspaces, loaded.num_centroids)
+            preset.model = dataclasses.replace(preset.model, pq_subspaces=loaded.num_subspaces,
+                                               pq_centroids=loaded.num_centroids)
+        quantization.apply_codebooks(model, loaded)
+    rerank = pq_rerank or preset.model.pq_rerank
+    if mode != "exact" or rerank != getattr(model, "pq_rerank", 1):
+        model.set_gsu_mode(mode, pq_rerank=rerank)
+    preset.model = dataclasses.replace(preset.model, gsu=mode, pq_rerank=rerank)
     return model, preset, data_dir
 
 
@@ -236,14 +244,15 @@ def popularity_scores(data_dir: str, metadata) -> np.ndarray:
 def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None,
              num_negatives: int = 99, batch_size: int = 64,
              progress: Optional[Callable[[str], None]] = None, gsu: Optional[str] = None,
-             codebooks: Optional[str] = None) -> Dict:
+             codebooks: Optional[str] = None, pq_rerank: Optional[int] = None) -> Dict:
     """CTR metrics (AUC, GAUC, logloss) on ctr/test and the leave-last-out ranking protocol on pretrain/test.
 
     Ranking: each pretrain/test example's true next pair against ``num_negatives`` sampled items the user
     never touched, scored by the CTR model as targets (HIT/NDCG@1,5,10,50, MRR). A popularity baseline is
-    reported beside the model.
+    reported beside the model. ``gsu`` / ``codebooks`` / ``pq_rerank``: as in ``load_model`` (e.g. evaluate an
+    exact-trained run with a pq_adc GSU).
     """
-    model, preset, data_dir = load_model(model_dir, data_dir)
+    model, preset, data_dir = load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks, pq_rerank=pq_rerank)
     metadata = reader.load_metadata(data_dir)
     max_history = preset.build.max_history
 

@@ -39,8 +39,8 @@ Signatures (B = batch, L = history steps, N = candidates, T = ``max_query_tokens
     The PSU model reads queries through the query vocabulary (unseen query text → OOV).
   encode_items
     item_ids string [B] → item_index int64 [B], <channel>_embedding float [B, d] for each item channel
-    (text, image, attributes: x^(m) of ContentEncoder.encode_items). PQ codes join these outputs when the
-    product-quantization layer lands (see ``_pq_outputs``).
+    (text, image, attributes: x^(m) of ContentEncoder.encode_items); with fitted PQ codebooks also
+    pq_item_codes int32 [B, J_item, S] (the codes the PQ GSU reads; channel order in the export info).
 
 Limits are enforced in the graph and fail with INVALID_ARGUMENT naming the input: L ≤ ``max_history``,
 N ≤ ``max_candidates``, matching shapes of ids and queries, matching batch sizes.
@@ -78,6 +78,7 @@ CLASSES = "classes"  # tf.saved_model.CLASSIFY_OUTPUT_CLASSES
 SEQUENCE_EMBEDDING = "sequence_embedding"
 CANDIDATE_EMBEDDINGS = "candidate_embeddings"
 ITEM_INDEX = "item_index"
+PQ_ITEM_CODES = "pq_item_codes"
 
 CTR_SIGNATURE = "ctr"
 RANK_SIGNATURE = "rank"
@@ -149,6 +150,9 @@ class SeminarServingModule(tf.Module):
         self.query_length = int(query_length)
         self.user_attribute_names = sorted(user_attributes)
         self.item_channels = list(model.content.item_channels)
+        pq = getattr(model, "pq", None)
+        fitted = pq is not None and pq.is_fitted and pq.item_codes is not None
+        self.pq_item_channels = [pq.channels[j] for j in pq.item_channel_ids] if fitted else []
         self.model_variables = list(model.variables)
         self.psu_variables = list(psu.variables) if psu is not None else []
         vocab = vocab_dir.rstrip("/")
@@ -338,10 +342,13 @@ class SeminarServingModule(tf.Module):
         return outputs
 
     def _pq_outputs(self, item_index, channels) -> Dict[str, tf.Tensor]:
-        """Hook for the product-quantization issue: return {"pq_codes": int [B, M], ...} from the model's
-        codebooks here once the PQ layer exists; the exact GSU needs no codes, so this is empty for now."""
-        del item_index, channels
-        return {}
+        """PQ codes of the items from the model's code tables (the ones its pq GSU reads), when it has fitted
+        codebooks: ``pq_item_codes`` int32 [B, J_item, S] (item channels in ``pq_item_channels`` order of the
+        export info, S sub-spaces; each code in [0, C))."""
+        del channels
+        if not self.pq_item_channels:
+            return {}
+        return {PQ_ITEM_CODES: self._models.model.pq.item_codes_of(item_index)}
 
 
 # ---------------------------------------------------------------------------------------------------- versions
@@ -437,6 +444,8 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
             "model_name": model_name, "max_history": module.max_history, "max_candidates": module.max_candidates,
             "max_query_tokens": module.query_length, "user_attributes": module.user_attribute_names,
             "item_channels": module.item_channels, "signatures": _signature_summary(signatures),
+            "gsu": getattr(model, "gsu_mode", "exact"), "pq_rerank": getattr(model, "pq_rerank", 1),
+            "pq_item_channels": module.pq_item_channels,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source or {},
         }
         with tf.io.gfile.GFile(os.path.join(extra, EXPORT_INFO), "w") as f:
@@ -478,17 +487,21 @@ def load_psu(psu_dir: str, data_dir: str, metadata: Optional[schema.DatasetMetad
 def export_model(model_dir: str, export_base: str, *, data_dir: Optional[str] = None,
                  max_history: Optional[int] = None, max_candidates: int = DEFAULT_MAX_CANDIDATES,
                  psu_dir: Optional[str] = None, model_name: str = "seminar",
-                 progress: Optional[Callable[[str], None]] = None) -> str:
+                 progress: Optional[Callable[[str], None]] = None, gsu: Optional[str] = None,
+                 codebooks: Optional[str] = None, pq_rerank: Optional[int] = None) -> str:
     """Exports a fine-tuned run (``seminar-tf finetune --model-dir RUN/ctr``) as the next version under
     ``export_base``; returns the version directory.
 
     ``max_history`` defaults to the run's training history length; ``psu_dir`` to the PSU run the
     fine-tuning started from (config.json ``init_from``), which adds the ``pretrain`` signature.
+    ``gsu`` / ``codebooks`` / ``pq_rerank`` override the run's GSU (``experiment.load_model``): e.g. serve an
+    exact-trained run with the pq_adc GSU and the codebooks of ``seminar-tf fit-codebooks``.
     """
     from seminar_tf import experiment
     from seminar_tf.data import reader
 
-    model, preset, data_dir = experiment.load_model(model_dir, data_dir)
+    model, preset, data_dir = experiment.load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks,
+                                                    pq_rerank=pq_rerank)
     metadata = reader.load_metadata(data_dir)
     psu_dir = psu_dir or experiment.read_run_config(model_dir).get("init_from")
     psu = load_psu(psu_dir, data_dir, metadata) if psu_dir else None
@@ -499,7 +512,8 @@ def export_model(model_dir: str, export_base: str, *, data_dir: Optional[str] = 
         model, export_base, vocab_dir=f"{data_dir.rstrip('/')}/{schema.VOCAB_DIR}", metadata=metadata,
         max_history=max_history or preset.build.max_history, max_candidates=max_candidates, psu=psu,
         model_name=model_name, warmup_item=first_item,
-        source={"model_dir": model_dir, "psu_dir": psu_dir, "data_dir": data_dir, "preset": preset.name})
+        source={"model_dir": model_dir, "psu_dir": psu_dir, "data_dir": data_dir, "preset": preset.name,
+                "gsu": preset.model.gsu, "pq_rerank": preset.model.pq_rerank, "codebooks": codebooks})
     if progress:
         progress(f"export: wrote {path}")
     return path
@@ -594,6 +608,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--psu-dir", default=None,
                    help="PSU run for the pretrain signature (default: the run's --init-from, if any)")
     p.add_argument("--model-name", default="seminar", help="model name written into the warmup requests")
+    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
+                   help="GSU scoring mode of the served model (default: the run's)")
+    p.add_argument("--codebooks", default=None,
+                   help="PQ codebooks (.npz or a run directory holding codebooks.npz) to serve with; default: the "
+                        "ones saved with the run's weights")
+    p.add_argument("--pq-rerank", type=int, default=None,
+                   help="PQ GSU re-scores pq_rerank x K candidates exactly (default: the run's)")
     p.set_defaults(handler=_run_export, takes_extra=False)
 
 
@@ -605,6 +626,6 @@ def _run_export(args, extra) -> int:
 
     path = export_model(args.model_dir, args.export_base, data_dir=args.data, max_history=args.max_history,
                         max_candidates=args.max_candidates, psu_dir=args.psu_dir, model_name=args.model_name,
-                        progress=progress)
+                        progress=progress, gsu=args.gsu, codebooks=args.codebooks, pq_rerank=args.pq_rerank)
     print(path)
     return 0

@@ -365,3 +365,42 @@ def test_export_cli_registers_its_flags():
     assert (args.model_dir, args.export_base, args.max_history, args.max_candidates) == (
         "RUN/ctr", "RUN/export/seminar", 10000, 100)
     assert args.handler is export._run_export and args.takes_extra is False
+    assert (args.gsu, args.codebooks, args.pq_rerank) == (None, None, None)
+    args = parser.parse_args(["export", "--model-dir", "R", "--export-base", "E", "--gsu", "pq_adc",
+                              "--codebooks", "R/codebooks.npz", "--pq-rerank", "4"])
+    assert (args.gsu, args.codebooks, args.pq_rerank) == ("pq_adc", "R/codebooks.npz", 4)
+
+
+def test_pq_adc_export_serves_the_pq_model_and_its_item_codes(run, batch, vocab, tmp_path):
+    """export --gsu pq_adc --codebooks: the served ctr equals the in-memory pq_adc model (with re-rank), and
+    encode_items returns the codes of its code table."""
+    from seminar_tf import quantization
+
+    codebooks = str(tmp_path / "codebooks.npz")
+    quantization.fit_run(run["ctr"], quantization.CodebookConfig(num_subspaces=4, num_centroids=16, iterations=5),
+                         out=codebooks)
+    path = export.export_model(run["ctr"], str(tmp_path / "export"), max_candidates=MAX_CANDIDATES, gsu="pq_adc",
+                               codebooks=codebooks, pq_rerank=2)
+    model = experiment.load_model(run["ctr"], gsu="pq_adc", codebooks=codebooks, pq_rerank=2)[0]
+    assert (model.gsu_mode, model.pq_rerank) == ("pq_adc", 2)
+    loaded = tf.saved_model.load(path)
+    raw = raw_inputs(batch, vocab)
+    got = call(loaded, "ctr", raw)
+    want = model(reference_features(batch, raw, vocab), training=False)
+    np.testing.assert_allclose(got["logit"], want["logit"].numpy(), rtol=1e-5, atol=1e-5)
+    exact = experiment.load_model(run["ctr"])[0](reference_features(batch, raw, vocab), training=False)
+    assert not np.allclose(got["logit"], exact["logit"].numpy(), rtol=1e-5, atol=1e-5)  # the GSU did change
+
+    ids = np.array(vocab["items"][len(schema.RESERVED):][:5] + ["never-seen"], object)
+    encoded = call(loaded, "encode_items", {export.ITEM_IDS: ids})
+    item_codes, _ = model.pq.get_codes()
+    np.testing.assert_array_equal(encoded[export.PQ_ITEM_CODES], item_codes[encoded[export.ITEM_INDEX]])
+    assert encoded[export.PQ_ITEM_CODES].shape == (6, len(model.pq.item_channel_ids), 4)
+    with open(os.path.join(path, "assets.extra", export.EXPORT_INFO)) as f:
+        info = json.load(f)
+    assert (info["gsu"], info["pq_rerank"]) == ("pq_adc", 2)
+    assert info["pq_item_channels"] == [c for c in model.pq.channels if c != schema.QUERY_CHANNEL]
+    # The exact export has no codes output (no fitted codebooks in an exact-trained run's weights).
+    assert export.PQ_ITEM_CODES not in call(tf.saved_model.load(
+        export.export_model(run["ctr"], str(tmp_path / "exact"), max_candidates=MAX_CANDIDATES)),
+        "encode_items", {export.ITEM_IDS: ids})

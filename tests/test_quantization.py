@@ -6,6 +6,7 @@ same products summed in another order); logits then agree to 1e-5 as well (same 
 
 import argparse
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import seminar_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
 import tensorflow as tf
 
-from seminar_tf import quantization, schema
+from seminar_tf import cli, quantization, schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data import reader
 from seminar_tf.models import builders
@@ -262,17 +263,27 @@ def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_
 
     pq_preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, gsu="pq_adc"))
     ctr = str(tmp_path / "ctr")
-    result = experiment.finetune(dataset_dir, ctr, pq_preset, init_from=psu)  # codebooks from the PSU run
-    model = result["model"]
-    assert model.gsu_mode == "pq_adc" and (model.pq.num_subspaces, model.pq.num_centroids) == (4, 16)
+    # The user's command line: seminar-tf finetune --gsu pq_adc --codebooks PSU_RUN --pq-rerank 2
+    assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", ctr, "--init-from", psu, "--gsu", "pq_adc",
+                     "--codebooks", psu, "--pq-rerank", "2", "--config", "test", "--epochs", "2",
+                     "--steps-per-epoch", "1"]) == 0
     final = quantization.load_codebooks(ctr)  # the run's own codes of its final embeddings
     np.testing.assert_array_equal(final.codebooks, quantization.load_codebooks(psu).codebooks)
     loaded, loaded_preset, _ = experiment.load_model(ctr)
     assert loaded.gsu_mode == "pq_adc" and loaded_preset.model.pq_subspaces == 4
+    assert (loaded.pq.num_subspaces, loaded.pq.num_centroids, loaded.pq_rerank) == (4, 16, 2)
     np.testing.assert_array_equal(loaded.pq.get_codes()[0], final.item_codes)
-    np.testing.assert_array_equal(loaded.pq.get_codes()[0], model.pq.get_codes()[0])
+    # seminar-tf evaluate --gsu exact: the same weights scored with the exact GSU.
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model-dir", ctr, "--gsu", "exact", "--num-negatives", "9",
+                     "--out", str(tmp_path / "eval")]) == 0
+    reports = [f for f in os.listdir(tmp_path / "eval") if f.endswith(".json")]
+    with open(tmp_path / "eval" / reports[0]) as f:
+        assert json.load(f)["metrics"]["gsu"] == "exact"
     with pytest.raises(FileNotFoundError, match="fit-codebooks"):
         experiment.finetune(dataset_dir, str(tmp_path / "none"), pq_preset)
+    with pytest.raises(SystemExit, match="--codebooks is for"):
+        cli.main(["finetune", "--data", dataset_dir, "--model-dir", ctr, "--codebooks", psu, "--config", "test"])
 
 
 def test_pq_gsu_rejects_out_of_range_history_ids_naming_the_feature():

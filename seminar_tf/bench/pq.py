@@ -675,7 +675,9 @@ def run(out_dir: str = "benchmarks", work_dir: str = "runs/bench_pq",
     speed = _speed(config, progress)
     changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                if getattr(config, f.name) != f.default}
-    command = COMMAND + (f" (PQBenchConfig overrides: {changed})" if changed else "")
+    preset = changed.pop("preset", None)
+    command = COMMAND + (f" --preset {preset}" if preset else "") + (
+        f" (PQBenchConfig overrides: {changed})" if changed else "")
     report = {
         "benchmark": "pq", "command": command,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",

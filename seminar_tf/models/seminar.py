@@ -150,6 +150,16 @@ class SeminarModel(tfrs.Model):
         if gsu in PQ_MODES and self.pq is None:
             raise ValueError(f"gsu={gsu!r} needs the history (use_history=True)")
 
+    def resize_pq(self, num_subspaces: int, num_centroids: int) -> None:
+        """Replaces the PQ layer by an unfitted one of another S and C (e.g. to serve a run with codebooks of
+        another size than it was built with); load codebooks into it next (``quantization.apply_codebooks``)."""
+        if self.pq is None:
+            raise ValueError("this model has no PQ layer (it was built without the history)")
+        old = self.pq
+        self.pq = PQLookup(old.channels, old.dim, num_subspaces, num_centroids, num_items=old.num_items,
+                           num_queries=old.num_queries, jit_compile=old.jit_compile, name="pq")
+        self.train_function = self.test_function = self.predict_function = None
+
     def set_gsu_mode(self, gsu: str, pq_rerank: Optional[int] = None) -> None:
         """Switches the GSU scoring mode of a (trained) model; the PQ modes need fitted codebooks in ``pq``."""
         if gsu not in GSU_MODES:
