@@ -135,6 +135,21 @@ def _train_overrides(train_config, args):
     return dataclasses.replace(train_config, **changes)
 
 
+def _channels_without_query(data_dir: str, model_config) -> tuple:
+    """``--no-query-channel``: the channels the model would use (the config's among the dataset's at
+    ``data_dir``, all of them by default) minus "query"."""
+    from seminar_tf import schema
+    from seminar_tf.data import reader
+    from seminar_tf.models import builders
+
+    metadata = reader.load_metadata(data_dir)
+    kept = tuple(c for c in builders.resolve_channels(model_config, metadata) if c != schema.QUERY_CHANNEL)
+    if not kept:
+        raise SystemExit(f"--no-query-channel leaves no channel (model.channels {list(model_config.channels)}, "
+                         f"dataset channels {metadata.channels}); set model.channels in --config to item channels")
+    return kept
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser(
         "pretrain", help="PSU pretraining (next pair + multi-modal alignment + query-item relevance)",
@@ -144,6 +159,13 @@ def _add_pretrain(sub) -> None:
         "and AIP_TENSORBOARD_LOG_DIR are honoured; TF_CONFIG selects MultiWorkerMirroredStrategy.")
     p.add_argument("--data", required=True, help="dataset directory written by `seminar-tf build`")
     p.add_argument("--model-dir", default=None, help="run directory (default: $AIP_MODEL_DIR)")
+    p.add_argument("--no-alignment", action="store_true",
+                   help="ablation: drop the multi-modal alignment loss (model.align_weight = 0)")
+    p.add_argument("--no-relevance", action="store_true",
+                   help="ablation: drop the query-item relevance loss (model.relevance_weight = 0)")
+    p.add_argument("--no-query-channel", action="store_true",
+                   help="ablation: train without the query channel (model.channels = the dataset's channels "
+                        "minus query); fine-tune the run with --no-query-channel too")
     _add_config_flag(p)
     p.set_defaults(handler=_run_pretrain, takes_extra=False)
 
@@ -154,6 +176,14 @@ def _run_pretrain(args, extra) -> int:
 
     preset = config_lib.load_config(args.config)
     preset.pretrain = _train_overrides(preset.pretrain, args)
+    changes = {}
+    if args.no_alignment:
+        changes["align_weight"] = 0.0
+    if args.no_relevance:
+        changes["relevance_weight"] = 0.0
+    if args.no_query_channel:
+        changes["channels"] = _channels_without_query(args.data, preset.model)
+    preset.model = dataclasses.replace(preset.model, **changes)
     result = experiment.pretrain(args.data, args.model_dir, preset, progress=_progress)
     print(json.dumps({k: v[-1] for k, v in result["history"].items()}, indent=2, default=float))
     return 0
@@ -182,6 +212,29 @@ def _add_finetune(sub) -> None:
                    help="architecture: SEMINAR or a baseline in the same framework (default: the preset's, seminar)")
     p.add_argument("--no-pretrain", action="store_true",
                    help="train from scratch (the 'SEMINAR without pretraining' ablation); refuses --init-from")
+    p.add_argument("--no-query-channel", action="store_true",
+                   help="ablation: no query channel (model.channels = the dataset's channels minus query); "
+                        "--init-from a PSU run trained with --no-query-channel")
+    em3 = p.add_argument_group("EM3 options (architecture seminar only)")
+    em3.add_argument("--fusion-queries", metavar="N", type=int, default=None,
+                     help="Fusion-Q-Former: N learnable queries fuse each item's text/image channels into N "
+                          "channels (model.fusion_queries; 0 = off, the preset's default)")
+    em3.add_argument("--fusion-layers", metavar="N", type=int, default=None,
+                     help="Fusion-Q-Former layers, cross-attention + transformer block each (model.fusion_layers; "
+                          "default: the preset's, 1)")
+    em3.add_argument("--content-id-weight", metavar="W", type=float, default=None,
+                     help="weight W of the content-ID contrastive loss, in-batch InfoNCE both ways between an "
+                          "item's content and ID embeddings (model.content_id_weight; 0 = off)")
+    em3.add_argument("--content-id-temperature", metavar="T", type=float, default=None,
+                     help="temperature T of the content-ID loss (model.content_id_temperature; default 0.1)")
+    em3.add_argument("--lora-rank", metavar="R", type=int, default=None,
+                     help="LoRA adapters of rank R on the content encoders after the PSU restore; their base "
+                          "weights stay frozen (model.lora_rank; 0 = off); refuses --freeze content")
+    em3.add_argument("--lora-alpha", metavar="A", type=float, default=None,
+                     help="LoRA scaling alpha A, scale A/R (model.lora_alpha; 0 = the rank)")
+    em3.add_argument("--lora-targets", metavar="a,b", default=None,
+                     help="comma-separated content sub-layers to adapt, e.g. text_encoder,image_encoder/mlp_output "
+                          "(model.lora_targets; default: every content encoder)")
     _add_config_flag(p)
     p.set_defaults(handler=_run_finetune, takes_extra=False)
 
@@ -212,7 +265,28 @@ def _run_finetune(args, extra) -> int:
         changes["architecture"] = args.model
     if args.no_pretrain and args.init_from:
         raise SystemExit("--no-pretrain and --init-from contradict each other; drop one")
+    if args.no_query_channel:
+        changes["channels"] = _channels_without_query(args.data, preset.model)
+    em3_flags = {"fusion_queries": args.fusion_queries, "fusion_layers": args.fusion_layers,
+                 "content_id_weight": args.content_id_weight, "content_id_temperature": args.content_id_temperature,
+                 "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
+    changes.update({k: v for k, v in em3_flags.items() if v is not None})
+    if args.lora_targets is not None:
+        changes["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     preset.model = dataclasses.replace(preset.model, **changes)
+    from seminar_tf.models import builders
+
+    try:
+        em3 = builders.em3_options(preset.model)
+    except ValueError as error:
+        raise SystemExit(f"finetune: {error}") from None
+    if em3 and preset.model.architecture != "seminar":
+        flags = ", ".join("--" + name.replace("_", "-") for name in em3)
+        raise SystemExit(f"{flags}: EM3 options are for the seminar architecture, not --model "
+                         f"{preset.model.architecture}; drop them or --model")
+    if preset.model.lora_rank and preset.model.freeze_content:
+        raise SystemExit("--lora-rank and --freeze content contradict each other (LoRA keeps the content base "
+                         "weights fixed itself and trains adapters inside them); drop one")
     result = experiment.finetune(args.data, args.model_dir, preset, init_from=args.init_from, progress=_progress,
                                  codebooks=args.codebooks)
     print(json.dumps({k: v[-1] for k, v in result["history"].items()}, indent=2, default=float))
@@ -375,7 +449,8 @@ def _add_serving(sub) -> None:
 
 
 _COMMANDS: List[Callable] = [_add_world, _add_build, _add_pretrain, _add_finetune, _add_evaluate, _add_fit_codebooks,
-                             _add_export, _add_serving, _add_demo, _add_bench]
+                             _add_export, _add_serving, _add_demo, _add_bench,
+                             lambda sub: __import__("seminar_tf.report", fromlist=["add_cli"]).add_cli(sub)]
 
 
 def build_parser() -> argparse.ArgumentParser:

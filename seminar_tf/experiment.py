@@ -123,6 +123,36 @@ class RefreshCodes(tf.keras.callbacks.Callback):
             _log(self._progress, f"finetune: PQ codes re-encoded (reconstruction error {errors})")
 
 
+def _check_em3(model_config: config_lib.ModelConfig) -> None:
+    """Bad EM3 options fail before any data is read (``builders.em3_options`` checks their values)."""
+    builders.em3_options(model_config)
+    if model_config.lora_rank and model_config.freeze_content:
+        raise ValueError("model.lora_rank (--lora-rank) and model.freeze_content (--freeze content) contradict each "
+                         "other: LoRA already keeps the content encoders' base weights fixed and trains adapters "
+                         "inside them, which a frozen content encoder would hide; drop one of them")
+
+
+def _apply_lora(model, model_config: config_lib.ModelConfig, progress=None) -> list:
+    """LoRA adapters on the content encoders of a built (called) model when ``model_config.lora_rank`` > 0:
+    ``layers.em3.apply_lora(model.content, rank, alpha or None, targets or None)``, base weights frozen.
+
+    Finetune calls this after the PSU restore; ``load_model`` rebuilds the same way (build → call → LoRA →
+    weights), so a LoRA run's checkpoint reads back."""
+    if not model_config.lora_rank:
+        return []
+    from seminar_tf.layers.em3 import apply_lora
+
+    _check_em3(model_config)
+    adapters = apply_lora(model.content, model_config.lora_rank, model_config.lora_alpha or None,
+                          list(model_config.lora_targets) or None)
+    if not adapters:
+        raise ValueError(f"model.lora_targets {list(model_config.lora_targets)} hold no Dense layer to adapt")
+    where = ", ".join(model_config.lora_targets) or "all encoders"
+    _log(progress, f"finetune: LoRA rank {model_config.lora_rank} on {len(adapters)} Dense layers of the content "
+                   f"encoders ({where}); their base weights are frozen")
+    return adapters
+
+
 def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from: Optional[str] = None,
              progress: Optional[Callable[[str], None]] = None, codebooks: Optional[str] = None) -> Dict:
     """SEMINAR CTR/PSR fine-tuning on ``ctr/`` examples, optionally restoring a PSU run's content weights.
@@ -132,7 +162,11 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
     vocabulary is re-encoded with them from the model's content after the restore, at every epoch start while
     the content trains, and after training (then the best weights are saved again and the run gets its own
     ``codebooks.npz``), so the codes always quantize the embeddings the model holds.
+
+    EM3 options come from ``preset.model`` (``builders.build_model``); with ``lora_rank`` > 0 LoRA adapters go
+    on the content encoders after the PSU restore and only they train there (``_apply_lora``).
     """
+    _check_em3(preset.model)
     metadata = reader.load_metadata(data_dir)
     item_table = reader.load_item_table(data_dir, metadata)
     query_table = reader.load_query_table(data_dir, metadata)
@@ -155,6 +189,7 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
         model(next(iter(make_dataset("valid", None))))  # create the variables, then restore into them
         if init_from:
             _log(progress, f"finetune: restored PSU content from {restore_content(model, init_from)}")
+        _apply_lora(model, preset.model, progress)
         if pq_codebooks is not None:
             errors = quantization.refresh_codes(model)
             _log(progress, f"finetune: vocabulary coded from the model's content (reconstruction error {errors})")
@@ -195,6 +230,7 @@ def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str
                                    reader.load_query_table(data_dir, metadata))
     model(next(iter(reader.make_dataset(data_dir, schema.CTR_DIR, "test", 8, metadata=metadata,
                                         max_history=preset.build.max_history))))
+    _apply_lora(model, preset.model)  # as finetune placed them: the adapters' weights are in the checkpoint
     train.load_weights(model, model_dir)
     if codebooks:
         loaded = quantization.load_codebooks(codebooks)

@@ -422,20 +422,26 @@ def _signature_summary(concrete_functions: Dict[str, Callable]) -> Dict[str, dic
 def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.DatasetMetadata,
                    max_history: int, max_candidates: int = DEFAULT_MAX_CANDIDATES, psu=None,
                    model_name: str = "seminar", warmup_item: Optional[str] = None,
-                   source: Optional[dict] = None) -> str:
+                   source: Optional[dict] = None, content_cache: bool = True) -> str:
     """Exports a built ``SeminarModel`` (and optionally its ``PSUModel``) as ``<export_base>/<version>/``.
 
     The version is the next integer after the existing ones. Written to ``<export_base>/.tmp-export-*``
     and renamed into place when complete. Returns the version directory.
+
+    ``content_cache``: precompute every vocabulary item's and query's channels into the SavedModel
+    (``ContentEncoder.build_cache``; 4·d bytes per item channel and query), so a request gathers its
+    history's embeddings instead of running the content encoders over all L pairs. Same outputs.
     """
     start = time.time()
     tf.io.gfile.makedirs(export_base)
-    module = SeminarServingModule(
-        model, vocab_dir, metadata.user_attributes, max_history=max_history, max_candidates=max_candidates,
-        query_length=metadata.max_query_tokens, psu=psu)
-    signatures = module.signatures()
+    content = getattr(model, "content", None)
+    cache_bytes = content.build_cache() if content_cache and content is not None else 0
     tmp = os.path.join(export_base, f"{TMP_PREFIX}{uuid.uuid4().hex}")
     try:
+        module = SeminarServingModule(
+            model, vocab_dir, metadata.user_attributes, max_history=max_history, max_candidates=max_candidates,
+            query_length=metadata.max_query_tokens, psu=psu)
+        signatures = module.signatures()
         tf.saved_model.save(module, tmp, signatures=signatures)
         _set_method_names(tmp, METHOD_NAMES)
         extra = os.path.join(tmp, "assets.extra")
@@ -443,6 +449,7 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
         info = {
             "model_name": model_name, "max_history": module.max_history, "max_candidates": module.max_candidates,
             "max_query_tokens": module.query_length, "user_attributes": module.user_attribute_names,
+            "content_cache_bytes": cache_bytes,
             "item_channels": module.item_channels, "signatures": _signature_summary(signatures),
             "gsu": getattr(model, "gsu_mode", "exact"), "pq_rerank": getattr(model, "pq_rerank", 1),
             "pq_item_channels": module.pq_item_channels,
@@ -464,6 +471,9 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
         raise
+    finally:
+        if content is not None:
+            content.clear_cache()  # the in-memory model goes on without it (it would go stale when training)
     tf.get_logger().info("exported %s in %.1fs", final, time.time() - start)
     return final
 
@@ -488,7 +498,8 @@ def export_model(model_dir: str, export_base: str, *, data_dir: Optional[str] = 
                  max_history: Optional[int] = None, max_candidates: int = DEFAULT_MAX_CANDIDATES,
                  psu_dir: Optional[str] = None, model_name: str = "seminar",
                  progress: Optional[Callable[[str], None]] = None, gsu: Optional[str] = None,
-                 codebooks: Optional[str] = None, pq_rerank: Optional[int] = None) -> str:
+                 codebooks: Optional[str] = None, pq_rerank: Optional[int] = None,
+                 content_cache: bool = True) -> str:
     """Exports a fine-tuned run (``seminar-tf finetune --model-dir RUN/ctr``) as the next version under
     ``export_base``; returns the version directory.
 
@@ -511,7 +522,7 @@ def export_model(model_dir: str, export_base: str, *, data_dir: Optional[str] = 
     path = export_seminar(
         model, export_base, vocab_dir=f"{data_dir.rstrip('/')}/{schema.VOCAB_DIR}", metadata=metadata,
         max_history=max_history or preset.build.max_history, max_candidates=max_candidates, psu=psu,
-        model_name=model_name, warmup_item=first_item,
+        model_name=model_name, warmup_item=first_item, content_cache=content_cache,
         source={"model_dir": model_dir, "psu_dir": psu_dir, "data_dir": data_dir, "preset": preset.name,
                 "gsu": preset.model.gsu, "pq_rerank": preset.model.pq_rerank, "codebooks": codebooks})
     if progress:
@@ -615,6 +626,9 @@ def add_cli(subparsers) -> None:
                         "ones saved with the run's weights")
     p.add_argument("--pq-rerank", type=int, default=None,
                    help="PQ GSU re-scores pq_rerank x K candidates exactly (default: the run's)")
+    p.add_argument("--no-content-cache", action="store_true",
+                   help="do not precompute the vocabulary's content embeddings into the SavedModel (smaller "
+                        "export for huge catalogs; every request then runs the content encoders over its history)")
     p.set_defaults(handler=_run_export, takes_extra=False)
 
 
@@ -626,6 +640,7 @@ def _run_export(args, extra) -> int:
 
     path = export_model(args.model_dir, args.export_base, data_dir=args.data, max_history=args.max_history,
                         max_candidates=args.max_candidates, psu_dir=args.psu_dir, model_name=args.model_name,
-                        progress=progress, gsu=args.gsu, codebooks=args.codebooks, pq_rerank=args.pq_rerank)
+                        progress=progress, gsu=args.gsu, codebooks=args.codebooks, pq_rerank=args.pq_rerank,
+                        content_cache=not args.no_content_cache)
     print(path)
     return 0

@@ -240,3 +240,37 @@ def test_em3_fusion_model_trains_and_round_trips_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="text or image"):
         baselines.build_em3_seminar(dataclasses.replace(CONFIG, channels=("query", "attributes")), METADATA,
                                     fusion_queries=2)
+
+
+def test_build_model_dispatches_the_em3_options_from_the_config():
+    plain = builders.build_model(CONFIG, METADATA, *TABLES)
+    assert type(plain) is builders.SeminarModel
+    fused = builders.build_model(dataclasses.replace(CONFIG, fusion_queries=3, fusion_layers=2), METADATA, *TABLES)
+    assert isinstance(fused, baselines.EM3SeminarModel) and fused.content_id_task is None
+    assert (fused.fusion.num_queries, fused.fusion.num_layers, fused.fusion.dim) == (3, 2, CONFIG.dim)
+    contrastive = builders.build_model(
+        dataclasses.replace(CONFIG, content_id_weight=0.25, content_id_temperature=0.3, gsu="pq_adc", pq_subspaces=4,
+                            pq_centroids=16, pq_rerank=2), METADATA, *TABLES)
+    assert isinstance(contrastive, baselines.EM3SeminarModel) and contrastive.fusion is None
+    assert contrastive.content_id_weight == 0.25 and contrastive.content_id_task.temperature == pytest.approx(0.3)
+    # Without fusion the content-ID model keeps SEMINAR's PQ GSU, sized by the config.
+    assert contrastive.gsu_mode == "pq_adc" and contrastive.pq_rerank == 2
+    assert (contrastive.pq.num_subspaces, contrastive.pq.num_centroids) == (4, 16)
+    # LoRA alone is placed by experiment.finetune after the PSU restore: the model is plain SEMINAR.
+    lora_only = builders.build_model(dataclasses.replace(CONFIG, lora_rank=2), METADATA, *TABLES)
+    assert type(lora_only) is builders.SeminarModel
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architecture="din", fusion_queries=2), r"'din' is a baseline; the EM3 options \['fusion_queries'\]"),
+    (dict(architecture="twin", lora_rank=2, content_id_weight=0.1), r"\['content_id_weight', 'lora_rank'\]"),
+    (dict(fusion_layers=0, fusion_queries=1), "fusion_layers must be >= 1"),
+    (dict(lora_rank=-1), "lora_rank must be >= 0"),
+    (dict(content_id_weight=0.1, content_id_temperature=-1.0), "content_id_temperature must be > 0"),
+    (dict(lora_targets=("text_encoder",)), "needs model.lora_rank > 0"),
+    (dict(lora_rank=2, lora_targets=("text_encoder", "gsu")), r"lora_targets \['gsu'\]"),
+    (dict(fusion_queries=2, gsu="pq_adc"), "fusion_queries needs model.gsu 'exact'"),
+])
+def test_build_model_rejects_bad_em3_options(changes, message):
+    with pytest.raises(ValueError, match=message):
+        builders.build_model(dataclasses.replace(CONFIG, **changes), METADATA, *TABLES)

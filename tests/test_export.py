@@ -372,17 +372,17 @@ def test_export_cli_registers_its_flags():
 
 
 def test_pq_adc_export_serves_the_pq_model_and_its_item_codes(run, batch, vocab, tmp_path):
-    """export --gsu pq_adc --codebooks: the served ctr equals the in-memory pq_adc model (with re-rank), and
-    encode_items returns the codes of its code table."""
+    """export --gsu pq_adc --codebooks: the served ctr equals the in-memory pq_adc model (coarse codes: not the
+    exact GSU's numbers), and encode_items returns the codes of its code table."""
     from seminar_tf import quantization
 
     codebooks = str(tmp_path / "codebooks.npz")
     quantization.fit_run(run["ctr"], quantization.CodebookConfig(num_subspaces=4, num_centroids=16, iterations=5),
                          out=codebooks)
     path = export.export_model(run["ctr"], str(tmp_path / "export"), max_candidates=MAX_CANDIDATES, gsu="pq_adc",
-                               codebooks=codebooks, pq_rerank=2)
-    model = experiment.load_model(run["ctr"], gsu="pq_adc", codebooks=codebooks, pq_rerank=2)[0]
-    assert (model.gsu_mode, model.pq_rerank) == ("pq_adc", 2)
+                               codebooks=codebooks, pq_rerank=1)
+    model = experiment.load_model(run["ctr"], gsu="pq_adc", codebooks=codebooks, pq_rerank=1)[0]
+    assert (model.gsu_mode, model.pq_rerank) == ("pq_adc", 1)
     loaded = tf.saved_model.load(path)
     raw = raw_inputs(batch, vocab)
     got = call(loaded, "ctr", raw)
@@ -398,7 +398,7 @@ def test_pq_adc_export_serves_the_pq_model_and_its_item_codes(run, batch, vocab,
     assert encoded[export.PQ_ITEM_CODES].shape == (6, len(model.pq.item_channel_ids), 4)
     with open(os.path.join(path, "assets.extra", export.EXPORT_INFO)) as f:
         info = json.load(f)
-    assert (info["gsu"], info["pq_rerank"]) == ("pq_adc", 2)
+    assert (info["gsu"], info["pq_rerank"]) == ("pq_adc", 1) and info["content_cache_bytes"] > 0
     assert info["pq_item_channels"] == [c for c in model.pq.channels if c != schema.QUERY_CHANNEL]
     # The exact export has no codes output (no fitted codebooks in an exact-trained run's weights).
     assert export.PQ_ITEM_CODES not in call(tf.saved_model.load(

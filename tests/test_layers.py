@@ -241,6 +241,28 @@ def test_top_k_positions_matches_numpy_argsort(k):
     np.testing.assert_array_equal(gathered, history[np.arange(4)[:, None], ref_indices])
 
 
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_top_k_positions_on_long_rows_takes_the_filtered_path_with_the_same_result(k):
+    """Rows of ≥ 16k positions go through the chunk-bound filter: same indices as a full sort, ties included."""
+    rng = np.random.default_rng(8)
+    length = 40 * k + 7  # not a multiple of the chunk size
+    scores = np.round(rng.normal(size=[5, length]) * 2).astype(np.float32)  # many ties
+    mask = rng.random([5, length]) < 0.7
+    mask[1] = False
+    mask[2] = False
+    mask[2, [3, length - 1]] = True  # fewer valid positions than k (for k > 2)
+    mask[3] = True
+    scores[3] = 1.0  # all equal: the lowest positions win
+    indices, valid = top_k_positions(scores, mask, k)
+    ref_indices, ref_valid = _reference_top_k(scores, mask, k)
+    np.testing.assert_array_equal(valid.numpy(), ref_valid)
+    np.testing.assert_array_equal(indices.numpy(), ref_indices)
+    np.testing.assert_array_equal(indices.numpy()[3], np.arange(k))
+    from seminar_tf.layers import attention
+
+    assert length >= attention._FILTERED_TOP_K_FACTOR * k
+
+
 def test_top_k_positions_without_mask_and_on_attention_scores():
     rng = np.random.default_rng(7)
     query, keys, _, mask = _attention_inputs(rng)

@@ -223,3 +223,41 @@ def test_query_tokens_replace_the_query_table_lookup_exactly():
     unknown = dict(tokens)
     unknown[schema.CTX_TARGET_QUERY] = tf.fill([16], tf.constant(schema.OOV_INDEX, tf.int64))
     np.testing.assert_allclose(model(unknown)["logit"].numpy(), by_index, rtol=1e-5, atol=1e-6)
+
+
+def test_serving_cache_gives_the_same_channels_without_running_the_encoders():
+    content = builders.build_content_encoder(CONFIG, METADATA, *_tables())
+    queries = tf.constant([[2, 3, 4, 3], [1, 3, 2, 0]], tf.int64)
+    items = tf.constant([[5, 5, 9, 0], [9, 5, 7, 1]], tf.int64)
+    want = content(queries, items).numpy()
+    weights = len(content.weights)
+    size = content.build_cache()
+    assert content.has_cache and size == 4 * CONFIG.dim * (
+        METADATA.num_items * len(content.item_channels) + METADATA.num_queries)
+    calls = []
+    for name in ("text_encoder", "query_encoder"):
+        encoder = getattr(content, name)
+        encoder.call = (lambda original: lambda tokens, training=None: (calls.append(tokens.shape[0]),
+                                                                       original(tokens))[1])(encoder.call)
+    np.testing.assert_allclose(content(queries, items, training=False).numpy(), want, rtol=1e-6, atol=1e-7)
+    assert calls == []  # inference reads the cache
+    content(queries, items, training=True)
+    assert len(calls) == 2  # training always runs the encoders (the weights change)
+    content.clear_cache()
+    assert not content.has_cache and len(content.weights) == weights
+
+
+def test_query_tokens_encode_only_the_out_of_vocabulary_queries():
+    item_table, query_table = _tables()
+    content = builders.build_content_encoder(CONFIG, METADATA, item_table, query_table)
+    queries = tf.constant([[2, 3, 1, 3], [1, 4, 2, 0]], tf.int64)  # two OOV positions (index 1)
+    tokens = tf.gather(query_table.tokens, queries).numpy()
+    tokens[0, 2] = tokens[1, 0] = query_table.tokens[5]  # their raw text: the words of query 5
+    items = tf.constant([[5, 5, 9, 0], [9, 5, 7, 1]], tf.int64)
+    seen = []
+    original = content.query_encoder.call
+    content.query_encoder.call = lambda t, training=None: (seen.append(t.shape[0]), original(t))[1]
+    got = content(queries, items, query_tokens=tf.constant(tokens)).numpy()
+    assert 2 in seen and max(seen) <= 5  # the 2 OOV rows; the known ones once per distinct index (0, 2, 3, 4)
+    want = content(tf.constant([[2, 3, 5, 3], [5, 4, 2, 0]], tf.int64), items).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

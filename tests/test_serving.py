@@ -462,16 +462,22 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     from seminar_tf.bench import serving as serving_bench
 
     small = serving_bench.ServingBenchConfig(history_length=40, num_candidates=5, clients=2, requests=6,
+                                             fewer_clients=(1,),
                                              sequential_requests=2, grid_lengths=(20, 40), grid_candidates=(2, 5),
-                                             grid_requests=2, model_preset="test")
+                                             grid_requests=2, model_preset="test", pq_subspaces=4,
+                                             pq_centroids=16, rerank=2)
     text = serving_bench.run(str(tmp_path / "out"), str(tmp_path / "work"), bench=small,
                              model_dir=str(tmp_path / "no-run"))
     with open(tmp_path / "out" / "serving.json") as f:
         report = json.load(f)
-    (row,) = report["rows"]
-    assert (row["gsu"], row["L"], row["N"]) == ("exact", 40, 5)
-    assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
-    assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
-    assert len(report["grid"]) == 4 and report["command"] == "seminar-tf bench serving"
-    assert "| exact | 40 | 5 |" in text and "pq_adc" in text
+    assert [r["gsu"] for r in report["rows"]] == ["exact", "pq_adc", "pq_adc_rerank"]
+    for row in report["rows"]:
+        assert (row["L"], row["N"]) == (40, 5)
+        assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
+        assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
+        assert [x["clients"] for x in row["sweep"]] == [1, 2] and all(x["errors"] == 0 for x in row["sweep"])
+    assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
+    assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
+    assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text
+    assert "fastest in-process path" in text
     assert text == (tmp_path / "out" / "serving.md").read_text()

@@ -10,8 +10,10 @@ directly) and over gRPC, whose difference is the serving overhead; and in-proces
 
 The model is the trained demo run when one exists (``model_dir``, default ``runs/demo/ctr``, with best
 weights), otherwise a demo-size SEMINAR model with random weights over synthetic vocabularies (latency does
-not depend on the weights). GSU paths: exact only for now; the PQ rows (``pq_adc``/``pq_sdc``) join the
-``GSU_PATHS`` list when the product-quantization issue lands (see ``_export_for``).
+not depend on the weights). GSU paths: ``exact``; ``pq_adc`` (codebooks fitted with faiss k-means on the
+model's own vocabulary embeddings, the content encoder runs only on the K kept pairs); ``pq_adc`` with an
+exact re-rank of ``rerank``·K candidates. ``pq_sdc`` is left out of the load test: its L·M²·S table lookups per
+candidate make it the slowest path (``seminar-tf bench pq`` measures it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from seminar_tf import schema
 
 COMMAND = "seminar-tf bench serving"
 DEFAULT_RUN = os.path.join("runs", "demo", "ctr")
-GSU_PATHS = ("exact",)  # "pq_adc", "pq_sdc": added with the product-quantization layer
-PENDING_PATHS = ("pq_adc", "pq_sdc")
+GSU_PATHS = ("exact", "pq_adc", "pq_adc_rerank")  # pq_adc_rerank: pq_adc + exact re-rank of rerank·K candidates
+SKIPPED_PATHS = {"pq_sdc": "left out: L·M²·S centroid-table lookups per candidate (1.3e8 per request at L=10^4, "
+                           "N=100) make it the slowest path; `seminar-tf bench pq` measures it"}
 MODEL_NAME = "seminar"
 
 
@@ -43,15 +46,20 @@ MODEL_NAME = "seminar"
 class ServingBenchConfig:
     history_length: int = 10_000  # L of every request
     num_candidates: int = 100  # N of every request
-    clients: int = 4  # concurrent gRPC clients
+    clients: int = 4  # concurrent gRPC clients of the load test (the target's setting)
+    fewer_clients: Sequence[int] = (1, 2)  # the load test is repeated with these client counts too
     requests: int = 200  # total requests of the concurrent run
     sequential_requests: int = 50  # requests of each sequential measurement (in-process, gRPC)
     search_fraction: float = 0.4  # share of history steps that carry a query
     grid_lengths: Sequence[int] = (1_000, 10_000)
     grid_candidates: Sequence[int] = (10, 100)
-    grid_requests: int = 10
+    grid_requests: int = 20
     seed: int = 0
     model_preset: str = "demo"  # sizes of the random-weight model when no trained run is used
+    paths: Sequence[str] = GSU_PATHS  # GSU paths measured
+    pq_subspaces: int = 8  # S of the PQ codebooks fitted for the PQ paths
+    pq_centroids: int = 256  # C of the PQ codebooks
+    rerank: int = 4  # pq_adc_rerank keeps rerank·K PQ candidates and re-scores them exactly
 
 
 def _log(progress, message):
@@ -114,14 +122,36 @@ def _trained_model(model_dir: str):
     return model, metadata, os.path.join(data_dir, schema.VOCAB_DIR), f"trained run {model_dir} ({preset.name})"
 
 
-def _export_for(model, metadata, vocab_dir: str, export_base: str, max_history: int, max_candidates: int,
-                gsu: str) -> str:
-    """Exports ``model`` with GSU path ``gsu``. PQ paths: set the model's GSU mode (and its codebooks)
-    here once the product-quantization layer exists."""
+def _set_path(model, gsu: str, bench: "ServingBenchConfig", progress=None) -> str:
+    """Puts ``model`` on GSU path ``gsu`` (fitting PQ codebooks on its vocabulary embeddings the first time a
+    PQ path needs them); returns a description of the path."""
+    from seminar_tf import quantization
+
+    if gsu not in GSU_PATHS:
+        raise ValueError(f"unknown GSU path {gsu!r}; choose from {GSU_PATHS}")
+    if gsu == "exact":
+        model.set_gsu_mode("exact", pq_rerank=1)
+        return "exact"
+    pq = model.pq
+    if (pq.num_subspaces, pq.num_centroids) != (bench.pq_subspaces, bench.pq_centroids):
+        model.resize_pq(bench.pq_subspaces, bench.pq_centroids)
+    if not model.pq.is_fitted:
+        start = time.time()
+        codebooks = quantization.quantize_vocabulary(
+            model.content, quantization.CodebookConfig(bench.pq_subspaces, bench.pq_centroids))
+        quantization.apply_codebooks(model, codebooks)
+        _log(progress, f"bench serving: fitted S={bench.pq_subspaces} C={bench.pq_centroids} codebooks in "
+                       f"{time.time() - start:.1f}s (reconstruction error {codebooks.reconstruction_error})")
+    rerank = bench.rerank if gsu == "pq_adc_rerank" else 1
+    model.set_gsu_mode("pq_adc", pq_rerank=rerank)
+    return (f"pq_adc S={bench.pq_subspaces} C={bench.pq_centroids}"
+            + (f", exact re-rank of {rerank}·K" if rerank > 1 else ""))
+
+
+def _export_for(model, metadata, vocab_dir: str, export_base: str, max_history: int, max_candidates: int) -> str:
+    """Exports ``model`` on its current GSU path."""
     from seminar_tf import export
 
-    if gsu != "exact":
-        raise NotImplementedError(f"GSU path {gsu!r} comes with the product-quantization issue")
     return export.export_seminar(model, export_base, vocab_dir=vocab_dir, metadata=metadata,
                                  max_history=max_history, max_candidates=max_candidates, model_name=MODEL_NAME)
 
@@ -289,11 +319,13 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
     user_inputs = [schema.user_attribute_feature(n) for n in sorted(metadata.user_attributes)]
     rows = []
     grid = []
-    for gsu in GSU_PATHS:
+    descriptions = {}
+    for gsu in bench.paths:
+        descriptions[gsu] = _set_path(model, gsu, bench, progress)
         export_base = os.path.join(work_dir, f"export_{gsu}", MODEL_NAME)
         if os.path.isdir(export_base):
             shutil.rmtree(export_base)
-        path = _export_for(model, metadata, vocab_dir, export_base, max_history, max_candidates, gsu)
+        path = _export_for(model, metadata, vocab_dir, export_base, max_history, max_candidates)
         _log(progress, f"bench serving [{gsu}]: exported {path}")
         inputs = make_request(vocab_dir, user_inputs, bench.history_length, bench.num_candidates,
                               bench.search_fraction, bench.seed)
@@ -325,9 +357,12 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
             encode = _time_calls(lambda: _rank_request(inputs), bench.sequential_requests)
             _log(progress, f"bench serving [{gsu}]: in-process {_percentiles(in_process)}, "
                            f"gRPC sequential {_percentiles(sequential)}")
-            load = _concurrent_load(client.target, inputs, bench.clients, bench.requests, max_message_mb << 20,
-                                    time_limit_s=600)
-            _log(progress, f"bench serving [{gsu}]: {bench.clients} clients {load}")
+            sweep = []
+            for clients in sorted({*bench.fewer_clients, bench.clients}):
+                sweep.append(_concurrent_load(client.target, inputs, clients, bench.requests,
+                                              max_message_mb << 20, time_limit_s=600))
+                _log(progress, f"bench serving [{gsu}]: {clients} clients {sweep[-1]}")
+            load = next(r for r in sweep if r["clients"] == bench.clients)
         finally:
             _stop_server(process, client)
             del loaded, rank
@@ -337,13 +372,13 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                      "request_mb": round(size_mb, 2), "in_process": in_process_p, "grpc_sequential": sequential_p,
                      "grpc_overhead_p50_ms": round(sequential_p["p50_ms"] - in_process_p["p50_ms"], 2),
                      "client_encode": _percentiles(encode),
-                     "concurrent": load})
+                     "concurrent": load, "sweep": sweep})
     report = {
         "benchmark": "serving", "command": COMMAND, "model": source, "load_average_at_start": load_average,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
                    f"TensorFlow {tf.__version__}",
-        "config": dataclasses.asdict(bench), "rows": rows, "grid": grid,
-        "pending": {p: "product-quantization GSU not implemented yet (PQ issue)" for p in PENDING_PATHS},
+        "config": dataclasses.asdict(bench), "rows": rows, "grid": grid, "paths": descriptions,
+        "skipped": dict(SKIPPED_PATHS), "top_k": model.top_k,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "serving.json"), "w") as f:
@@ -367,14 +402,16 @@ def _markdown(report: dict) -> str:
         "",
         "## Load test",
         "",
+        "GSU paths: " + "; ".join(f"`{k}` = {v}" for k, v in report["paths"].items()) + f" (K={report['top_k']}).",
+        "",
         "| GSU | L | N | request MB | clients | requests | errors | QPS | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        c = r["concurrent"]
-        lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {c['clients']} | {c['requests']} | "
-                     f"{c['errors']} | {c['qps']} | {c['p50_ms']} | {c['p99_ms']} |")
-    for path, why in report["pending"].items():
+        for c in r.get("sweep", [r["concurrent"]]):
+            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {c['clients']} | "
+                         f"{c['requests']} | {c['errors']} | {c['qps']} | {c['p50_ms']} | {c['p99_ms']} |")
+    for path, why in report["skipped"].items():
         lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | "
                      f"— ({why}) |")
     lines += [
@@ -415,6 +452,18 @@ def _findings(report: dict) -> List[str]:
                    f"clients ({c['errors']} errors), {verdict} the 50 ms target; one request at a time p50 is "
                    f"{r['grpc_sequential']['p50_ms']} ms over gRPC vs {r['in_process']['p50_ms']} ms in-process "
                    f"(gRPC + serialization overhead {r['grpc_overhead_p50_ms']} ms at p50).")
+        sweep = r.get("sweep", [])
+        if c["qps"] > 0:
+            out.append(f"- {r['gsu']}: the server completes {c['qps']} requests/s under load, one every "
+                       f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
+                       f"wait about {c['clients'] * 1000 / c['qps']:.0f} ms each (throughput, not the single-request "
+                       "time, sets the latency once the cores are busy).")
+        if sweep:
+            meeting = [x["clients"] for x in sweep if x["p99_ms"] < 50 and x["errors"] == 0]
+            out.append(f"- {r['gsu']}: p99 by concurrent clients: "
+                       + ", ".join(f"{x['clients']}: {x['p99_ms']} ms" for x in sweep)
+                       + (f"; under 50 ms with up to {max(meeting)} client(s)." if meeting
+                          else "; over 50 ms at every concurrency measured."))
         grid = {(g["L"], g["N"]): g["p50_ms"] for g in report["grid"] if g["gsu"] == r["gsu"]}
         lengths = sorted({length for length, _ in grid})
         counts = sorted({n for _, n in grid})
@@ -424,8 +473,15 @@ def _findings(report: dict) -> List[str]:
             out.append(f"- {r['gsu']}: at L={longest:,} each extra candidate costs about {per_candidate:.2f} ms "
                        f"(GSU scores over all L pairs and the top-K per candidate); {grid[(longest, few)]} ms at "
                        f"N={few} is mostly the history (lookups, tokenization, content encoding once per request).")
-    measured = {r["gsu"] for r in report["rows"]}
-    if len(measured) == 1:
-        out.append(f"- Only the {next(iter(measured))} GSU is measured so far, so no comparison of paths yet; "
-                   f"{', '.join(report['pending'])} join the tables when the product-quantization GSU lands.")
+    for length, n in sorted({(g["L"], g["N"]) for g in report["grid"]}):
+        times = {g["gsu"]: g["p50_ms"] for g in report["grid"] if (g["L"], g["N"]) == (length, n)}
+        if len(times) > 1:
+            best = min(times, key=times.get)
+            out.append(f"- L={length:,}, N={n}: fastest in-process path {best} ({times[best]} ms p50; "
+                       + ", ".join(f"{k} {v} ms" for k, v in times.items() if k != best) + ").")
+    loads = {r["gsu"]: r["concurrent"]["p99_ms"] for r in report["rows"]}
+    if len(loads) > 1:
+        best = min(loads, key=loads.get)
+        out.append(f"- Under load (L={report['config']['history_length']:,}, N={report['config']['num_candidates']}) "
+                   f"the {best} path has the lowest p99: {loads[best]} ms.")
     return out

@@ -23,6 +23,7 @@ lookup serves two sub-spaces). ``set_codes``/``get_codes`` take and give plain u
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -42,8 +43,11 @@ def code_bits(num_centroids: int) -> int:
 
 def _unpack_bytes(words):
     """int32 words [..., W] → bytes int32 [..., 4W] (little-endian: byte k of word w is byte 4w + k)."""
-    parts = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, 8 * k), 255) for k in range(4)]
-    stacked = tf.stack(parts, axis=-1)  # [..., W, 4]
+    if sys.byteorder == "little":  # a bitcast is the same bytes in memory order, with no shifts (≈5× faster)
+        stacked = tf.cast(tf.bitcast(words, tf.uint8), tf.int32)  # [..., W, 4]
+    else:
+        stacked = tf.stack([tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, 8 * k), 255) for k in range(4)],
+                           axis=-1)
     return tf.reshape(stacked, tf.concat([tf.shape(words)[:-1], [-1]], axis=0))
 
 
@@ -380,7 +384,9 @@ class PQLookup(tf.keras.layers.Layer):
             method = "lookup" if candidates is not None and candidates <= self.lookup_max_candidates else "decode"
         if method == "decode":
             decoded = self.decode(self.unpack(words))  # [B, L, J, d]
-            return tf.einsum("bljd,bnjd->bnl", decoded, targets)
+            shape = tf.shape(decoded)
+            flat = tf.reshape(decoded, [shape[0], shape[1], -1])  # one [N, J·d] x [J·d, L] matmul per row
+            return tf.matmul(tf.reshape(targets, [shape[0], -1, shape[2] * shape[3]]), flat, transpose_b=True)
         lookup = _adc_lookup_xla if self.jit_compile else _adc_lookup
         low = None if self._identity_bytes else tf.constant(self._low_index)
         high = None if self._high_index is None else tf.constant(self._high_index)

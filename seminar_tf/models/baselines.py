@@ -259,8 +259,9 @@ class EM3SeminarModel(SeminarModel):
       W_id, a d-wide projection.
 
     The fused channels enter through ``encode_history`` and ``_targets`` / ``encode_targets`` (the hooks
-    ``SeminarModel.score_pairs`` encodes through). Other arguments are ``SeminarModel``'s. LoRA: ``apply_lora(model.content, rank)`` after restoring PSU
-    weights (see ``seminar_tf.layers.em3``).
+    ``SeminarModel.score_pairs`` encodes through). Other arguments are ``SeminarModel``'s. LoRA:
+    ``apply_lora(model.content, rank)`` after restoring PSU weights (``experiment.finetune`` does it when
+    ``ModelConfig.lora_rank`` > 0; see ``seminar_tf.layers.em3``).
 
     Example:
 
@@ -303,6 +304,8 @@ class EM3SeminarModel(SeminarModel):
             if schema.ATTRIBUTES_CHANNEL not in content.channels:
                 raise ValueError("the content-ID loss needs the attributes channel (it holds the item-id embedding)")
             self.id_projection = tf.keras.layers.Dense(content.dim, use_bias=False, name="id_projection")
+            # Built now: only compute_loss uses it, and Keras' optimizer must see its kernel from the first step.
+            self.id_projection.build([None, content.attribute_encoder.embedding_dim])
             self.content_id_task = ContentIdContrastiveTask(content_id_temperature, name="content_id")
 
     # ------------------------------------------------------------------------------------------- channels
@@ -466,7 +469,9 @@ def build_em3_seminar(
     temperature = float(_option(model_config, "content_id_temperature", content_id_temperature, 0.1))
     return EM3SeminarModel(
         content, fusion=fusion, content_id_weight=weight, content_id_temperature=temperature,
-        aux_weight=model_config.aux_weight, gsu=model_config.gsu, **_seminar_arguments(model_config, metadata))
+        aux_weight=model_config.aux_weight, gsu=model_config.gsu, pq_subspaces=model_config.pq_subspaces,
+        pq_centroids=model_config.pq_centroids, pq_jit_compile=model_config.pq_jit_compile,
+        pq_rerank=model_config.pq_rerank, **_seminar_arguments(model_config, metadata))
 
 
 __all__ = ["BASELINES", "DIN", "EM3SeminarModel", "ETA", "MODELS", "QIN", "RetrievalBaseline", "SIMHard", "SIMSoft",

@@ -7,6 +7,7 @@ from typing import List, Optional
 from seminar_tf import schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data.reader import ItemTable, QueryTable
+from seminar_tf.layers.em3 import CONTENT_ENCODER_NAMES
 from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.psu import PSUModel
 from seminar_tf.models.seminar import SeminarModel
@@ -62,11 +63,46 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank)
 
 
+def em3_options(config: ModelConfig) -> List[str]:
+    """The EM3 options a config switches on (``model.<field>`` names), checking their values."""
+    for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"model.{name} must be >= 0 (0 switches it off), got {getattr(config, name)}")
+    if config.fusion_layers < 1:
+        raise ValueError(f"model.fusion_layers must be >= 1, got {config.fusion_layers}")
+    if config.content_id_temperature <= 0:
+        raise ValueError(f"model.content_id_temperature must be > 0, got {config.content_id_temperature}")
+    on = [name for name in ("fusion_queries", "content_id_weight", "lora_rank") if getattr(config, name)]
+    if config.fusion_queries and config.gsu != "exact":
+        raise ValueError(f"model.fusion_queries needs model.gsu 'exact', got {config.gsu!r}: PQ codebooks quantize "
+                         "the content channels, which the Fusion-Q-Former replaces (drop --gsu or the fusion)")
+    if config.lora_targets and not config.lora_rank:
+        raise ValueError(f"model.lora_targets {list(config.lora_targets)} needs model.lora_rank > 0 "
+                         "(--lora-rank R); drop the targets or set a rank")
+    unknown = [t for t in config.lora_targets if t.split("/")[0] not in CONTENT_ENCODER_NAMES]
+    if unknown:
+        raise ValueError(f"model.lora_targets {unknown}: a target is a content encoder {CONTENT_ENCODER_NAMES} "
+                         "or a path below one (e.g. 'image_encoder/mlp_output')")
+    return on
+
+
 def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
                 query_table: Optional[QueryTable] = None):
-    """The fine-tuning model named by ``config.architecture``: SEMINAR or one of the baselines."""
-    if config.architecture == "seminar":
-        return build_seminar(config, metadata, item_table, query_table)
+    """The fine-tuning model named by ``config.architecture``: SEMINAR or one of the baselines.
+
+    SEMINAR with ``fusion_queries`` > 0 or ``content_id_weight`` > 0 is ``baselines.EM3SeminarModel`` (EM3's
+    Fusion-Q-Former / content-ID loss); LoRA (``lora_rank``) is placed by ``experiment.finetune`` after the PSU
+    restore. The EM3 options are SEMINAR's only: a baseline with one of them is an error.
+    """
     from seminar_tf.models import baselines  # baselines import this module
 
-    return baselines.build_baseline(config.architecture, config, metadata, item_table, query_table)
+    options = em3_options(config)
+    if config.architecture != "seminar":
+        if options:
+            raise ValueError(
+                f"model.architecture {config.architecture!r} is a baseline; the EM3 options {options} are for "
+                "architecture 'seminar' (drop --model or the EM3 options)")
+        return baselines.build_baseline(config.architecture, config, metadata, item_table, query_table)
+    if config.fusion_queries or config.content_id_weight:
+        return baselines.build_em3_seminar(config, metadata, item_table, query_table)
+    return build_seminar(config, metadata, item_table, query_table)

@@ -122,7 +122,7 @@ class ContentEncoder(tf.keras.layers.Layer):
     def item_channels(self) -> List[str]:
         return [c for c in self.channels if c != schema.QUERY_CHANNEL]
 
-    # ------------------------------------------------------------------------------------------ encoding
+    # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
     def _unique(indices):
         flat = tf.reshape(tf.cast(indices, tf.int32), [-1])
@@ -142,9 +142,53 @@ class ContentEncoder(tf.keras.layers.Layer):
         with tf.control_dependencies(checks):
             return tf.identity(indices)
 
+    # ------------------------------------------------------------------------------------------ serving cache
+    @property
+    def has_cache(self) -> bool:
+        return getattr(self, "item_cache", None) is not None or getattr(self, "query_cache", None) is not None
+
+    def build_cache(self, batch_size: int = 4096) -> int:
+        """Precomputes every vocabulary row's channels with the current weights (inference mode) into
+        non-trainable variables: item channels [num_items, J_item, d] and the query channel [num_queries, d].
+
+        While the cache exists, inference calls (``training`` falsy) gather from it instead of running the
+        encoders: the same numbers, without encoding 10^4 history pairs per request. For serving exports
+        (``seminar_tf.export``); ``clear_cache`` drops it (it goes stale as soon as the weights change).
+        Returns the cache size in bytes.
+        """
+        self.clear_cache()
+        size = 0
+        if self.item_channels:
+            rows = []
+            for start in range(0, self.num_items, batch_size):
+                index = tf.range(start, min(start + batch_size, self.num_items))
+                encoded = self.encode_items(index, training=False)
+                rows.append(tf.stack([encoded[c] for c in self.item_channels], axis=1))
+            self.item_cache = tf.Variable(tf.concat(rows, 0), trainable=False, name="item_cache")
+            size += self.item_cache.shape.num_elements() * 4
+        if schema.QUERY_CHANNEL in self.channels:
+            rows = [self.encode_queries(tf.range(start, min(start + batch_size, self.num_queries)), training=False)
+                    for start in range(0, self.num_queries, batch_size)]
+            self.query_cache = tf.Variable(tf.concat(rows, 0), trainable=False, name="query_cache")
+            size += self.query_cache.shape.num_elements() * 4
+        return size
+
+    def clear_cache(self) -> None:
+        """Drops the serving cache of ``build_cache`` (no-op without one)."""
+        for name in ("item_cache", "query_cache"):
+            if getattr(self, name, None) is not None:
+                delattr(self, name)
+
+    def _use_cache(self, name: str, training) -> bool:
+        return getattr(self, name, None) is not None and not training
+
+    # ------------------------------------------------------------------------------------------ encoding
     def encode_items(self, item_indices, training=None) -> Dict[str, tf.Tensor]:
         """Item channels {text, image, attributes} ∩ channels, each [..., d]; padding rows give zeros."""
         item_indices = self._check_range(item_indices, self.num_items, "item index")
+        if self._use_cache("item_cache", training):
+            cached = tf.gather(self.item_cache, item_indices)  # [..., J_item, d]
+            return {c: cached[..., j, :] for j, c in enumerate(self.item_channels)}
         unique, position = self._unique(item_indices)
         out = {}
         if schema.TEXT_CHANNEL in self.channels:
@@ -166,6 +210,8 @@ class ContentEncoder(tf.keras.layers.Layer):
     def encode_queries(self, query_indices, training=None):
         """Query channel [..., d] from query indices; the empty query (browsing) is the zero vector."""
         query_indices = self._check_range(query_indices, self.num_queries, "query index")
+        if self._use_cache("query_cache", training):
+            return tf.gather(self.query_cache, query_indices)
         unique, position = self._unique(query_indices)
         encoded = self.query_encoder(tf.gather(self.query_tokens, unique), training=training)
         return self._scatter_back(encoded, position, query_indices)
@@ -177,10 +223,21 @@ class ContentEncoder(tf.keras.layers.Layer):
         """
         parts = self.encode_items(item_indices, training=training)
         if schema.QUERY_CHANNEL in self.channels:
-            parts[schema.QUERY_CHANNEL] = (
-                self.encode_query_tokens(query_tokens, training=training) if query_tokens is not None
-                else self.encode_queries(query_indices, training=training))
+            parts[schema.QUERY_CHANNEL] = self._query_channel(query_indices, query_tokens, training)
         return tf.stack([parts[c] for c in self.channels], axis=-2)
+
+    def _query_channel(self, query_indices, query_tokens, training=None):
+        """Query channel [..., d]. With ``query_tokens`` (raw text, tokenized in the serving graph) only the
+        out-of-vocabulary queries (index OOV) are encoded from their tokens; every known query's tokens are
+        its table row (same normalization and tokenizer), so it is encoded once per distinct index."""
+        if query_tokens is None:
+            return self.encode_queries(query_indices, training=training)
+        if query_indices is None:
+            return self.encode_query_tokens(query_tokens, training=training)
+        known = self.encode_queries(query_indices, training=training)
+        unknown = tf.where(tf.equal(tf.cast(query_indices, tf.int64), schema.OOV_INDEX))  # [P, rank]
+        encoded = self.encode_query_tokens(tf.gather_nd(query_tokens, unknown), training=training)  # [P, d]
+        return tf.tensor_scatter_nd_update(known, unknown, tf.cast(encoded, known.dtype))
 
     def get_config(self):
         config = super().get_config()
