@@ -177,6 +177,10 @@ class SeminarModel(tfrs.Model):
     def _user_vectors(self, features):
         return [self.user_embeddings[n](features[schema.user_attribute_feature(n)]) for n in self.user_attribute_names]
 
+    def pair_channels(self, queries, items, training=None, query_tokens=None):
+        """The stored channels x^{PSU} [..., C, d] of (query, item) pairs, before G_j."""
+        return self.content(queries, items, training=training, query_tokens=query_tokens)
+
     def encode_history(self, features, training=None):
         """History channels after G_j, x^{GSU(j)} = x^{PSU(j)} G_j: ([B, L, C, d], mask bool [B, L])."""
         mask = history_mask(features)
@@ -248,6 +252,16 @@ class SeminarModel(tfrs.Model):
             return self.pq.adc_scores(self.pq_targets(q_t, gamma), words)
         return self.pq.sdc_scores(self.pq.encode(target), gamma, words, self.gsu_bilinear())
 
+    @staticmethod
+    def _gather_unique(values, indices, fn):
+        """fn(values at the given positions), computed once per distinct (row, position): values [B, L, ...],
+        indices [B, P] → fn(...) [B, P, ...]."""
+        length = tf.cast(tf.shape(values)[1], tf.int64)
+        rows = tf.range(tf.shape(indices, out_type=tf.int64)[0])[:, None]
+        unique, inverse = tf.unique(tf.reshape(rows * length + tf.cast(indices, tf.int64), [-1]), out_idx=tf.int32)
+        out = fn(tf.gather_nd(values, tf.stack([unique // length, unique % length], axis=-1)))  # [U, ...]
+        return tf.reshape(tf.gather(out, inverse), tf.concat([tf.shape(indices), tf.shape(out)[1:]], axis=0))
+
     def _encode_positions(self, features, indices, training=None):
         """History channels after G_j at the given positions only: indices [B, P] → [B, P, C, d].
 
@@ -273,12 +287,20 @@ class SeminarModel(tfrs.Model):
         """GSU relevance (1/H) Σ_h α_h^{GSU} of every history pair for every target: [B, N, L].
 
         "exact": uses the folded target u = (1/H) Σ_h W_h^K (q_t W_h^Q)^T / √d, so score_l = Σ_j γ_j u·x_l^{GSU(j)}
-        without materialising a key matrix per target; ``history`` [B, L, C, d] are the channels after G_j.
+        without materialising a key matrix per target; ``history`` [B, L, C, d] are the channels after G_j. With
+        ``history`` None, ``target`` holds the stored history channels x^{PSU} [B, L, C, d] and G_j is folded
+        into the target side as for ADC: score_l = Σ_j (γ_j G_j u)·x_l^{PSU(j)} (the serving path).
         "pq_adc" / "pq_sdc": the same score from the history's PQ codes (looked up from ``features``' history
         ids; ``history`` is not needed); SDC also needs the target's stored channels ``target`` [B, N, C, d].
         Masked positions get -1e9.
         """
-        if self.gsu_mode == "exact":
+        if self.gsu_mode == "exact" and history is None:
+            # Inference: G_j folded into the target too (v_j = γ_j G_j u), so the L stored channels x^{PSU}
+            # need no projection; ``target`` holds them here [B, L, C, d]. One [N, C·d] x [C·d, L] matmul.
+            shape = tf.shape(target)
+            v = tf.reshape(self.pq_targets(q_t, gamma), [shape[0], -1, shape[2] * shape[3]])
+            scores = tf.matmul(v, tf.reshape(target, [shape[0], shape[1], -1]), transpose_b=True)
+        elif self.gsu_mode == "exact":
             u = self.gsu.folded_query(q_t)  # [B, N, d]
             # Fold γ into u: one [L, C·d] x [C·d, N] matmul per row instead of a [N, L, C] intermediate.
             shape = tf.shape(history)
@@ -300,19 +322,29 @@ class SeminarModel(tfrs.Model):
         outputs = {}
         lifelong = selected = valid = None
         if self.use_history:
-            if self.gsu_mode == "exact":
+            stored = None
+            if self.gsu_mode == "exact" and training:
                 history, mask = self.encode_history(features, training)
+            elif self.gsu_mode == "exact":  # inference: score the stored channels, project only the K kept
+                history, mask = None, history_mask(features)
+                stored = self.pair_channels(features[schema.SEQ_HISTORY_QUERY], features[schema.SEQ_HISTORY_ITEM],
+                                            training, features.get(schema.HISTORY_QUERY_TOKENS))
             else:  # PQ: the content encoder runs only on the K kept pairs
                 history, mask = None, history_mask(features)
             length = tf.shape(mask)[1]
-            scores = self.gsu_scores(q_t, gamma, history, mask, features=features, target=target)  # [B, N, L]
+            scores = self.gsu_scores(q_t, gamma, history, mask, features=features,
+                                     target=target if stored is None else stored)  # [B, N, L]
             row_mask = tf.reshape(tf.repeat(mask[:, None, :], n, axis=1), [-1, length])
-            rerank = self.pq_rerank if history is None else 1
+            rerank = self.pq_rerank if self.gsu_mode in PQ_MODES else 1
             indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), row_mask, self.top_k * rerank)
             k = tf.shape(indices)[1]
             flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K] (N*rK with re-ranking)
-            picked = (tf.gather(history, flat_indices, batch_dims=1) if history is not None
-                      else self._encode_positions(features, flat_indices, training))  # [B, N*K, C, d]
+            if history is not None:
+                picked = tf.gather(history, flat_indices, batch_dims=1)  # [B, N*K, C, d]
+            elif stored is not None:  # project each distinct kept position once (the N lists overlap)
+                picked = self._gather_unique(stored, flat_indices, self.projection)
+            else:
+                picked = self._encode_positions(features, flat_indices, training)
             if rerank > 1:  # exact GSU scores of the r·K PQ candidates, Σ_j γ_j u·x^{GSU(j)}; keep the K best
                 candidates = tf.reshape(picked, [batch * n, k, len(self.channels), dim])
                 u = tf.reshape(self.gsu.folded_query(q_t), [-1, dim])
@@ -322,7 +354,7 @@ class SeminarModel(tfrs.Model):
                 picked = tf.gather(candidates, local, batch_dims=1)
                 k = tf.shape(indices)[1]
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
-            selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
+            selected = tf.reduce_sum(picked * gamma[:, :, None, :, None], axis=3)  # Σ_c γ_c x^{GSU(c)}: [B, N, K, d]
             lifelong = self.esu(tf.reshape(q_t, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
                                 training=training)
             lifelong = tf.reshape(lifelong, [batch, n, self.esu.output_dim])
@@ -330,7 +362,9 @@ class SeminarModel(tfrs.Model):
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
                 # (PQ modes: over the decoded history, x̂^{PSU(j)} G_j, as the GSU sees it)
-                if history is None:
+                if history is None and stored is not None:
+                    history = self.projection(stored)
+                elif history is None:
                     history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
