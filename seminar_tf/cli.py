@@ -448,9 +448,14 @@ def _add_serving(sub) -> None:
     serving_cli.add_cli(sub)
 
 
+def _add_report(sub) -> None:
+    from seminar_tf import report
+
+    report.add_cli(sub)
+
+
 _COMMANDS: List[Callable] = [_add_world, _add_build, _add_pretrain, _add_finetune, _add_evaluate, _add_fit_codebooks,
-                             _add_export, _add_serving, _add_demo, _add_bench,
-                             lambda sub: __import__("seminar_tf.report", fromlist=["add_cli"]).add_cli(sub)]
+                             _add_export, _add_serving, _add_demo, _add_bench, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

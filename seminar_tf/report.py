@@ -1,0 +1,1009 @@
+"""`seminar-tf report`: train and evaluate the comparison grid, write REPORT.md, report.json and PNG plots.
+
+A grid cell is one row (SEMINAR, an ablation or a baseline) at one seed: a PSU pretraining (shared between
+the rows that pretrain with the same config at the same seed) and a CTR fine-tuning through
+``seminar_tf.experiment``, then ``experiment.evaluate`` (AUC, GAUC, logloss on ctr/test; HIT/NDCG@K and MRR
+of the leave-last-out protocol) plus one more pass over ctr/test for per-sample scores: the cold-id subset
+(samples whose history holds an item id never seen as a target in ctr/train) and AUC per history-length
+bucket. Rows change the preset's ``ModelConfig`` through ``dataclasses.replace`` only.
+
+Every finished cell writes ``OUT/runs/<row>_s<seed>/cell.json``; ``--resume`` reuses those (long grids get
+killed), and an unfinished training resumes from its last epoch (``train.fit``'s BackupAndRestore).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from seminar_tf import schema
+
+COMMAND = "seminar-tf report"
+REPORT_FILE = "REPORT.md"
+JSON_FILE = "report.json"
+CELL_FILE = "cell.json"
+PSU_FILE = "psu.json"
+TRAINED_FILE = "trained.json"
+RUNS_DIR = "runs"
+CTR_METRICS = ("auc", "gauc", "logloss")
+RANKING_METRICS = ("hit@1", "hit@5", "hit@10", "hit@50", "ndcg@5", "ndcg@10", "ndcg@50", "mrr")
+TABLE_METRICS = CTR_METRICS + RANKING_METRICS
+MIN_SUBSET_SAMPLES = 50  # smaller subsets are too noisy to compare AUC gains on
+MUST_BEAT = ("twin", "eta", "sim_soft", "sim_hard", "din")  # the claim "SEMINAR beats TWIN, ETA, SIM and DIN"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the grid: how its PSU is pretrained and how it is fine-tuned / evaluated."""
+
+    name: str
+    description: str
+    architecture: str = "seminar"
+    pretrained: bool = True  # fine-tuning restores the PSU's content weights (--init-from)
+    pretrain_changes: Tuple[Tuple[str, object], ...] = ()  # ModelConfig changes of the PSU stage
+    finetune_changes: Tuple[Tuple[str, object], ...] = ()  # ModelConfig changes of the fine-tuning stage
+    drop_channels: Tuple[str, ...] = ()  # channels removed in both stages
+    pq_eval_of: Optional[str] = None  # no training: evaluate that row's run with a pq_adc GSU
+    finetune_epochs: Optional[int] = None  # fine-tuning epochs of this row (default: the config's / --epochs)
+
+
+ROWS: Dict[str, Row] = {r.name: r for r in [
+    Row("seminar", "SEMINAR, PSU-initialised (next pair + alignment + relevance), exact GSU"),
+    Row("seminar_no_pretrain", "SEMINAR trained from scratch (no PSU)", pretrained=False),
+    Row("din", "DIN: target attention over the newest K history steps (from scratch)", "din", pretrained=False),
+    Row("sim_hard", "SIM hard search: history steps of the target's category (from scratch)", "sim_hard",
+        pretrained=False),
+    Row("sim_soft", "SIM soft search: top-K by embedding inner product (from scratch)", "sim_soft", pretrained=False),
+    Row("eta", "ETA: top-K by SimHash Hamming distance (from scratch)", "eta", pretrained=False),
+    Row("twin", "TWIN: consistent GSU/ESU target attention (from scratch)", "twin", pretrained=False),
+    Row("seminar_no_alignment", "SEMINAR, PSU pretrained without the alignment loss (align_weight=0)",
+        pretrain_changes=(("align_weight", 0.0),)),
+    Row("seminar_no_relevance", "SEMINAR, PSU pretrained without the query-item relevance loss "
+        "(relevance_weight=0)", pretrain_changes=(("relevance_weight", 0.0),)),
+    Row("seminar_no_query_channel", "SEMINAR without the query channel in both stages",
+        drop_channels=(schema.QUERY_CHANNEL,)),
+    Row("seminar_pq_adc", "the seminar run evaluated with a pq_adc GSU (codebooks fitted on it by fit-codebooks); "
+        "no extra training", pq_eval_of="seminar"),
+    Row("seminar_em3_fusion", "SEMINAR + EM3 Fusion-Q-Former (fusion_queries=2)",
+        finetune_changes=(("fusion_queries", 2),)),
+    Row("seminar_em3_content_id", "SEMINAR + EM3 content-ID contrastive loss (content_id_weight=0.1)",
+        finetune_changes=(("content_id_weight", 0.1),)),
+    Row("seminar_em3_lora", "SEMINAR + EM3 LoRA adapters on the restored content (lora_rank=4)",
+        finetune_changes=(("lora_rank", 4),)),
+    # Longer fine-tuning (a check that the comparison is not decided by under-trained baselines)
+    Row("seminar_ep4", "seminar with 4 fine-tuning epochs (early stopping keeps the best)", finetune_epochs=4),
+    Row("din_ep4", "din with 4 fine-tuning epochs", "din", pretrained=False, finetune_epochs=4),
+    Row("twin_ep4", "twin with 4 fine-tuning epochs", "twin", pretrained=False, finetune_epochs=4),
+    Row("sim_hard_ep4", "sim_hard with 4 fine-tuning epochs", "sim_hard", pretrained=False, finetune_epochs=4),
+]}
+DEFAULT_ROWS = ("seminar", "seminar_no_pretrain", "din", "twin", "eta", "sim_soft", "seminar_no_alignment",
+                "seminar_pq_adc", "sim_hard", "seminar_no_relevance", "seminar_no_query_channel",
+                "seminar_em3_fusion", "seminar_em3_content_id", "seminar_em3_lora")
+
+
+def _progress_fn(progress):
+    return progress or (lambda message: None)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _replace_model(model_config, changes, row_name: str):
+    """``dataclasses.replace`` of a ModelConfig; a field the config lacks is an error naming it."""
+    from seminar_tf.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = sorted(set(changes) - known)
+    if missing:
+        raise ValueError(f"row {row_name!r} needs ModelConfig fields {missing}, which this version of "
+                         "seminar_tf.config.ModelConfig does not have; drop the row from --models")
+    return dataclasses.replace(model_config, **changes)
+
+
+def _channels_without(preset, metadata, drop: Sequence[str]) -> Tuple[str, ...]:
+    from seminar_tf.models import builders
+
+    channels = tuple(c for c in builders.resolve_channels(preset.model, metadata) if c not in drop)
+    if not channels:
+        raise ValueError(f"removing channels {list(drop)} leaves none")
+    return channels
+
+
+def stage_presets(base, row: Row, seed: int, metadata):
+    """(pretrain preset, finetune preset) of a row at a seed: copies of ``base`` changed by the row."""
+    def copy():
+        return dataclasses.replace(base, model=dataclasses.replace(base.model, seed=seed),
+                                   pretrain=dataclasses.replace(base.pretrain, seed=seed),
+                                   finetune=dataclasses.replace(base.finetune, seed=seed))
+
+    common = {}
+    if row.drop_channels:
+        common["channels"] = _channels_without(base, metadata, row.drop_channels)
+    pre, fine = copy(), copy()
+    pre.model = _replace_model(pre.model, {**common, **dict(row.pretrain_changes)}, row.name)
+    fine.model = _replace_model(fine.model, {**common, **dict(row.finetune_changes),
+                                             "architecture": row.architecture}, row.name)
+    if row.finetune_epochs is not None:
+        fine.finetune = dataclasses.replace(fine.finetune, epochs=row.finetune_epochs)
+    return pre, fine
+
+
+def psu_key(row: Row) -> str:
+    """Name of the PSU a row restores: rows with the same pretraining changes share one per seed."""
+    parts = [f"{k}={v}" for k, v in row.pretrain_changes] + [f"no_{c}" for c in row.drop_channels]
+    return "psu" + ("_" + "_".join(p.replace(".", "p").replace("=", "") for p in parts) if parts else "")
+
+
+# ---------------------------------------------------------------------------------------------- cold ids, buckets
+def seen_targets(data_dir: str, metadata=None) -> np.ndarray:
+    """Sorted unique item indices that occur as a target in ctr/train."""
+    from seminar_tf.data import reader
+
+    metadata = metadata or reader.load_metadata(data_dir)
+    found = [batch[schema.CTX_TARGET_ITEM].numpy().reshape(-1)
+             for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "train", 1024, metadata=metadata,
+                                              max_history=1)]
+    return np.unique(np.concatenate(found)) if found else np.zeros([0], np.int64)
+
+
+def cold_history(history_items, history_lengths, seen, first_real: int = len(schema.RESERVED)):
+    """Which samples' histories hold an item id never seen as a training target.
+
+    history_items [n, L] item indices (oldest first, padded after ``history_lengths``), history_lengths [n],
+    seen: item indices seen as ctr/train targets. Padding and reserved rows (< ``first_real``: PAD, OOV) are
+    not ids. Returns (has_cold bool [n], cold_share float [n] = cold steps / real steps, 0 for no history).
+    """
+    items = np.asarray(history_items, dtype=np.int64)
+    lengths = np.asarray(history_lengths, dtype=np.int64).reshape(-1)
+    if items.ndim != 2 or items.shape[0] != lengths.shape[0]:
+        raise ValueError(f"history_items must be [n, L] with n = {lengths.shape[0]}, got shape {items.shape}")
+    valid = (np.arange(items.shape[1])[None, :] < lengths[:, None]) & (items >= first_real)
+    cold = valid & ~np.isin(items, np.asarray(seen, dtype=np.int64))
+    counts = valid.sum(axis=1)
+    share = np.where(counts > 0, cold.sum(axis=1) / np.maximum(counts, 1), 0.0)
+    return cold.any(axis=1), share
+
+
+def length_bucket_edges(lengths: np.ndarray, buckets: int = 4) -> List[int]:
+    """Quantile edges [e_0 = min, ..., e_B = max + 1) of history lengths, duplicates removed."""
+    lengths = np.asarray(lengths)
+    qs = np.quantile(lengths, np.linspace(0, 1, buckets + 1)[1:-1]) if len(lengths) else []
+    edges = sorted({int(lengths.min()) if len(lengths) else 0, *[int(math.ceil(q)) for q in qs],
+                    int(lengths.max()) + 1 if len(lengths) else 1})
+    return edges
+
+
+def subset_metrics(labels, probabilities, users, mask) -> Dict[str, float]:
+    """AUC, GAUC, logloss and size of the samples selected by ``mask``."""
+    from seminar_tf import evaluate as evaluate_lib
+
+    mask = np.asarray(mask, dtype=bool)
+    n = int(mask.sum())
+    out = {"num_samples": n, "positive_rate": float(np.mean(labels[mask])) if n else float("nan")}
+    if n == 0:
+        return {**out, "auc": float("nan"), "gauc": float("nan"), "logloss": float("nan")}
+    out["auc"] = evaluate_lib.auc(labels[mask], probabilities[mask])
+    out["gauc"] = evaluate_lib.gauc(users[mask], labels[mask], probabilities[mask])
+    out["logloss"] = evaluate_lib.logloss(labels[mask], probabilities[mask])
+    return out
+
+
+def _per_sample_scores(run_dir, data_dir, seen, gsu=None, codebooks=None) -> Dict[str, np.ndarray]:
+    """One pass over ctr/test: probability, label, user, history length and cold flags of every sample."""
+    import tensorflow as tf
+
+    from seminar_tf import experiment
+    from seminar_tf.data import reader
+
+    model, preset, data_dir = experiment.load_model(run_dir, data_dir, gsu=gsu, codebooks=codebooks)
+    metadata = reader.load_metadata(data_dir)
+    predict = tf.function(lambda b: model(b)["probability"])
+    parts = {k: [] for k in ("probability", "label", "user", "length", "has_cold", "cold_share")}
+    for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "test", 128, metadata=metadata,
+                                     max_history=preset.build.max_history):
+        lengths = batch[schema.CTX_HISTORY_LENGTH].numpy().reshape(-1)
+        has_cold, share = cold_history(batch[schema.SEQ_HISTORY_ITEM].numpy(), lengths, seen)
+        parts["probability"].append(np.asarray(predict(batch)).reshape(-1))
+        parts["label"].append(batch[schema.CTX_LABEL].numpy().reshape(-1))
+        parts["user"].append(batch[schema.CTX_USER_ID].numpy().reshape(-1))
+        parts["length"].append(lengths)
+        parts["has_cold"].append(has_cold)
+        parts["cold_share"].append(share)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def sample_groups(scores: Dict[str, np.ndarray], edges: Sequence[int], share_median: float) -> Dict[str, np.ndarray]:
+    """Masks of the subsets reported per model: cold / warm, high / low cold share, history-length buckets."""
+    groups = {"cold": scores["has_cold"], "warm": ~scores["has_cold"],
+              "cold_share_high": scores["cold_share"] > share_median,
+              "cold_share_low": scores["cold_share"] <= share_median}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        groups[f"length[{lo},{hi})"] = (scores["length"] >= lo) & (scores["length"] < hi)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------- grid
+@dataclasses.dataclass
+class GridConfig:
+    """What ``seminar-tf report`` trains and evaluates."""
+
+    data_dir: str
+    out_dir: str
+    config: str = "demo"
+    seeds: int = 2
+    models: Tuple[str, ...] = DEFAULT_ROWS
+    epochs: Optional[int] = None
+    pretrain_epochs: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    num_negatives: int = 99
+    resume: bool = False
+    pq_subspaces: Optional[int] = None  # default: the preset's ModelConfig.pq_subspaces
+    pq_centroids: Optional[int] = None
+    recall_ks: Tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200)
+    recall_targets: int = 32
+    length_buckets: int = 4
+    command: str = ""
+    note: str = ""  # free text printed under the command (e.g. how the dataset was built)
+    runs_dir: Optional[str] = None  # where the cells' run directories go (default: OUT/runs)
+    report_only: bool = False  # train nothing: report the finished cells, list the others as not run
+
+    def runs(self) -> str:
+        return self.runs_dir or os.path.join(self.out_dir, RUNS_DIR)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.models if m not in ROWS]
+        if unknown:
+            raise ValueError(f"--models: unknown rows {unknown}; choose from {sorted(ROWS)}")
+        if not self.models:
+            raise ValueError("--models: empty list; name at least one row, e.g. seminar,din")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        for name in self.models:
+            source = ROWS[name].pq_eval_of
+            if source and source not in self.models:
+                raise ValueError(f"--models: row {name!r} evaluates the {source!r} run; add {source!r} to --models")
+
+
+def _load_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, payload):
+    from seminar_tf.evaluate import _json_ready
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_ready(payload), f, indent=2)
+    os.replace(tmp, path)  # a killed run never leaves a half-written marker
+
+
+def _base_preset(grid: GridConfig):
+    from seminar_tf import config as config_lib
+
+    preset = config_lib.load_config(grid.config)
+    if grid.epochs is not None:
+        preset.finetune = dataclasses.replace(preset.finetune, epochs=grid.epochs)
+    if grid.pretrain_epochs is not None:
+        preset.pretrain = dataclasses.replace(preset.pretrain, epochs=grid.pretrain_epochs)
+    if grid.steps_per_epoch is not None:
+        preset.pretrain = dataclasses.replace(preset.pretrain, steps_per_epoch=grid.steps_per_epoch)
+        preset.finetune = dataclasses.replace(preset.finetune, steps_per_epoch=grid.steps_per_epoch)
+    return preset
+
+
+def _history(result_history: dict) -> Dict[str, List[float]]:
+    return {k: [float(x) for x in v] for k, v in result_history.items()}
+
+
+def _pretrain(grid, base, row, seed, metadata, progress) -> Tuple[str, dict]:
+    from seminar_tf import experiment
+
+    psu_dir = os.path.join(grid.runs(), f"{psu_key(row)}_s{seed}")
+    marker = os.path.join(psu_dir, PSU_FILE)
+    done = _load_json(marker)
+    if done is not None:
+        return psu_dir, done
+    pre, _ = stage_presets(base, row, seed, metadata)
+    progress(f"report: pretrain {os.path.basename(psu_dir)}")
+    started = time.time()
+    result = experiment.pretrain(grid.data_dir, psu_dir, pre, progress=progress)
+    done = {"history": _history(result["history"]), "seconds": time.time() - started}
+    _write_json(marker, done)
+    return psu_dir, done
+
+
+def _evaluate_run(grid, run_dir, cell_dir, seen, progress, gsu=None, codebooks=None) -> dict:
+    from seminar_tf import experiment
+
+    metrics = experiment.evaluate(run_dir, grid.data_dir, os.path.join(cell_dir, "eval"),
+                                  num_negatives=grid.num_negatives, progress=progress, gsu=gsu,
+                                  codebooks=codebooks)
+    scores = _per_sample_scores(run_dir, grid.data_dir, seen, gsu=gsu, codebooks=codebooks)
+    return {"metrics": metrics["model"], "popularity": metrics["popularity"], "scores": scores}
+
+
+def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progress) -> dict:
+    """Trains (or reuses) and evaluates one cell; writes and returns its cell.json payload."""
+    from seminar_tf import experiment, quantization
+
+    cell_dir = os.path.join(grid.runs(), f"{row.name}_s{seed}")
+    started = time.time()
+    pretrain_seconds, history, psu_dir, extra = 0.0, {}, None, {}
+    if row.pq_eval_of:
+        source = os.path.join(grid.runs(), f"{row.pq_eval_of}_s{seed}")
+        if _load_json(os.path.join(source, CELL_FILE)) is None:
+            raise RuntimeError(f"the {row.pq_eval_of!r} cell of seed {seed} did not finish")
+        os.makedirs(cell_dir, exist_ok=True)
+        subspaces = grid.pq_subspaces or base.model.pq_subspaces
+        centroids = grid.pq_centroids or base.model.pq_centroids
+        codebooks = os.path.join(cell_dir, quantization.CODEBOOKS_FILE)
+        progress(f"report: fit-codebooks on {source} (S={subspaces}, C={centroids})")
+        summary = quantization.fit_run(source, quantization.CodebookConfig(subspaces, centroids, seed=seed),
+                                       out=codebooks)
+        extra = {"codebooks": codebooks, "reconstruction_error": summary["reconstruction_error"],
+                 "evaluated_run": source}
+        evaluation = _evaluate_run(grid, source, cell_dir, seen, progress, gsu="pq_adc", codebooks=codebooks)
+    else:
+        _, fine = stage_presets(base, row, seed, metadata)
+        init_from = None
+        if row.pretrained:
+            psu_dir, psu = _pretrain(grid, base, row, seed, metadata, progress)
+            init_from = psu_dir
+            pretrain_seconds = psu.get("seconds", 0.0)
+        trained_marker = os.path.join(cell_dir, TRAINED_FILE)
+        trained = _load_json(trained_marker) if grid.resume else None
+        if trained is None:
+            progress(f"report: finetune {row.name} seed {seed} ({row.architecture}, init from {init_from})")
+            train_started = time.time()
+            result = experiment.finetune(grid.data_dir, cell_dir, fine, init_from=init_from, progress=progress)
+            trained = {"history": _history(result["history"]), "seconds": time.time() - train_started}
+            del result
+            _write_json(trained_marker, trained)  # an evaluation failure after this does not retrain
+        history = trained["history"]
+        extra["finetune_seconds"] = trained["seconds"]
+        evaluation = _evaluate_run(grid, cell_dir, cell_dir, seen, progress)
+    scores = evaluation.pop("scores")
+    np.savez_compressed(os.path.join(cell_dir, "scores.npz"), **{k: v for k, v in scores.items() if k != "user"})
+    payload = {"row": row.name, "seed": seed, "psu": psu_dir, "history": history, **evaluation, **extra,
+               "pretrain_seconds": pretrain_seconds, "seconds": time.time() - started}
+    payload["_scores"] = scores
+    return payload
+
+
+def _cell_summary(payload: dict, edges, share_median) -> dict:
+    scores = payload.pop("_scores")
+    groups = sample_groups(scores, edges, share_median)
+    payload["subsets"] = {name: subset_metrics(scores["label"], scores["probability"], scores["user"], mask)
+                          for name, mask in groups.items()}
+    return payload
+
+
+def error_summary(error: BaseException, limit: int = 400) -> str:
+    """``Type: message`` of an exception, cut to its innermost error line (TF errors carry whole traces)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    inner = [line for line in lines if "Error:" in line or "Error(" in line]
+    text = inner[-1] if inner else (lines[0] if lines else "")
+    text = f"{type(error).__name__}: {text}" if not text.startswith(type(error).__name__) else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+    vals = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                      dtype=np.float64)
+    if not len(vals):
+        return float("nan"), float("nan"), 0
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, int(len(vals))
+
+
+def aggregate(cells: Dict[str, List[dict]], key: Callable[[dict], Optional[float]]) -> Dict[str, dict]:
+    """{row: {"mean", "std", "n"}} of ``key(cell)`` over the row's finished seeds (std: sample std, 0 for one)."""
+    out = {}
+    for row, finished in cells.items():
+        mean, std, n = _mean_std([key(c) for c in finished])
+        out[row] = {"mean": mean, "std": std, "n": n}
+    return out
+
+
+def format_mean_std(stat: dict, digits: int = 4) -> str:
+    if not stat or stat.get("n", 0) == 0:
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _delta(tables, row_a, row_b, metric="auc", table="metrics"):
+    a, b = tables[table].get(row_a, {}).get(metric), tables[table].get(row_b, {}).get(metric)
+    if not a or not b or not a["n"] or not b["n"]:
+        return None
+    return {"a": a, "b": b, "delta": a["mean"] - b["mean"], "noise": math.hypot(a["std"], b["std"])}
+
+
+def _beats_check(tables: dict, rows: Sequence[str], suffix: str = "") -> Optional[dict]:
+    """"SEMINAR beats the baselines" on the rows named with ``suffix`` (None if a suffixed grid has none)."""
+    seminar = "seminar" + suffix
+    beaten = [b + suffix for b in MUST_BEAT if b + suffix in rows]
+    deltas = {b: _delta(tables, seminar, b) for b in beaten}
+    found = {b: d for b, d in deltas.items() if d}
+    claim = "SEMINAR beats TWIN, ETA, SIM and DIN (test AUC, mean over seeds)"
+    if suffix:
+        claim += f" — rows {seminar}, " + ", ".join(beaten)
+    if seminar not in rows or not found:
+        if suffix:
+            return None
+        return {"claim": claim, "status": "not evaluated", "detail": "needs the seminar row and a baseline row"}
+    lost = [b for b, d in found.items() if d["delta"] <= 0]
+    detail = "; ".join(f"{seminar} − {b} = {d['delta']:+.4f} (seed std {d['a']['std']:.4f} / "
+                       f"{d['b']['std']:.4f})" for b, d in found.items())
+    weak = [b for b, d in found.items() if 0 < d["delta"] <= d["noise"]]
+    missing = [b + suffix for b in MUST_BEAT if b + suffix not in found] if not suffix else []
+    status = "supported" if not lost else "not supported"
+    if not lost and weak:
+        status = "supported (means only; within seed noise for " + ", ".join(weak) + ")"
+    if missing:
+        detail += f"; rows not run or failed: {', '.join(missing)}"
+    improving = [r for r in [seminar, *found] if tables.get("still_improving", {}).get(r)]
+    if improving:
+        detail += (f". Validation AUC still rising at the last epoch (under-trained, the gap may shrink with "
+                   f"more epochs): {', '.join(improving)}")
+    scratch = {b: _delta(tables, "seminar_no_pretrain", b) for b in found} if not suffix else {}
+    scratch = {b: d for b, d in scratch.items() if d}
+    if scratch:
+        detail += ". Architecture only (seminar_no_pretrain, also from scratch, vs each): " + "; ".join(
+            f"{b} {d['delta']:+.4f}" for b, d in scratch.items())
+    return {"claim": claim, "status": status, "detail": detail}
+
+
+def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
+    """The issue's expected claims, each with whether this run supports it and the numbers. With ``*_ep4``
+    rows (longer fine-tuning) the first claim is checked again on them."""
+    out = [_beats_check(tables, rows)]
+    longer = _beats_check(tables, rows, "_ep4")
+
+    claim = "pretraining helps most on the cold-id subset"
+    if "seminar" in rows and "seminar_no_pretrain" in rows:
+        parts, statuses = [], []
+        for hi, lo, label in (("cold", "warm", "history holds a cold id vs not"),
+                              ("cold_share_high", "cold_share_low", "cold-id share of the history above vs at "
+                                                                     "or below the median")):
+            d_hi = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{hi}")
+            d_lo = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{lo}")
+            small = [(name, int(size)) for name in (hi, lo)
+                     for size in [tables.get(f"subset:{name}", {}).get("seminar", {}).get("num_samples", {}).get(
+                         "mean", 0) or 0] if size < MIN_SUBSET_SAMPLES]
+            if small:
+                parts.append(f"{label}: not compared, " + ", ".join(f"{n} has {k} samples" for n, k in small)
+                             + f" (< {MIN_SUBSET_SAMPLES})")
+            elif d_hi and d_lo:
+                parts.append(f"{label}: AUC gain of pretraining {d_hi['delta']:+.4f} vs {d_lo['delta']:+.4f}")
+                statuses.append(d_hi["delta"] > d_lo["delta"])
+            else:
+                parts.append(f"{label}: a subset is empty, not comparable")
+        full = _delta(tables, "seminar", "seminar_no_pretrain")
+        if full:
+            parts.append(f"all samples: {full['delta']:+.4f}")
+        status = ("not evaluated" if not statuses else "supported" if all(statuses)
+                  else "partly supported" if any(statuses) else "not supported")
+        out.append({"claim": claim, "status": status, "detail": "; ".join(parts)})
+    else:
+        out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_pretrain"})
+
+    claim = "the alignment loss matters when channels are misaligned (the world plants misaligned image/text)"
+    d = _delta(tables, "seminar", "seminar_no_alignment") if "seminar_no_alignment" in rows else None
+    if d:
+        status = ("supported" if d["delta"] > d["noise"] else "supported (means only; within seed noise)"
+                  if d["delta"] > 0 else "not supported")
+        out.append({"claim": claim, "status": status,
+                    "detail": f"seminar − seminar_no_alignment AUC = {d['delta']:+.4f} (seed std "
+                              f"{d['a']['std']:.4f} / {d['b']['std']:.4f})"})
+    else:
+        out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_alignment"})
+    if longer:
+        out.append(longer)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # 20 distinct colours: a full grid has more rows than the default cycle's 10
+    plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=[plt.cm.tab20(i) for i in range(20)])
+    return plt
+
+
+def plot_learning_curves(cells: Dict[str, List[dict]], path: str, metric: str = "val_auc") -> Optional[str]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    drawn = 0
+    for row, finished in cells.items():
+        curves = [c["history"].get(metric) for c in finished if c.get("history", {}).get(metric)]
+        if not curves:
+            continue
+        length = max(len(c) for c in curves)
+        mean = [np.mean([c[i] for c in curves if len(c) > i]) for i in range(length)]
+        ax.plot(range(1, length + 1), mean, marker="o", label=row)
+        drawn += 1
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (mean over seeds)")
+    ax.set_title("Learning curves")
+    if drawn:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(values: Dict[str, Dict[str, dict]], path: str, title: str, ylabel: str,
+              xlabel: str = "") -> str:
+    """values: {group (x tick): {series: {"mean", "std"}}} as grouped bars with seed-std error bars."""
+    plt = _plt()
+    groups = list(values)
+    series = list(dict.fromkeys(s for g in values.values() for s in g))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.8 * len(groups) * max(1, len(series)) / 3)), 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        means = [values[g].get(name, {}).get("mean", np.nan) for g in groups]
+        stds = [values[g].get(name, {}).get("std", 0.0) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, means, width, yerr=stds, label=name)
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    finite = [v.get("mean") for g in values.values() for v in g.values()
+              if v.get("mean") is not None and np.isfinite(v.get("mean"))]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_recall(recall: dict, path: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = recall["ks"]
+    for row in recall["rows"]:
+        ax.plot(ks, [row[f"recall@{k}"] for k in ks], marker="o", label=f"{row['codebooks']} {row['method']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("top-K recall vs exact GSU")
+    ax.set_title(f"PQ recall, L={recall['L']} (seminar run, seed 0)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def pq_recall(run_dir: str, grid: GridConfig, base, progress) -> dict:
+    """Top-K recall of PQ vs exact GSU on a run's embeddings, trained vs random codebooks (bench pq's code)."""
+    from seminar_tf.bench import pq as pq_bench
+
+    length = base.build.max_history
+    ks = tuple(k for k in grid.recall_ks if k <= length)
+    config = pq_bench.PQBenchConfig(
+        variants=((grid.pq_subspaces or base.model.pq_subspaces, grid.pq_centroids or base.model.pq_centroids),),
+        recall_lengths=(length,), recall_ks=ks, recall_targets=grid.recall_targets, rerank=4, seed=0)
+    result = pq_bench._recall({"ctr": run_dir}, config, progress)
+    return {"L": length, "ks": list(ks), "rows": result["rows"], "targets": result["targets"],
+            "channels": result["channels"]}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _config_summary(grid: GridConfig, base, cells: Dict[str, List[dict]]) -> str:
+    """The sizes the cells were trained with: from a finished cell's config.json (flags of an earlier
+    invocation included), else from this invocation's config."""
+    from seminar_tf import experiment
+
+    fine = pre = base
+    for finished in cells.values():
+        for cell in finished:
+            run_dir = os.path.join(grid.runs(), f"{cell['row']}_s{cell['seed']}")
+            if ROWS[cell["row"]].pq_eval_of is None and os.path.exists(os.path.join(run_dir, "config.json")):
+                fine = experiment.preset_of_run(run_dir)
+                if cell.get("psu") and os.path.exists(os.path.join(cell["psu"], "config.json")):
+                    pre = experiment.preset_of_run(cell["psu"])
+                break
+        if fine is not base:
+            break
+    return (f"`{grid.config}` → preset {fine.name}: world {fine.world.num_users} users / "
+            f"{fine.world.num_items} items "
+            f"(mean history {fine.world.mean_history}), max_history {fine.build.max_history}, d={fine.model.dim}, "
+            f"K={fine.model.top_k}, PSU {pre.pretrain.epochs} epoch(s) × {pre.pretrain.steps_per_epoch or 'all'} "
+            f"steps, fine-tuning {fine.finetune.epochs} epoch(s) × {fine.finetune.steps_per_epoch or 'all'} steps "
+            f"(early stopping on {fine.finetune.monitor}, patience {fine.finetune.early_stopping_patience}), "
+            f"batch {fine.finetune.batch_size}, learning rate {fine.finetune.learning_rate}.")
+
+
+def _grid_span(runs_dir: str) -> str:
+    """First run's config.json written → last cell.json written (mtimes), across every invocation."""
+    starts, ends = [], []
+    for entry in os.scandir(runs_dir):
+        if entry.is_dir():
+            for name, bucket in (("config.json", starts), (CELL_FILE, ends)):
+                path = os.path.join(entry.path, name)
+                if os.path.exists(path):
+                    bucket.append(os.path.getmtime(path))
+    if not starts or not ends:
+        return "n/a"
+    first, last = min(starts), max(ends)
+    fmt = lambda t: time.strftime("%H:%M", time.gmtime(t))  # noqa: E731
+    return f"{(last - first) / 60:.0f} min, {fmt(first)}–{fmt(last)} UTC"
+
+
+def _config_text(config: str) -> str:
+    """The text of a YAML/JSON --config file ('' for a preset name)."""
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            return f.read()
+    return ""
+
+
+def _machine() -> str:
+    import tensorflow as tf
+
+    return (f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def build_tables(cells: Dict[str, List[dict]]) -> dict:
+    """{"metrics": {row: {metric: stat}}, "subset:<name>": {...}, "popularity": {...}}."""
+    tables = {"metrics": {}, "popularity": {}, "still_improving": {}}
+    for row, finished in cells.items():
+        curves = [c.get("history", {}).get("val_auc") or [] for c in finished]
+        tables["still_improving"][row] = bool(curves) and all(len(v) > 1 and v[-1] > v[-2] for v in curves)
+        tables["metrics"][row] = {m: aggregate({row: finished}, lambda c, m=m: c["metrics"].get(m))[row]
+                                  for m in TABLE_METRICS}
+        tables["popularity"][row] = {m: aggregate({row: finished}, lambda c, m=m: c["popularity"].get(m))[row]
+                                     for m in TABLE_METRICS}
+        subsets = finished[0]["subsets"] if finished else {}
+        for name in subsets:
+            table = tables.setdefault(f"subset:{name}", {})
+            table[row] = {m: aggregate({row: finished}, lambda c, m=m, s=name: c["subsets"][s].get(m))[row]
+                          for m in ("auc", "gauc", "logloss", "num_samples")}
+    return tables
+
+
+def _markdown(report: dict) -> str:
+    from seminar_tf.evaluate import format_markdown_table
+
+    tables = report["tables"]
+    rows = [r for r in report["rows"] if r in tables["metrics"]]
+    lines = [f"# SEMINAR comparison grid ({report['preset']} config)", "",
+             f"Command: `{report['command']}`", "",
+             *([f"The cells were trained by: " + "; ".join(f"`{c}`" for c in report["grid_commands"]), ""]
+               if report.get("grid_commands") and report["grid_commands"] != [report["command"]] else []),
+             *([report["note"], ""] if report.get("note") else []),
+             f"Machine: {report['machine']}. Wall time of this invocation {report['wall_seconds']:.0f} s "
+             f"(cells reused with --resume: {len(report['reused'])}; summed cell time "
+             f"{report['cell_seconds']:.0f} s; grid span {report['grid_span']}). Finished {report['finished_at']}.",
+             "",
+             f"Data: `{report['data']}` ({report['dataset']}). Config: {report['config_summary']}", "",
+             *([f"`{report['config']}`:", "", "```yaml", report["config_text"].rstrip(), "```", ""]
+               if report.get("config_text") else []),
+             f"Seeds: {report['seeds']} (model init, data order); the world and dataset are fixed. "
+             "Values are mean ± sample std over the seeds that finished (n column).", "",
+             "## Rows", "", format_markdown_table(
+                 [{"row": r, "what": ROWS[r].description} for r in report["rows"]], ["row", "what"]),
+             "PSU: shared by the rows with the same pretraining config at a seed; the baselines (DIN, SIM, ETA, "
+             "TWIN) are trained from scratch as in the paper, so `seminar_no_pretrain` is their "
+             "architecture-only counterpart. " + report["pq_note"], "",
+             "## Test metrics", "",
+             "AUC, GAUC, logloss on ctr/test; HIT/NDCG@K and MRR: each pretrain/test next pair against "
+             f"{report['num_negatives']} sampled negatives (NDCG@1 = HIT@1).", ""]
+    columns = ["model", "n"] + [m.upper() for m in TABLE_METRICS]
+    table_rows = []
+    for r in rows:
+        stats = tables["metrics"][r]
+        entry = {"model": r, "n": stats["auc"]["n"],
+                 "val AUC rising at last epoch": "yes" if tables["still_improving"].get(r) else "no"}
+        entry.update({c: format_mean_std(stats[m]) for c, m in zip(columns[2:], TABLE_METRICS)})
+        table_rows.append(entry)
+    pop = tables["popularity"].get(rows[0]) if rows else None
+    if pop:
+        entry = {"model": "popularity (reference)", "n": pop["auc"]["n"]}
+        entry.update({c: format_mean_std(pop[m]) for c, m in zip(columns[2:], TABLE_METRICS)})
+        table_rows.append(entry)
+    lines += [format_markdown_table(table_rows, columns + ["val AUC rising at last epoch"]),
+              "Last column: yes when every seed's validation AUC rose in the last epoch (still learning when the "
+              "epoch budget ran out; early stopping keeps the best epoch's weights otherwise).", ""]
+
+    sizes = report["subset_sizes"]
+    lines += ["## Cold-id subset", "",
+              f"Cold ids: item ids that never occur as a target in ctr/train ({report['cold_ids']} of "
+              f"{report['num_items']} item rows). **cold**: ctr/test samples whose history holds at least one "
+              f"({sizes['cold']} of {sizes['all']} samples); **warm**: the others ({sizes['warm']}). Because "
+              "most histories hold some cold id, the samples are also split at the median share of cold ids in "
+              f"the history ({report['cold_share_median']:.3f}): **high** ({sizes['cold_share_high']}) vs "
+              f"**low** ({sizes['cold_share_low']}).", ""]
+    columns = ["model"] + [f"{s} {m}" for s in ("cold", "warm", "high", "low") for m in ("AUC",)] + [
+        "cold GAUC", "cold logloss"]
+    table_rows = []
+    names = {"cold": "cold", "warm": "warm", "high": "cold_share_high", "low": "cold_share_low"}
+    for r in rows:
+        entry = {"model": r}
+        for short, subset in names.items():
+            entry[f"{short} AUC"] = format_mean_std(tables.get(f"subset:{subset}", {}).get(r, {}).get("auc"))
+        entry["cold GAUC"] = format_mean_std(tables.get("subset:cold", {}).get(r, {}).get("gauc"))
+        entry["cold logloss"] = format_mean_std(tables.get("subset:cold", {}).get(r, {}).get("logloss"))
+        table_rows.append(entry)
+    lines += [format_markdown_table(table_rows, columns), ""]
+
+    buckets = [k.split(":", 1)[1] for k in tables if k.startswith("subset:length")]
+    lines += ["## AUC by history length", "",
+              "ctr/test samples bucketed by history length (quantile edges, [lo, hi)); sizes: " + ", ".join(
+                  f"{b} {sizes.get(b, 0)}" for b in buckets) + ".", ""]
+    columns = ["model"] + buckets
+    table_rows = [{"model": r, **{b: format_mean_std(tables[f"subset:{b}"].get(r, {}).get("auc")) for b in buckets}}
+                  for r in rows]
+    lines += [format_markdown_table(table_rows, columns), ""]
+
+    recall = report.get("pq_recall")
+    lines += ["## PQ top-K recall", ""]
+    if recall and recall.get("rows"):
+        lines += [f"On the seminar run's (seed 0) final embeddings, `seminar_tf.bench.pq` recall code: "
+                  f"{recall['targets']} ctr/test targets, random histories of L={recall['L']} pairs; "
+                  "recall@K = share of the PQ top K whose exact score reaches the exact K-th score.", ""]
+        columns = ["codebooks", "method"] + [f"recall@{k}" for k in recall["ks"]]
+        lines += [format_markdown_table(recall["rows"], columns), ""]
+    else:
+        lines += [f"Not computed: {recall.get('error') if recall else 'no finished seminar run'}", ""]
+
+    lines += ["## Checks", "", "Expected on the planted world; each stated with this run's numbers.", ""]
+    lines += [format_markdown_table(report["checks"], ["claim", "status", "detail"]), ""]
+    if report["failed"]:
+        lines += ["## Failed cells", "", format_markdown_table(report["failed"], ["cell", "error"]), ""]
+    if report["missing"]:
+        lines += [f"Cells without a finished run (not run, killed, or --report-only): "
+                  f"{', '.join(report['missing'])}.", ""]
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Trains/evaluates the grid (row-major, seeds inner) and writes REPORT.md, report.json and the PNGs."""
+    from seminar_tf.data import reader
+
+    grid.validate()
+    progress = _progress_fn(progress)
+    started = time.time()
+    runs_dir = grid.runs()
+    os.makedirs(runs_dir, exist_ok=True)
+    os.makedirs(grid.out_dir, exist_ok=True)
+    if not grid.resume and not grid.report_only and any(os.scandir(runs_dir)):
+        raise ValueError(f"{runs_dir!r} already holds grid runs; pass --resume to reuse the "
+                         "finished cells (and continue unfinished ones) or choose another --out")
+    commands_path = os.path.join(runs_dir, "commands.txt")
+    if not grid.report_only:
+        with open(commands_path, "a", encoding="utf-8") as f:
+            f.write((grid.command or COMMAND) + "\n")
+    grid_commands = []
+    if os.path.exists(commands_path):
+        with open(commands_path, encoding="utf-8") as f:
+            grid_commands = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    base = _base_preset(grid)
+    metadata = reader.load_metadata(grid.data_dir)
+    seen = seen_targets(grid.data_dir, metadata)
+    # Rows whose configs are impossible (e.g. an EM3 field this ModelConfig lacks) fail before any training.
+    failed, invalid = [], set()
+    for name in grid.models:
+        try:
+            stage_presets(base, ROWS[name], 0, metadata)
+        except ValueError as error:
+            invalid.add(name)
+            failed += [{"cell": f"{name}_s{s}", "error": str(error)} for s in range(grid.seeds)]
+            progress(f"report: row {name} skipped: {error}")
+    payloads, reused = {}, []
+    for name in grid.models:
+        if name in invalid:
+            continue
+        for seed in range(grid.seeds):
+            cell = f"{name}_s{seed}"
+            marker = os.path.join(runs_dir, cell, CELL_FILE)
+            done = _load_json(marker)
+            if done is not None:
+                scores = dict(np.load(os.path.join(runs_dir, cell, "scores.npz")))
+                scores["user"] = np.asarray(done["users"], dtype=object)
+                done["_scores"] = scores
+                payloads[cell] = done
+                reused.append(cell)
+                progress(f"report: {cell} finished before, reused")
+                continue
+            if grid.report_only:
+                continue
+            try:
+                payload = run_cell(grid, base, ROWS[name], seed, metadata, seen, progress)
+            except Exception as error:  # a failed cell is reported, the grid goes on
+                progress(f"report: {cell} FAILED: {error!r}")
+                traceback.print_exc()
+                failed.append({"cell": cell, "error": error_summary(error)})
+                continue
+            stored = {k: v for k, v in payload.items() if k != "_scores"}
+            stored["users"] = [u.decode() if isinstance(u, bytes) else str(u) for u in payload["_scores"]["user"]]
+            _write_json(marker, stored)
+            payloads[cell] = {**stored, "_scores": payload["_scores"]}
+            progress(f"report: {cell} AUC {payload['metrics']['auc']:.4f} ({payload['seconds']:.0f} s)")
+    missing = [f"{n}_s{s}" for n in grid.models for s in range(grid.seeds)
+               if f"{n}_s{s}" not in payloads and not any(f["cell"] == f"{n}_s{s}" for f in failed)]
+
+    # Subsets: edges and the cold-share median from the test split (the same samples for every cell).
+    any_scores = next(iter(payloads.values()))["_scores"] if payloads else None
+    edges = length_bucket_edges(any_scores["length"], grid.length_buckets) if any_scores is not None else [0, 1]
+    share_median = float(np.median(any_scores["cold_share"])) if any_scores is not None else 0.0
+    cells: Dict[str, List[dict]] = {}
+    sizes = {}
+    for cell, payload in payloads.items():
+        summary = _cell_summary(payload, edges, share_median)
+        summary.pop("users", None)
+        cells.setdefault(summary["row"], []).append(summary)
+    if any_scores is not None:
+        sizes = {name: int(mask.sum()) for name, mask in sample_groups(any_scores, edges, share_median).items()}
+        sizes["all"] = int(len(any_scores["label"]))
+    tables = build_tables(cells)
+
+    plots = []
+    out = grid.out_dir
+    plots.append(os.path.basename(plot_learning_curves(cells, os.path.join(out, "learning_curves.png"))))
+    buckets = [f"length[{lo},{hi})" for lo, hi in zip(edges[:-1], edges[1:])]
+    plots.append(os.path.basename(plot_bars(
+        {b.replace("length", ""): {r: tables[f"subset:{b}"][r]["auc"] for r in cells}
+         for b in buckets if f"subset:{b}" in tables},
+        os.path.join(out, "auc_vs_history_length.png"), "Test AUC by history length", "AUC",
+        "history length bucket")))
+    plots.append(os.path.basename(plot_bars(
+        {s: {r: tables[f"subset:{s}"][r]["auc"] for r in cells} for s in ("cold", "warm", "cold_share_high",
+                                                                          "cold_share_low")
+         if f"subset:{s}" in tables},
+        os.path.join(out, "auc_cold_ids.png"), "Test AUC on cold-id subsets", "AUC")))
+    recall = None
+    seminar_cells = [c for c in cells.get("seminar", []) if c["seed"] == 0]
+    if seminar_cells:
+        try:
+            recall = pq_recall(os.path.join(runs_dir, "seminar_s0"), grid, base, progress)
+            plots.append(os.path.basename(plot_recall(recall, os.path.join(out, "pq_recall.png"))))
+        except Exception as error:
+            traceback.print_exc()
+            recall = {"error": error_summary(error)}
+    pq_note = ("`seminar_pq_adc`: the `seminar` run of the same seed evaluated with gsu=pq_adc (experiment.evaluate"
+               " with codebooks fitted by quantization.fit_run on that run, "
+               f"S={grid.pq_subspaces or base.model.pq_subspaces}, C={grid.pq_centroids or base.model.pq_centroids});"
+               " not fine-tuned with PQ.")
+    dataset = f"{metadata.num_items} item rows, {metadata.num_queries} queries, channels {list(metadata.channels)}"
+    report = {
+        "command": grid.command or COMMAND, "machine": _machine(), "preset": base.name,
+        "config": grid.config, "config_summary": _config_summary(grid, base, cells),
+        "grid_commands": grid_commands, "runs_dir": runs_dir, "grid_span": _grid_span(runs_dir),
+        "note": grid.note, "config_text": _config_text(grid.config),
+        "data": grid.data_dir, "dataset": dataset, "seeds": grid.seeds, "rows": list(grid.models),
+        "num_negatives": grid.num_negatives, "num_items": metadata.num_items, "cold_ids": int(
+            metadata.num_items - len(schema.RESERVED) - np.isin(np.arange(len(schema.RESERVED), metadata.num_items),
+                                                                seen).sum()),
+        "cold_share_median": share_median, "subset_sizes": sizes, "length_edges": edges,
+        "tables": tables, "pq_recall": recall, "pq_note": pq_note,
+        "cells": {row: [{k: v for k, v in c.items() if k not in ("popularity",)} for c in finished]
+                  for row, finished in cells.items()},
+        "reused": reused, "failed": failed, "missing": missing, "plots": plots,
+        "wall_seconds": time.time() - started,
+        # a cell's seconds include the PSU pretraining when that cell trained it (shared PSUs count once)
+        "cell_seconds": float(sum(c.get("seconds", 0.0) for f in cells.values() for c in f)),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    report["checks"] = checks(tables, [r for r in grid.models if r in cells])
+    _write_json(os.path.join(out, JSON_FILE), report)
+    with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
+        f.write(_markdown(report))
+    progress(f"report: wrote {os.path.join(out, REPORT_FILE)}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    """Registers ``seminar-tf report`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "report", help="train/evaluate the comparison grid (SEMINAR, ablations, baselines); write REPORT.md + PNGs",
+        description="For every row of --models and every seed: PSU pretraining (shared between rows with the "
+        "same pretraining config) and CTR fine-tuning with seminar_tf.experiment, then evaluation (AUC, GAUC, "
+        "logloss, HIT/NDCG@1,5,10,50, MRR), the cold-id subset (ctr/test samples whose history holds an item "
+        "id never seen as a ctr/train target) and AUC by history length. Writes OUT/REPORT.md (mean ± std over "
+        "seeds, checks of the expected claims), OUT/report.json and PNG plots (learning curves, PQ recall vs "
+        "K, AUC vs history length); runs go under OUT/runs/.")
+    p.add_argument("--data", required=True, help="dataset directory written by `seminar-tf build`")
+    p.add_argument("--out", required=True, help="report directory (REPORT.md, report.json, PNGs, runs/)")
+    p.add_argument("--config", default="demo",
+                   help="preset name (test, demo, paper_kuaisar, paper_amazon) or a YAML/JSON file of overrides "
+                        "(default: demo)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per row (default: 2)")
+    p.add_argument("--models", default=",".join(DEFAULT_ROWS),
+                   help="comma-separated rows, run in this order; known: " + ", ".join(ROWS)
+                        + f" (default: {','.join(DEFAULT_ROWS)})")
+    p.add_argument("--epochs", type=int, default=None, help="override the fine-tuning epochs of the config")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the PSU pretraining epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="override steps per epoch of both stages (default: one pass over the split)")
+    p.add_argument("--num-negatives", type=int, default=99,
+                   help="sampled negatives per positive in the ranking protocol (default: 99)")
+    p.add_argument("--pq-subspaces", type=int, default=None,
+                   help="S of the seminar_pq_adc row's and the recall plot's codebooks (default: the config's)")
+    p.add_argument("--pq-centroids", type=int, default=None,
+                   help="C of the seminar_pq_adc row's and the recall plot's codebooks (default: the config's)")
+    p.add_argument("--runs-dir", default=None,
+                   help="directory for the cells' training runs (checkpoints, eval reports; default: OUT/runs), "
+                        "e.g. outside a committed --out")
+    p.add_argument("--note", default="",
+                   help="free text printed under the command in REPORT.md, e.g. the commands that built --data")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the cells that finished (e.g. of a killed grid) "
+                        "and list the others as not run")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse cells whose run finished (OUT/runs/<row>_s<seed>/cell.json) and continue "
+                        "unfinished trainings from their last epoch")
+    p.set_defaults(handler=_run_report, takes_extra=False)
+
+
+def _run_report(args, extra) -> int:
+    grid = GridConfig(
+        data_dir=args.data, out_dir=args.out, config=args.config, seeds=args.seeds,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs, steps_per_epoch=args.steps_per_epoch,
+        num_negatives=args.num_negatives, resume=args.resume, pq_subspaces=args.pq_subspaces,
+        pq_centroids=args.pq_centroids, note=args.note, runs_dir=args.runs_dir, report_only=args.report_only,
+        command="seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if os.path.basename(sys.argv[0]).startswith("seminar-tf") else "")
+    try:
+        grid.validate()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if not grid.command:
+        grid.command = _reconstruct_command(args)
+    report = run(grid, progress=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr,
+                                                flush=True))
+    print(os.path.join(args.out, REPORT_FILE))
+    for check in report["checks"]:
+        print(f"{check['status']}: {check['claim']}")
+    return 0
+
+
+def _reconstruct_command(args) -> str:
+    parts = ["seminar-tf", "report", "--data", args.data, "--out", args.out, "--config", args.config,
+             "--seeds", str(args.seeds), "--models", args.models]
+    for flag, value in (("--epochs", args.epochs), ("--pretrain-epochs", args.pretrain_epochs),
+                        ("--steps-per-epoch", args.steps_per_epoch), ("--pq-subspaces", args.pq_subspaces),
+                        ("--pq-centroids", args.pq_centroids)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.num_negatives != 99:
+        parts += ["--num-negatives", str(args.num_negatives)]
+    if args.runs_dir:
+        parts += ["--runs-dir", args.runs_dir]
+    if args.note:
+        parts += ["--note", args.note]
+    if args.resume:
+        parts.append("--resume")
+    if args.report_only:
+        parts.append("--report-only")
+    return " ".join(shlex.quote(p) for p in parts)
