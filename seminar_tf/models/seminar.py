@@ -253,25 +253,26 @@ class SeminarModel(tfrs.Model):
         return self.pq.sdc_scores(self.pq.encode(target), gamma, words, self.gsu_bilinear())
 
     @staticmethod
-    def _gather_unique(values, indices, fn):
-        """fn(values at the given positions), computed once per distinct (row, position): values [B, L, ...],
-        indices [B, P] → fn(...) [B, P, ...]."""
-        length = tf.cast(tf.shape(values)[1], tf.int64)
+    def _unique_positions(indices, length):
+        """Distinct (row, position) pairs of indices [B, P] into rows of ``length``: (where int64 [U, 2], inverse
+        int32 [B·P] such that pair i of the flattened indices is where[inverse[i]])."""
+        length = tf.cast(length, tf.int64)
         rows = tf.range(tf.shape(indices, out_type=tf.int64)[0])[:, None]
-        unique, inverse = tf.unique(tf.reshape(rows * length + tf.cast(indices, tf.int64), [-1]), out_idx=tf.int32)
-        out = fn(tf.gather_nd(values, tf.stack([unique // length, unique % length], axis=-1)))  # [U, ...]
+        keys = tf.reshape(rows * length + tf.cast(indices, tf.int64), [-1])
+        unique, inverse = tf.unique(keys, out_idx=tf.int32)
+        return tf.stack([unique // length, unique % length], axis=-1), inverse
+
+    def _gather_unique(self, values, indices, fn):
+        """fn(values at the given positions), computed once per distinct (row, position): values [B, L, ...],
+        indices [B, P] → [B, P, ...] (the N targets' top-K lists of one history overlap)."""
+        where, inverse = self._unique_positions(indices, tf.shape(values)[1])
+        out = fn(tf.gather_nd(values, where))  # [U, ...]
         return tf.reshape(tf.gather(out, inverse), tf.concat([tf.shape(indices), tf.shape(out)[1:]], axis=0))
 
     def _encode_positions(self, features, indices, training=None):
-        """History channels after G_j at the given positions only: indices [B, P] → [B, P, C, d].
-
-        The N targets' top-K lists of one history overlap, so each distinct (row, position) is encoded once
-        and gathered back (at L=10^4, N=100, K=64 about a third of the N·K positions are distinct)."""
-        length = tf.cast(tf.shape(features[schema.SEQ_HISTORY_ITEM])[1], tf.int64)
-        rows = tf.range(tf.shape(indices, out_type=tf.int64)[0])[:, None]
-        keys = rows * length + tf.cast(indices, tf.int64)  # [B, P] flat (row, position) keys
-        unique, inverse = tf.unique(tf.reshape(keys, [-1]), out_idx=tf.int32)
-        where = tf.stack([unique // length, unique % length], axis=-1)  # [U, 2]
+        """History channels after G_j at the given positions only: indices [B, P] → [B, P, C, d], each distinct
+        (row, position) encoded once (at L=10^4, N=100, K=64 about a third of the N·K positions are distinct)."""
+        where, inverse = self._unique_positions(indices, tf.shape(features[schema.SEQ_HISTORY_ITEM])[1])
 
         def pick(name):
             return tf.gather_nd(features[name], where)[None]  # [1, U, ...]
