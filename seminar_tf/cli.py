@@ -190,6 +190,8 @@ def _run_pretrain(args, extra) -> int:
 
 
 def _add_finetune(sub) -> None:
+    from seminar_tf import quantization
+
     p = sub.add_parser(
         "finetune", help="SEMINAR CTR/PSR fine-tuning (GSU -> top-K -> ESU -> tower), restoring PSU weights",
         description="Trains the SEMINAR model on DATASET_DIR/ctr. With --init-from, the PSU run's content "
@@ -198,13 +200,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data", required=True, help="dataset directory written by `seminar-tf build`")
     p.add_argument("--model-dir", default=None, help="run directory (default: $AIP_MODEL_DIR)")
     p.add_argument("--init-from", default=None, help="PSU run directory to restore content weights from")
-    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
-                   help="GSU scoring mode (default: the preset's); the PQ modes need codebooks (--codebooks)")
-    p.add_argument("--codebooks", default=None,
-                   help="PQ codebooks for --gsu pq_adc|pq_sdc: an .npz or a run directory holding codebooks.npz "
-                        "(seminar-tf fit-codebooks writes it); default: the --init-from run's")
-    p.add_argument("--pq-rerank", type=int, default=None,
-                   help="PQ GSU keeps PQ_RERANK x K candidates and re-scores them exactly (default: the preset's, 1)")
+    quantization.add_gsu_arguments(p, what="to train with", gsu_default="the preset's",
+                                   codebooks_default="the --init-from run's")
     p.add_argument("--top-k", type=int, default=None, help="K pairs the GSU keeps (default: the preset's)")
     p.add_argument("--freeze", default="", help="comma-separated parts to keep fixed: content, projections")
     p.add_argument("--no-history", action="store_true", help="baseline without the user history")
@@ -294,6 +291,8 @@ def _run_finetune(args, extra) -> int:
 
 
 def _add_evaluate(sub) -> None:
+    from seminar_tf import quantization
+
     p = sub.add_parser(
         "evaluate", help="AUC, GAUC, logloss on the CTR test split; HIT/NDCG@1,5,10,50 and MRR (leave-last-out)",
         description="Scores DATASET_DIR/ctr/test (AUC, GAUC, logloss) and the ranking protocol on "
@@ -303,12 +302,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", default=None, help="dataset directory (default: the one the run was trained on)")
     p.add_argument("--out", default=None, help="report directory (default: MODEL_DIR/eval)")
     p.add_argument("--num-negatives", type=int, default=99, help="sampled negatives per positive (default: 99)")
-    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
-                   help="GSU scoring mode to evaluate with (default: the run's)")
-    p.add_argument("--codebooks", default=None,
-                   help="PQ codebooks (.npz or run directory) replacing the ones saved with the run's weights")
-    p.add_argument("--pq-rerank", type=int, default=None,
-                   help="PQ GSU re-scores PQ_RERANK x K candidates exactly (default: the run's)")
+    quantization.add_gsu_arguments(p, what="to evaluate with", gsu_default="the run's",
+                                   codebooks_default="the ones saved with the run's weights")
     p.set_defaults(handler=_run_evaluate, takes_extra=False)
 
 

@@ -619,13 +619,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--psu-dir", default=None,
                    help="PSU run for the pretrain signature (default: the run's --init-from, if any)")
     p.add_argument("--model-name", default="seminar", help="model name written into the warmup requests")
-    p.add_argument("--gsu", default=None, choices=["exact", "pq_adc", "pq_sdc"],
-                   help="GSU scoring mode of the served model (default: the run's)")
-    p.add_argument("--codebooks", default=None,
-                   help="PQ codebooks (.npz or a run directory holding codebooks.npz) to serve with; default: the "
-                        "ones saved with the run's weights")
-    p.add_argument("--pq-rerank", type=int, default=None,
-                   help="PQ GSU re-scores pq_rerank x K candidates exactly (default: the run's)")
+    from seminar_tf import quantization
+
+    quantization.add_gsu_arguments(p, what="of the served model", gsu_default="the run's",
+                                   codebooks_default="the ones saved with the run's weights")
     p.add_argument("--no-content-cache", action="store_true",
                    help="do not precompute the vocabulary's content embeddings into the SavedModel (smaller "
                         "export for huge catalogs; every request then runs the content encoders over its history)")

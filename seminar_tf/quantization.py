@@ -337,6 +337,20 @@ def fit_run(model_dir: str, config: CodebookConfig, data_dir: Optional[str] = No
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+GSU_CHOICES = ("exact", "pq_adc", "pq_sdc")  # SeminarModel's GSU_MODES (kept here: no TensorFlow import for the CLI)
+
+
+def add_gsu_arguments(p, *, what: str, gsu_default: str, codebooks_default: str) -> None:
+    """The ``--gsu``, ``--codebooks`` and ``--pq-rerank`` flags of finetune, evaluate and export."""
+    p.add_argument("--gsu", default=None, choices=list(GSU_CHOICES),
+                   help=f"GSU scoring mode {what} (default: {gsu_default}); the PQ modes need codebooks")
+    p.add_argument("--codebooks", default=None,
+                   help="PQ codebooks for --gsu pq_adc|pq_sdc: an .npz or a run directory holding codebooks.npz "
+                        f"(seminar-tf fit-codebooks writes it); default: {codebooks_default}")
+    p.add_argument("--pq-rerank", type=int, default=None,
+                   help=f"PQ GSU keeps PQ_RERANK x K candidates and re-scores them exactly (default: {gsu_default})")
+
+
 def add_cli(subparsers) -> None:
     """Registers ``seminar-tf fit-codebooks`` on the CLI's subparsers."""
     p = subparsers.add_parser(

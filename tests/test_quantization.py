@@ -319,3 +319,9 @@ def test_pq_rerank_rescores_the_candidates_exactly():
     assert not np.allclose(plain["logit"], exact["logit"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pq_rerank"):
         builders.build_seminar(dataclasses.replace(CONFIG, pq_rerank=0), METADATA, *_tables())
+
+
+def test_cli_gsu_choices_are_the_models_gsu_modes():
+    from seminar_tf.models import seminar
+
+    assert quantization.GSU_CHOICES == seminar.GSU_MODES
