@@ -190,28 +190,48 @@ class SeminarServingModule(tf.Module):
 
     # ------------------------------------------------------------------------------------------ lookups
     def _item_index(self, ids):
-        """Raw item ids [...] → item indices [...]: "" → PAD_INDEX, unknown → OOV_INDEX."""
-        ids = _canonical_ids(ids)
-        return tf.where(tf.equal(ids, ""), tf.constant(schema.PAD_INDEX, tf.int64), self.item_table.lookup(ids))
+        """Raw item ids [...] → item indices [...]: "" → PAD_INDEX, unknown → OOV_INDEX.
+
+        Vocabulary lines are canonical ids, so an id found as sent needs no canonicalisation; only the misses
+        (ids sent with stray whitespace, padding "", unknown ids) go through the regex and a second lookup.
+        """
+        direct = self.item_table.lookup(ids)
+        missed = tf.where(tf.equal(direct, schema.OOV_INDEX))  # [P, rank]
+        canonical = _canonical_ids(tf.gather_nd(ids, missed))
+        retried = tf.where(tf.equal(canonical, ""), tf.constant(schema.PAD_INDEX, tf.int64),
+                           self.item_table.lookup(canonical))
+        return tf.tensor_scatter_nd_update(direct, missed, retried)
 
     def _queries(self, texts, with_tokens: bool = True):
         """Raw query text [...] → (query indices [...], token ids [..., T] or None).
 
-        Each distinct text is normalized, looked up and tokenized once (a 10^4-step history holds a few
-        hundred distinct queries): "" → EMPTY_QUERY_INDEX and no tokens; an unknown text → OOV_INDEX but its
-        own tokens (first T, PAD after; unknown tokens → OOV_INDEX).
+        Each distinct text is normalized and looked up once (a 10^4-step history holds a few hundred distinct
+        queries): "" → EMPTY_QUERY_INDEX; an unknown text → OOV_INDEX and its own tokens (first T, PAD after;
+        unknown tokens → OOV_INDEX). Known texts get PAD tokens: the model encodes them by index.
         """
         unique, position = tf.unique(tf.reshape(texts, [-1]))
         normalized = schema.tf_normalize_query(unique)
-        index = tf.where(tf.equal(normalized, ""), tf.constant(schema.EMPTY_QUERY_INDEX, tf.int64),
-                         self.query_table.lookup(normalized))
-        index = tf.reshape(tf.gather(index, position), tf.shape(texts))
+        index_unique = tf.where(tf.equal(normalized, ""), tf.constant(schema.EMPTY_QUERY_INDEX, tf.int64),
+                                self.query_table.lookup(normalized))
+        flat_index = tf.gather(index_unique, position)
+        index = tf.reshape(flat_index, tf.shape(texts))
         if not with_tokens:
             return index, None
-        tokens = self.token_table.lookup(schema.tf_tokenize(normalized))  # ragged [U, None]
+        # The model reads tokens only where the query index is OOV (a known query is encoded by its index),
+        # so only the unknown texts are tokenized and only their rows filled; every other row stays PAD.
+        unknown_texts = tf.where(tf.equal(index_unique, schema.OOV_INDEX))  # [P_u, 1]
+        tokens = self.token_table.lookup(schema.tf_tokenize(tf.gather_nd(normalized, unknown_texts)))  # [P_u, None]
         dense = tokens.to_tensor(default_value=schema.PAD_INDEX, shape=[None, self.query_length])
+        slot = tf.scatter_nd(unknown_texts, tf.range(tf.shape(unknown_texts, out_type=tf.int64)[0]),
+                             tf.shape(index_unique, out_type=tf.int64))
+        unknown = tf.where(tf.equal(flat_index, schema.OOV_INDEX))  # [P, 1] positions of unknown texts
+        size = tf.stack([tf.size(position, out_type=tf.int64), tf.constant(self.query_length, tf.int64)])
+        flat = tf.cond(  # no unknown text (the common case): no scatter
+            tf.size(unknown) > 0,
+            lambda: tf.scatter_nd(unknown, tf.gather(dense, tf.gather(slot, tf.gather_nd(position, unknown))), size),
+            lambda: tf.zeros(size, dense.dtype))
         shape = tf.concat([tf.shape(texts), [self.query_length]], 0)
-        return index, tf.reshape(tf.gather(dense, position), shape)
+        return index, tf.reshape(flat, shape)
 
     def _user_features(self, inputs, batch):
         features = {}

@@ -118,6 +118,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-message-mb", type=float, default=64, help="largest request/response in MiB (default: 64)")
     p.add_argument("--max-concurrency", type=int, default=8,
                    help="requests run at once; more wait in a bounded queue (default: 8)")
+    p.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
+                   help="threads one TensorFlow op may use, as tensorflow_model_server's "
+                   "--tensorflow_intra_op_parallelism (default: 0 = one per core; 1 gives more throughput when "
+                   "several requests run at once on few cores, see benchmarks/serving.md)")
+    p.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0, metavar="N",
+                   help="TensorFlow ops run at once, as --tensorflow_inter_op_parallelism (default: 0 = one per core)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop after this many seconds (default: run until interrupted)")
     p.set_defaults(handler=_run_serve, takes_extra=False)
@@ -160,10 +166,13 @@ def _run_serve(args, extra) -> int:
         raise SystemExit("give --model-base-path (or --model-config-file)")
     server = server_lib.serve(name, base_path, port=args.port, rest_port=args.rest_port or None, host=args.host,
                               poll_seconds=args.poll_seconds, max_message_bytes=int(args.max_message_mb * 2 ** 20),
-                              max_concurrency=args.max_concurrency)
+                              max_concurrency=args.max_concurrency,
+                              intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+                              inter_op_parallelism=args.tensorflow_inter_op_parallelism)
     print(json.dumps({"model_name": name, "model_base_path": base_path, "grpc": f"{args.host}:{server.grpc_port}",
                       "rest": f"{args.host}:{server.rest_port}" if server.rest_port else None,
-                      "version": server.manager.current_version}), flush=True)
+                      "version": server.manager.current_version,
+                      "tensorflow_parallelism": server_lib.set_tensorflow_parallelism()}), flush=True)
 
     def stop(signum, frame):
         server.stop()

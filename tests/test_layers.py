@@ -243,7 +243,7 @@ def test_top_k_positions_matches_numpy_argsort(k):
 
 @pytest.mark.parametrize("k", [1, 5, 16])
 def test_top_k_positions_on_long_rows_takes_the_filtered_path_with_the_same_result(k):
-    """Rows of ≥ 16k positions go through the chunk-bound filter: same indices as a full sort, ties included."""
+    """Rows of ≥ 16k positions go through the group-maximum bound filter: same indices as a full sort, ties included."""
     rng = np.random.default_rng(8)
     length = 40 * k + 7  # not a multiple of the chunk size
     scores = np.round(rng.normal(size=[5, length]) * 2).astype(np.float32)  # many ties

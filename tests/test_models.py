@@ -261,3 +261,36 @@ def test_query_tokens_encode_only_the_out_of_vocabulary_queries():
     assert 2 in seen and max(seen) <= 5  # the 2 OOV rows; the known ones once per distinct index (0, 2, 3, 4)
     want = content(tf.constant([[2, 3, 5, 3], [5, 4, 2, 0]], tf.int64), items).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 16])  # 1 row: per distinct item; 16 rows hold more distinct items than L
+def test_indexed_inference_gsu_scores_equal_the_projected_history_scores(rows):
+    """score_l = Σ_j γ_j u·x_l^{GSU(j)} over the projected history (training path) equals the inference path's
+    per-channel split (item part once per distinct item, query part per position, unknown text by tokens)."""
+    item_table, query_table = _tables()
+    model = builders.build_seminar(CONFIG, METADATA, item_table, query_table)
+    batch = {k: v[:rows] for k, v in _batch().items()}
+    model(batch)
+    queries = tf.stack([batch[schema.CTX_TARGET_QUERY], tf.fill([rows], tf.constant(2, tf.int64))], axis=1)
+    items = tf.stack([batch[schema.CTX_TARGET_ITEM], tf.fill([rows], tf.constant(9, tf.int64))], axis=1)
+    q_t, gamma = model.encode_targets(queries, items)
+    history, mask = model.encode_history(batch)
+    want = model.gsu_scores(q_t, gamma, history, mask).numpy()
+    got = model._mask_scores(model.indexed_gsu_scores(q_t, gamma, batch), mask).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Unknown query text: OOV index plus its tokens scores as the known query with those words.
+    oov = dict(batch)
+    history_queries = batch[schema.SEQ_HISTORY_QUERY].numpy().copy()
+    tokens = np.zeros(history_queries.shape + (METADATA.max_query_tokens,), np.int64)
+    tokens[0, 0] = query_table.tokens[5]
+    history_queries[0, 0] = schema.OOV_INDEX
+    oov[schema.SEQ_HISTORY_QUERY] = tf.constant(history_queries)
+    oov[schema.HISTORY_QUERY_TOKENS] = tf.constant(tokens)
+    known = dict(batch)
+    history_queries[0, 0] = 5
+    known[schema.SEQ_HISTORY_QUERY] = tf.constant(history_queries)
+    np.testing.assert_allclose(model.indexed_gsu_scores(q_t, gamma, oov).numpy(),
+                               model.indexed_gsu_scores(q_t, gamma, known).numpy(), rtol=1e-5, atol=1e-5)
+    # The inference call ranks with these scores.
+    outputs = model.score_pairs(batch, queries, items, training=False)
+    np.testing.assert_allclose(outputs["gsu_scores"].numpy(), want, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,8 @@ import argparse
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -457,6 +459,28 @@ def test_serve_cli_with_models_config_starts_and_stops(capsys):
     assert started["grpc"].startswith("127.0.0.1:") and started["rest"] is None and started["version"] is None
 
 
+def test_serve_cli_sets_tensorflow_thread_pools_in_a_fresh_process():
+    """--tensorflow-intra/inter-op-parallelism (TF Serving's flags) take effect in the server process."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "serve", "--model-config-file",
+         os.path.join(REPO, "serving", "models.config"), "--port", "0", "--rest-port", "0", "--max-seconds", "0.2",
+         "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "3"],
+        env=env, capture_output=True, text=True, timeout=300, check=True)
+    started = json.loads(out.stdout.splitlines()[0])
+    assert started["tensorflow_parallelism"] == {"intra_op": 1, "inter_op": 3}
+
+
+def test_thread_settings_after_tensorflow_ran_fail_naming_the_flag():
+    tf.constant(1.0) + 1.0  # the runtime exists now
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    with pytest.raises(RuntimeError, match="tensorflow_intra_op_parallelism=.*set it when the server process starts"):
+        server.set_tensorflow_parallelism(intra_op=current + 5)
+    with pytest.raises(ValueError, match="tensorflow_inter_op_parallelism must be >= 0"):
+        server.set_tensorflow_parallelism(inter_op=-1)
+    assert server.set_tensorflow_parallelism()["intra_op"] == current  # 0 = keep what is in effect
+
+
 # ---------------------------------------------------------------------------------------------------- bench
 def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     from seminar_tf.bench import serving as serving_bench
@@ -475,7 +499,8 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
         assert (row["L"], row["N"]) == (40, 5)
         assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
         assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
-        assert [x["clients"] for x in row["sweep"]] == [1, 2] and all(x["errors"] == 0 for x in row["sweep"])
+        assert [(x["intra_op_threads"], x["clients"]) for x in row["sweep"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        assert all(x["errors"] == 0 for x in row["sweep"])
     assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
     assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
     assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text

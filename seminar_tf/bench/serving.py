@@ -4,7 +4,8 @@ loopback.
 A bounded run: the export is served by ``seminar-tf serve``'s server in a child process (so the load
 generator does not share a Python interpreter with it); ``clients`` threads send a fixed number of ``rank``
 requests through the official gRPC stub. Reported: p50/p99 latency, QPS and the error count under
-concurrency; the same request sequentially in-process (the loaded SavedModel's signature called
+concurrency, once per server thread setting (``server_intra_op_threads``: TF Serving's
+``--tensorflow_intra_op_parallelism``, 0 = TensorFlow's default); the same request sequentially in-process (the loaded SavedModel's signature called
 directly) and over gRPC, whose difference is the serving overhead; and in-process latency over a small grid of
 (L, N), which says how the GSU path scales.
 
@@ -48,7 +49,8 @@ class ServingBenchConfig:
     num_candidates: int = 100  # N of every request
     clients: int = 4  # concurrent gRPC clients of the load test (the target's setting)
     fewer_clients: Sequence[int] = (1, 2)  # the load test is repeated with these client counts too
-    requests: int = 200  # total requests of the concurrent run
+    requests: int = 400  # total requests of each concurrent run
+    server_intra_op_threads: Sequence[int] = (0, 1)  # the load test runs once per server setting (0 = TF default)
     sequential_requests: int = 50  # requests of each sequential measurement (in-process, gRPC)
     search_fraction: float = 0.4  # share of history steps that carry a query
     grid_lengths: Sequence[int] = (1_000, 10_000)
@@ -206,7 +208,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, timeout_s: float = 300.0):
+def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, timeout_s: float = 300.0,
+                  intra_op_threads: int = 0):
     port = _free_port()
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
@@ -214,7 +217,8 @@ def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, t
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--model-name", MODEL_NAME, "--model-base-path", export_base,
          "--port", str(port), "--rest-port", "0", "--max-message-mb", str(max_message_mb),
-         "--max-concurrency", str(max_concurrency)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+         "--max-concurrency", str(max_concurrency), "--tensorflow-intra-op-parallelism", str(intra_op_threads)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True)
     from serving.client import PredictClient
 
@@ -341,31 +345,37 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                              **_percentiles(_time_calls(lambda: rank(**grid_feeds)["scores"].numpy(),
                                                         bench.grid_requests))})
         max_message_mb = max(64, int(4 * size_mb) + 1)
-        process, client = _start_server(export_base, max_message_mb, max_concurrency=bench.clients)
-        try:
-            feeds = {k: tf.constant(v) for k, v in inputs.items()}
-            for _ in range(3):
-                rank(**feeds)
-                client.predict(inputs, "rank")
-            request = _rank_request(inputs)
-            # Alternate the two so that both see the same machine load (the cores may be shared). The gRPC
-            # request proto is built once; building it (client-side encoding) is timed on its own.
-            in_process, sequential = [], []
-            for _ in range(bench.sequential_requests):
-                in_process += _time_calls(lambda: rank(**feeds)["scores"].numpy(), 1)
-                sequential += _time_calls(lambda: client.prediction.Predict(request, timeout=60), 1)
-            encode = _time_calls(lambda: _rank_request(inputs), bench.sequential_requests)
-            _log(progress, f"bench serving [{gsu}]: in-process {_percentiles(in_process)}, "
-                           f"gRPC sequential {_percentiles(sequential)}")
-            sweep = []
-            for clients in sorted({*bench.fewer_clients, bench.clients}):
-                sweep.append(_concurrent_load(client.target, inputs, clients, bench.requests,
-                                              max_message_mb << 20, time_limit_s=600))
-                _log(progress, f"bench serving [{gsu}]: {clients} clients {sweep[-1]}")
-            load = next(r for r in sweep if r["clients"] == bench.clients)
-        finally:
-            _stop_server(process, client)
-            del loaded, rank
+        sweep = []
+        for threads in bench.server_intra_op_threads:
+            process, client = _start_server(export_base, max_message_mb, max_concurrency=bench.clients,
+                                            intra_op_threads=threads)
+            try:
+                for _ in range(3):
+                    client.predict(inputs, "rank")
+                if threads == bench.server_intra_op_threads[0]:
+                    feeds = {k: tf.constant(v) for k, v in inputs.items()}
+                    for _ in range(3):
+                        rank(**feeds)
+                    request = _rank_request(inputs)
+                    # Alternate the two so that both see the same machine load (the cores may be shared). The
+                    # gRPC request proto is built once; building it (client-side encoding) is timed on its own.
+                    in_process, sequential = [], []
+                    for _ in range(bench.sequential_requests):
+                        in_process += _time_calls(lambda: rank(**feeds)["scores"].numpy(), 1)
+                        sequential += _time_calls(lambda: client.prediction.Predict(request, timeout=60), 1)
+                    encode = _time_calls(lambda: _rank_request(inputs), bench.sequential_requests)
+                    _log(progress, f"bench serving [{gsu}]: in-process {_percentiles(in_process)}, "
+                                   f"gRPC sequential {_percentiles(sequential)}")
+                for clients in sorted({*bench.fewer_clients, bench.clients}):
+                    sweep.append({"intra_op_threads": threads, **_concurrent_load(
+                        client.target, inputs, clients, bench.requests, max_message_mb << 20, time_limit_s=600)})
+                    _log(progress, f"bench serving [{gsu}]: intra-op threads {threads}, {clients} clients "
+                                   f"{sweep[-1]}")
+            finally:
+                _stop_server(process, client)
+        # The load row of the target: the server setting with the lowest p99 at ``clients``.
+        load = min((r for r in sweep if r["clients"] == bench.clients), key=lambda r: r["p99_ms"])
+        del loaded, rank
         in_process_p = _percentiles(in_process)
         sequential_p = _percentiles(sequential)
         rows.append({"gsu": gsu, "L": bench.history_length, "N": bench.num_candidates,
@@ -404,16 +414,19 @@ def _markdown(report: dict) -> str:
         "",
         "GSU paths: " + "; ".join(f"`{k}` = {v}" for k, v in report["paths"].items()) + f" (K={report['top_k']}).",
         "",
-        "| GSU | L | N | request MB | clients | requests | errors | QPS | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Server intra-op threads: `seminar-tf serve --tensorflow-intra-op-parallelism N` (TF Serving's "
+        "`--tensorflow_intra_op_parallelism`); 0 = TensorFlow's default (one thread per core).",
+        "",
+        "| GSU | L | N | request MB | server intra-op threads | clients | requests | errors | QPS | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         for c in r.get("sweep", [r["concurrent"]]):
-            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {c['clients']} | "
+            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {c['clients']} | "
                          f"{c['requests']} | {c['errors']} | {c['qps']} | {c['p50_ms']} | {c['p99_ms']} |")
     for path, why in report["skipped"].items():
         lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | "
-                     f"— ({why}) |")
+                     f"— | — ({why}) |")
     lines += [
         "",
         "## In-process call vs gRPC (sequential, one request at a time)",
@@ -442,6 +455,11 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _threads(row: dict) -> str:
+    threads = row.get("intra_op_threads", 0)
+    return f"{threads}" if threads else "0 (default)"
+
+
 def _findings(report: dict) -> List[str]:
     """Plain sentences computed from the numbers: target met or not, where the time goes, which path wins."""
     out = []
@@ -449,7 +467,8 @@ def _findings(report: dict) -> List[str]:
         c = r["concurrent"]
         verdict = "meets" if c["p99_ms"] < 50 and c["errors"] == 0 else "misses"
         out.append(f"- {r['gsu']} GSU, L={r['L']:,}, N={r['N']}: p99 {c['p99_ms']} ms with {c['clients']} concurrent "
-                   f"clients ({c['errors']} errors), {verdict} the 50 ms target; one request at a time p50 is "
+                   f"clients and server intra-op threads {_threads(c)} ({c['errors']} errors), {verdict} the 50 ms "
+                   "target; one request at a time p50 is "
                    f"{r['grpc_sequential']['p50_ms']} ms over gRPC vs {r['in_process']['p50_ms']} ms in-process "
                    f"(gRPC + serialization overhead {r['grpc_overhead_p50_ms']} ms at p50).")
         sweep = r.get("sweep", [])
@@ -458,10 +477,11 @@ def _findings(report: dict) -> List[str]:
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
                        f"wait about {c['clients'] * 1000 / c['qps']:.0f} ms each (throughput, not the single-request "
                        "time, sets the latency once the cores are busy).")
-        if sweep:
-            meeting = [x["clients"] for x in sweep if x["p99_ms"] < 50 and x["errors"] == 0]
-            out.append(f"- {r['gsu']}: p99 by concurrent clients: "
-                       + ", ".join(f"{x['clients']}: {x['p99_ms']} ms" for x in sweep)
+        for threads in sorted({x.get("intra_op_threads", 0) for x in sweep}):
+            runs = [x for x in sweep if x.get("intra_op_threads", 0) == threads]
+            meeting = [x["clients"] for x in runs if x["p99_ms"] < 50 and x["errors"] == 0]
+            out.append(f"- {r['gsu']}, server intra-op threads {_threads(runs[0])}: p99 by concurrent clients: "
+                       + ", ".join(f"{x['clients']}: {x['p99_ms']} ms ({x['qps']} QPS)" for x in runs)
                        + (f"; under 50 ms with up to {max(meeting)} client(s)." if meeting
                           else "; over 50 ms at every concurrency measured."))
         grid = {(g["L"], g["N"]): g["p50_ms"] for g in report["grid"] if g["gsu"] == r["gsu"]}

@@ -232,15 +232,17 @@ _FILTERED_TOP_K_FACTOR = 16  # rows of at least this many times k positions take
 def _filtered_top_k(ranked, k: int):
     """``tf.math.top_k(ranked, k).indices`` (same order, ties to the lower position), faster for long rows.
 
-    Split each row into ≥ 4k chunks; the k-th largest chunk maximum t is a lower bound of the row's k-th
-    largest value (k chunks each hold an element ≥ t), so only the elements ≥ t (typically a few k of
-    10^4) enter the final top-k, in position order. About 1.5× faster than one top-k at L=10^4, k=64.
+    Split the first ⌊L/2k⌋·2k positions of each row into 2k strided groups (position mod 2k); the k-th largest
+    group maximum t is a lower bound of the row's k-th largest value (k groups each hold an element ≥ t), so
+    only the elements ≥ t (typically about 1.5k of 10^4) enter the final top-k, in position order. Strided
+    groups need no padding copy and reduce over the outer axis. About 1.4× faster than one top-k at L=10^4,
+    k=64 (``_FILTERED_TOP_K_FACTOR`` keeps shorter rows on the plain top-k).
     """
     rows, length = tf.shape(ranked)[0], tf.shape(ranked)[1]
-    chunk = tf.maximum(length // (4 * k), 1)
-    chunks = (length + chunk - 1) // chunk
-    padded = tf.pad(ranked, [[0, 0], [0, chunks * chunk - length]], constant_values=-math.inf)
-    bound = tf.math.top_k(tf.reduce_max(tf.reshape(padded, [rows, chunks, chunk]), -1), k=k).values[:, -1:]
+    groups = 2 * k
+    depth = length // groups
+    maxima = tf.reduce_max(tf.reshape(ranked[:, : depth * groups], [rows, depth, groups]), axis=1)  # [rows, 2k]
+    bound = tf.reduce_min(tf.math.top_k(maxima, k=k, sorted=False).values, axis=-1, keepdims=True)
     where = tf.where(ranked >= bound)  # [P, 2], row-major: position order within a row
     row_ids, nrows = where[:, 0], tf.cast(rows, tf.int64)
     values = tf.RaggedTensor.from_value_rowids(tf.gather_nd(ranked, where), row_ids, nrows=nrows)
@@ -252,7 +254,8 @@ def _filtered_top_k(ranked, k: int):
 def top_k_positions(scores, mask, k: int):
     """The k best unmasked history positions per row (the GSU's TopK).
 
-    scores: float [B, L]; mask: bool [B, L] or None (all valid); k: int (may exceed L or the number of
+    scores: float [B, L]; mask: bool [B, L] or None (all valid: the caller has already pushed masked positions
+    below every real score and checks the returned positions itself); k: int (may exceed L or the number of
     valid positions). Returns (indices int32 [B, k], valid bool [B, k]), best first, ties to the lower
     position. Slots past the valid positions have valid = False and index 0, a safe index for
     ``gather_positions`` whose result the caller masks with ``valid``. Needs L ≥ 1.
@@ -260,16 +263,19 @@ def top_k_positions(scores, mask, k: int):
     scores = tf.convert_to_tensor(scores)
     if not scores.dtype.is_floating:
         scores = tf.cast(scores, tf.float32)
-    mask = tf.ones_like(scores, tf.bool) if mask is None else tf.cast(mask, tf.bool)
     k = int(k)
-    ranked = tf.where(mask, scores, tf.constant(-math.inf, scores.dtype))
+    ranked = scores if mask is None else tf.where(tf.cast(mask, tf.bool), scores,
+                                                   tf.constant(-math.inf, scores.dtype))
     missing = tf.maximum(k - tf.shape(scores)[1], 0)  # k > L: pad with invalid slots
     ranked = tf.pad(ranked, [[0, 0], [0, missing]], constant_values=-math.inf)
-    padded_mask = tf.pad(mask, [[0, 0], [0, missing]], constant_values=False)
     length = tf.shape(ranked)[1]
     indices = tf.cond(length >= _FILTERED_TOP_K_FACTOR * k, lambda: _filtered_top_k(ranked, k),
                       lambda: tf.math.top_k(ranked, k=k, sorted=True).indices)
-    valid = tf.gather(padded_mask, indices, batch_dims=1)
+    if mask is None:
+        valid = indices < tf.shape(scores)[1]
+    else:
+        padded_mask = tf.pad(tf.cast(mask, tf.bool), [[0, 0], [0, missing]], constant_values=False)
+        valid = tf.gather(padded_mask, indices, batch_dims=1)
     indices = tf.where(valid, indices, tf.zeros_like(indices))
     return indices, valid
 

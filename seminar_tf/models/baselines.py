@@ -329,13 +329,15 @@ class EM3SeminarModel(SeminarModel):
         fused = self._fused_items(items, training)
         parts = []
         if schema.QUERY_CHANNEL in self.channels:
-            query = (self.content.encode_query_tokens(query_tokens, training=training) if query_tokens is not None
-                     else self.content.encode_queries(queries, training=training))
+            query = self.content.query_channel(queries, query_tokens, training=training)
             parts.append(query[..., None, :])
         parts.append(fused["tokens"])
         if schema.ATTRIBUTES_CHANNEL in self.channels:
             parts.append(fused[schema.ATTRIBUTES_CHANNEL][..., None, :])
         return tf.concat(parts, axis=-2)
+
+    def _channels_are_content(self) -> bool:
+        return self.fusion is None
 
     def encode_history(self, features, training=None):
         if self.fusion is None:

@@ -223,10 +223,10 @@ class ContentEncoder(tf.keras.layers.Layer):
         """
         parts = self.encode_items(item_indices, training=training)
         if schema.QUERY_CHANNEL in self.channels:
-            parts[schema.QUERY_CHANNEL] = self._query_channel(query_indices, query_tokens, training)
+            parts[schema.QUERY_CHANNEL] = self.query_channel(query_indices, query_tokens, training)
         return tf.stack([parts[c] for c in self.channels], axis=-2)
 
-    def _query_channel(self, query_indices, query_tokens, training=None):
+    def query_channel(self, query_indices, query_tokens=None, training=None):
         """Query channel [..., d]. With ``query_tokens`` (raw text, tokenized in the serving graph) only the
         out-of-vocabulary queries (index OOV) are encoded from their tokens; every known query's tokens are
         its table row (same normalization and tokenizer), so it is encoded once per distinct index."""

@@ -309,7 +309,55 @@ class SeminarModel(tfrs.Model):
             scores = tf.einsum("blk,bnk->bnl", tf.reshape(history, [shape[0], shape[1], -1]), weights)
         else:
             scores = self._pq_scores(q_t, gamma, features, target)
+        return self._mask_scores(scores, mask)
+
+    @staticmethod
+    def _mask_scores(scores, mask):
+        """GSU scores [B, N, L] with the positions masked out by ``mask`` [B, L] at -1e9."""
         return tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype))
+
+    def _channels_are_content(self) -> bool:
+        """True when ``pair_channels`` is the content encoder itself (subclasses with other channels, e.g. fused
+        ones, return False and score the stored channels instead of ``indexed_gsu_scores``)."""
+        return True
+
+    def indexed_gsu_scores(self, q_t, gamma, features):
+        """Exact GSU scores [B, N, L] (unmasked) from the history's item / query indices, at inference.
+
+        score_l = Σ_j v_j·x_l^{PSU(j)} with v_j = γ_j G_j u (``pq_targets``), split by channel: the item channels'
+        part is computed once per distinct item of the batch, [B, N, U] → gathered back to the L positions (a
+        long history repeats items; when the batch holds more distinct items than L per row it is computed per
+        position instead), the query channel's part per position (unknown query text from its tokens).
+        """
+        content = self.content
+        v = self.pq_targets(q_t, gamma)  # [B, N, C, d]
+        items = tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32)
+        shape = tf.shape(items)
+        batch, n = tf.shape(v)[0], tf.shape(v)[1]
+        item_channels = content.item_channels
+        scores = None  # built as [B, L, N] (row gathers), transposed once at the end
+        if item_channels:
+            w = tf.reshape(tf.gather(v, [self.channels.index(c) for c in item_channels], axis=2), [batch, n, -1])
+            unique, inverse = tf.unique(tf.reshape(items, [-1]), out_idx=tf.int32)
+
+            def stacked(indices):
+                parts = content.encode_items(indices, training=False)
+                return tf.concat([parts[c] for c in item_channels], axis=-1)  # [..., J_item·d]
+
+            def per_item():
+                s = tf.einsum("uk,bnk->bun", stacked(unique), w)  # [B, U, N]
+                return tf.gather(s, tf.reshape(inverse, shape), batch_dims=1)  # [B, L, N]
+
+            def per_position():
+                return tf.matmul(stacked(items), w, transpose_b=True)
+
+            scores = tf.cond(tf.size(unique) <= shape[1], per_item, per_position)
+        if schema.QUERY_CHANNEL in self.channels:
+            query = content.query_channel(features[schema.SEQ_HISTORY_QUERY],
+                                          features.get(schema.HISTORY_QUERY_TOKENS), training=False)  # [B, L, d]
+            part = tf.matmul(query, v[:, :, self.channels.index(schema.QUERY_CHANNEL), :], transpose_b=True)
+            scores = part if scores is None else scores + part
+        return tf.transpose(scores, [0, 2, 1])
 
     def score_pairs(self, features, queries, items, training=None) -> Dict[str, tf.Tensor]:
         """Scores N target pairs per row against that row's history, processed once: outputs [B, N, ...].
@@ -326,20 +374,29 @@ class SeminarModel(tfrs.Model):
             stored = None
             if self.gsu_mode == "exact" and training:
                 history, mask = self.encode_history(features, training)
+                scores = self.gsu_scores(q_t, gamma, history, mask)
+            elif self.gsu_mode == "exact" and self._channels_are_content():
+                # inference: scores from the history's indices, the content encoder runs on the K kept only
+                history, mask = None, history_mask(features)
+                scores = self._mask_scores(self.indexed_gsu_scores(q_t, gamma, features), mask)
             elif self.gsu_mode == "exact":  # inference: score the stored channels, project only the K kept
                 history, mask = None, history_mask(features)
                 stored = self.pair_channels(features[schema.SEQ_HISTORY_QUERY], features[schema.SEQ_HISTORY_ITEM],
                                             training, features.get(schema.HISTORY_QUERY_TOKENS))
+                scores = self.gsu_scores(q_t, gamma, None, mask, target=stored)
             else:  # PQ: the content encoder runs only on the K kept pairs
                 history, mask = None, history_mask(features)
+                scores = self.gsu_scores(q_t, gamma, None, mask, features=features, target=target)  # [B, N, L]
             length = tf.shape(mask)[1]
-            scores = self.gsu_scores(q_t, gamma, history, mask, features=features,
-                                     target=target if stored is None else stored)  # [B, N, L]
-            row_mask = tf.reshape(tf.repeat(mask[:, None, :], n, axis=1), [-1, length])
             rerank = self.pq_rerank if self.gsu_mode in PQ_MODES else 1
-            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), row_mask, self.top_k * rerank)
+            # Masked positions already score -1e9, below any real score: rank without a second mask, then
+            # check the kept positions against the history mask ([B, N·K] lookups instead of [B, N, L] selects).
+            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), None, self.top_k * rerank)
             k = tf.shape(indices)[1]
             flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K] (N*rK with re-ranking)
+            valid = tf.logical_and(valid, tf.reshape(tf.gather(mask, flat_indices, batch_dims=1), [-1, k]))
+            indices = tf.where(valid, indices, tf.zeros_like(indices))
+            flat_indices = tf.reshape(indices, [batch, -1])
             if history is not None:
                 picked = tf.gather(history, flat_indices, batch_dims=1)  # [B, N*K, C, d]
             elif stored is not None:  # project each distinct kept position once (the N lists overlap)
