@@ -485,7 +485,7 @@ def test_thread_settings_after_tensorflow_ran_fail_naming_the_flag():
 def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     from seminar_tf.bench import serving as serving_bench
 
-    small = serving_bench.ServingBenchConfig(history_length=40, num_candidates=5, clients=2, requests=6,
+    small = serving_bench.ServingBenchConfig(history_length=40, num_candidates=5, clients=2, requests=6, repeats=2,
                                              fewer_clients=(1,),
                                              sequential_requests=2, grid_lengths=(20, 40), grid_candidates=(2, 5),
                                              grid_requests=2, model_preset="test", pq_subspaces=4,
@@ -500,7 +500,8 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
         assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
         assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
         assert [(x["intra_op_threads"], x["clients"]) for x in row["sweep"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
-        assert all(x["errors"] == 0 for x in row["sweep"])
+        assert all(x["errors_total"] == 0 and len(x["p99_ms_runs"]) == 2 for x in row["sweep"])
+        assert all(x["p99_ms"] in x["p99_ms_runs"] for x in row["sweep"])
     assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
     assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
     assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text

@@ -127,32 +127,38 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
     def _kernel(self, variable):
         return tf.cast(variable, self.compute_dtype)
 
-    def _logits(self, query, keys):
-        """Unmasked α: query [B, N, d_q], keys [B, L, d_k] → [B, N, H, L]."""
+    @staticmethod
+    def _by_head(tensor):
+        """[B, X, H, k] → [B, H, X, k] (heads as a batch axis of one matmul)."""
+        return tf.transpose(tensor, [0, 2, 1, 3])
+
+    def _head_logits(self, query, keys):
+        """Unmasked α: query [B, N, d_q], keys [B, L, d_k] → [B, H, N, L] (one batched matmul over B·H)."""
         projected_query = tf.einsum("bnd,dhk->bnhk", query, self._kernel(self.query_kernel))
         projected_keys = tf.einsum("bld,dhk->blhk", keys, self._kernel(self.key_kernel))
         scale = tf.cast(1.0 / math.sqrt(self.key_dim), query.dtype)
-        return tf.einsum("bnhk,blhk->bnhl", projected_query, projected_keys) * scale
+        return tf.matmul(self._by_head(projected_query), self._by_head(projected_keys), transpose_b=True) * scale
 
     def call(self, query, keys, values=None, mask=None, return_scores=False, training=None):
         query, keys, mask, single = self._prepare(query, keys, mask)
         values = keys if values is None else tf.cast(values, self.compute_dtype)
-        logits = self._logits(query, keys)  # [B, N, H, L]
+        logits = self._head_logits(query, keys)  # [B, H, N, L]
         if mask is not None:
             logits = tf.where(mask[:, None, None, :], logits, _masked_value(logits.dtype))
         weights = self.dropout_layer(tf.nn.softmax(logits, axis=-1), training=training)
         projected_values = tf.einsum("bld,dhv->blhv", values, self._kernel(self.value_kernel))
-        heads = tf.einsum("bnhl,blhv->bnhv", weights, projected_values)
-        output = tf.einsum("bnhv,hvo->bno", heads, self._kernel(self.output_kernel))  # [B, N, output_dim]
+        heads = tf.matmul(weights, self._by_head(projected_values))  # [B, H, N, d_v]
+        output = tf.einsum("bhnv,hvo->bno", heads, self._kernel(self.output_kernel))  # [B, N, output_dim]
         if mask is not None:
             # A fully masked row has a uniform softmax over padding; its output is defined as zeros.
             has_history = tf.cast(tf.reduce_any(mask, axis=-1), output.dtype)
             output = output * has_history[:, None, None]
+        if not return_scores:
+            return output[:, 0] if single else output
+        logits = self._by_head(logits)  # [B, N, H, L]
         if single:
             output, logits = output[:, 0], logits[:, 0]
-        if return_scores:
-            return output, logits
-        return output
+        return output, logits
 
     def gated_call(self, query, channels, gamma, mask=None, training=None):
         """Attention over keys = values = Σ_j γ_{n,j} x_l^(j), one gate per target, without building them.
@@ -195,7 +201,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         """
         self._ensure_built(query)
         query, keys, mask, single = self._prepare(query, keys, mask)
-        averaged = tf.reduce_mean(self._logits(query, keys), axis=2)  # [B, N, L]
+        averaged = tf.reduce_mean(self._head_logits(query, keys), axis=1)  # [B, N, L]
         if mask is not None:
             averaged = tf.where(mask[:, None, :], averaged, _masked_value(averaged.dtype))
         return averaged[:, 0] if single else averaged
