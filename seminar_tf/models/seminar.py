@@ -320,8 +320,10 @@ class SeminarModel(tfrs.Model):
 
     @staticmethod
     def _mask_scores(scores, mask):
-        """GSU scores [B, N, L] with the positions masked out by ``mask`` [B, L] at -1e9."""
-        return tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype))
+        """GSU scores [B, N, L] with the positions masked out by ``mask`` [B, L] at -1e9 (no [B, N, L] select
+        when every position is real, as in a serving request without padding)."""
+        return tf.cond(tf.reduce_all(mask), lambda: scores,
+                       lambda: tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype)))
 
     def _channels_are_content(self) -> bool:
         """True when ``pair_channels`` is the content encoder itself (subclasses with other channels, e.g. fused
