@@ -172,6 +172,26 @@ def cold_history(history_items, history_lengths, seen, first_real: int = len(sch
     return cold.any(axis=1), share
 
 
+def ctr_test_targets(data_dir: str, metadata=None) -> Dict[str, np.ndarray]:
+    """Target item index and label of every ctr/test sample, in the order ``_per_sample_scores`` reads them."""
+    from seminar_tf.data import reader
+
+    metadata = metadata or reader.load_metadata(data_dir)
+    items, labels = [], []
+    for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "test", 1024, metadata=metadata, max_history=1):
+        items.append(batch[schema.CTX_TARGET_ITEM].numpy().reshape(-1))
+        labels.append(batch[schema.CTX_LABEL].numpy().reshape(-1))
+    if not items:
+        return {"item": np.zeros([0], np.int64), "label": np.zeros([0])}
+    return {"item": np.concatenate(items), "label": np.concatenate(labels)}
+
+
+def cold_targets(target_items, seen, first_real: int = len(schema.RESERVED)) -> np.ndarray:
+    """bool [n]: the sample's target item never occurs as a ctr/train target (reserved rows are not ids)."""
+    items = np.asarray(target_items, dtype=np.int64).reshape(-1)
+    return (items >= first_real) & ~np.isin(items, np.asarray(seen, dtype=np.int64))
+
+
 def length_bucket_edges(lengths: np.ndarray, buckets: int = 4) -> List[int]:
     """Quantile edges [e_0 = min, ..., e_B = max + 1) of history lengths, duplicates removed."""
     lengths = np.asarray(lengths)
@@ -221,10 +241,13 @@ def _per_sample_scores(run_dir, data_dir, seen, gsu=None, codebooks=None) -> Dic
 
 
 def sample_groups(scores: Dict[str, np.ndarray], edges: Sequence[int], share_median: float) -> Dict[str, np.ndarray]:
-    """Masks of the subsets reported per model: cold / warm, high / low cold share, history-length buckets."""
+    """Masks of the subsets reported per model: cold / warm, high / low cold share, cold / warm target (when
+    ``scores`` has ``cold_target``), history-length buckets."""
     groups = {"cold": scores["has_cold"], "warm": ~scores["has_cold"],
               "cold_share_high": scores["cold_share"] > share_median,
               "cold_share_low": scores["cold_share"] <= share_median}
+    if "cold_target" in scores:
+        groups.update(cold_target=scores["cold_target"], warm_target=~scores["cold_target"])
     for lo, hi in zip(edges[:-1], edges[1:]):
         groups[f"length[{lo},{hi})"] = (scores["length"] >= lo) & (scores["length"] < hi)
     return groups
@@ -475,7 +498,10 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
         parts, statuses = [], []
         for hi, lo, label in (("cold", "warm", "history holds a cold id vs not"),
                               ("cold_share_high", "cold_share_low", "cold-id share of the history above vs at "
-                                                                     "or below the median")):
+                                                                     "or below the median"),
+                              ("cold_target", "warm_target", "target item cold vs not")):
+            if f"subset:{hi}" not in tables:
+                continue
             d_hi = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{hi}")
             d_lo = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{lo}")
             small = [(name, int(size)) for name in (hi, lo)
@@ -740,11 +766,12 @@ def _markdown(report: dict) -> str:
               f"({sizes['cold']} of {sizes['all']} samples); **warm**: the others ({sizes['warm']}). Because "
               "most histories hold some cold id, the samples are also split at the median share of cold ids in "
               f"the history ({report['cold_share_median']:.3f}): **high** ({sizes['cold_share_high']}) vs "
-              f"**low** ({sizes['cold_share_low']}).", ""]
-    columns = ["model"] + [f"{s} {m}" for s in ("cold", "warm", "high", "low") for m in ("AUC",)] + [
-        "cold GAUC", "cold logloss"]
+              f"**low** ({sizes['cold_share_low']}). **cold target**: samples whose target item is a cold id "
+              f"({sizes.get('cold_target', 0)}); **warm target**: the others ({sizes.get('warm_target', 0)}).", ""]
+    names = {"cold": "cold", "warm": "warm", "high": "cold_share_high", "low": "cold_share_low",
+             "cold target": "cold_target", "warm target": "warm_target"}
+    columns = ["model"] + [f"{s} AUC" for s in names] + ["cold GAUC", "cold logloss"]
     table_rows = []
-    names = {"cold": "cold", "warm": "warm", "high": "cold_share_high", "low": "cold_share_low"}
     for r in rows:
         entry = {"model": r}
         for short, subset in names.items():
@@ -853,6 +880,14 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
 
     # Subsets: edges and the cold-share median from the test split (the same samples for every cell).
     any_scores = next(iter(payloads.values()))["_scores"] if payloads else None
+    if any_scores is not None:
+        targets = ctr_test_targets(grid.data_dir, metadata)
+        if not np.array_equal(targets["label"].reshape(-1), np.asarray(any_scores["label"]).reshape(-1)):
+            raise ValueError(f"{grid.data_dir}: ctr/test no longer matches the cells' per-sample scores (another "
+                             "dataset or order); rerun the grid on this dataset")
+        cold_target = cold_targets(targets["item"], seen)
+        for payload in payloads.values():
+            payload["_scores"]["cold_target"] = cold_target
     edges = length_bucket_edges(any_scores["length"], grid.length_buckets) if any_scores is not None else [0, 1]
     share_median = float(np.median(any_scores["cold_share"])) if any_scores is not None else 0.0
     cells: Dict[str, List[dict]] = {}
@@ -877,7 +912,8 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
         "history length bucket")))
     plots.append(os.path.basename(plot_bars(
         {s: {r: tables[f"subset:{s}"][r]["auc"] for r in cells} for s in ("cold", "warm", "cold_share_high",
-                                                                          "cold_share_low")
+                                                                          "cold_share_low", "cold_target",
+                                                                          "warm_target")
          if f"subset:{s}" in tables},
         os.path.join(out, "auc_cold_ids.png"), "Test AUC on cold-id subsets", "AUC")))
     recall = None

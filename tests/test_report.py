@@ -29,6 +29,12 @@ def test_cold_history_on_a_hand_built_case():
     np.testing.assert_allclose(share, [1 / 3, 0.0, 0.0, 0.0, 0.0, 2 / 3])
 
 
+def test_cold_targets_on_a_hand_built_case():
+    seen = [2, 5, 7]
+    np.testing.assert_array_equal(report.cold_targets([5, 9, 0, 1, 7, 3], seen),
+                                  [False, True, False, False, False, True])  # PAD (0) / OOV (1) are not ids
+
+
 def test_cold_history_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="history_items"):
         report.cold_history(np.zeros([3, 4]), np.zeros([2]), [])
@@ -147,6 +153,13 @@ def test_cold_table_and_checks_are_computed_from_the_cells(grid):
     assert cold["seminar"]["high AUC"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
     sizes = payload["subset_sizes"]
     assert sizes["cold"] + sizes["warm"] == sizes["all"] > 0
+    # cold target: the test samples whose target item never is a ctr/train target, from the dataset itself
+    seen = report.seen_targets(payload["data"])
+    targets = report.ctr_test_targets(payload["data"])
+    want = int(report.cold_targets(targets["item"], seen).sum())
+    assert sizes["cold_target"] == want and sizes["cold_target"] + sizes["warm_target"] == sizes["all"]
+    values = [c["subsets"]["warm_target"]["auc"] for c in payload["cells"]["din"]]
+    assert cold["din"]["warm target AUC"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
     first = payload["checks"][0]
     delta = payload["tables"]["metrics"]["seminar"]["auc"]["mean"] - payload["tables"]["metrics"]["din"]["auc"]["mean"]
     assert f"seminar − din = {delta:+.4f}" in first["detail"]
@@ -215,14 +228,20 @@ def test_checks_follow_the_numbers():
               "subset:cold": subset({"seminar": 0.70, "seminar_no_pretrain": 0.50}, 990),
               "subset:warm": subset({"seminar": 0.60, "seminar_no_pretrain": 0.55}, 10),
               "subset:cold_share_high": subset({"seminar": 0.66, "seminar_no_pretrain": 0.52}, 500),
-              "subset:cold_share_low": subset({"seminar": 0.62, "seminar_no_pretrain": 0.54}, 500)}
+              "subset:cold_share_low": subset({"seminar": 0.62, "seminar_no_pretrain": 0.54}, 500),
+              "subset:cold_target": subset({"seminar": 0.60, "seminar_no_pretrain": 0.50}, 60),
+              "subset:warm_target": subset({"seminar": 0.65, "seminar_no_pretrain": 0.56}, 940)}
     beat, cold, align = report.checks(tables, rows)
     assert beat["status"] == "not supported"  # twin is ahead
     assert "seminar − twin = -0.0100" in beat["detail"] and "eta" in beat["detail"]  # eta/sim rows not run
-    assert cold["status"] == "supported"  # high share gain 0.14 > low share gain 0.08; warm too small
+    assert cold["status"] == "supported"  # high share 0.14 > low 0.08; cold target 0.10 > warm 0.09; warm small
     assert "warm has 10 samples" in cold["detail"] and "+0.1400 vs +0.0800" in cold["detail"]
+    assert "target item cold vs not: AUC gain of pretraining +0.1000 vs +0.0900" in cold["detail"]
     assert align["status"] == "supported" and "+0.0400" in align["detail"]
     tables["metrics"]["twin"]["auc"] = stat(0.60)
     tables["subset:cold_share_low"]["seminar"]["auc"] = stat(0.70)
     beat, cold, _ = report.checks(tables, rows)
-    assert beat["status"] == "supported" and cold["status"] == "not supported"
+    assert beat["status"] == "supported" and cold["status"] == "partly supported"  # only the target split
+    tables["subset:cold_target"]["seminar"]["auc"] = stat(0.55)
+    beat, cold, _ = report.checks(tables, rows)
+    assert cold["status"] == "not supported"
