@@ -98,6 +98,14 @@ def _table_rows(markdown: str, heading: str) -> dict:
             for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
 
 
+def _written(out: str):
+    """(report.json as a dict, REPORT.md text) of a report directory."""
+    with open(os.path.join(out, "report.json")) as f:
+        payload = json.load(f)
+    with open(os.path.join(out, "REPORT.md"), encoding="utf-8") as f:
+        return payload, f.read()
+
+
 @pytest.fixture(scope="module")
 def grid(dataset_dir, tmp_path_factory):
     from seminar_tf import cli
@@ -112,10 +120,7 @@ def grid(dataset_dir, tmp_path_factory):
 
 def test_report_table_matches_report_json(grid):
     out, _ = grid
-    with open(os.path.join(out, "report.json")) as f:
-        payload = json.load(f)
-    with open(os.path.join(out, "REPORT.md"), encoding="utf-8") as f:
-        markdown = f.read()
+    payload, markdown = _written(out)
     assert "Command: `seminar-tf report --data" in markdown and "--models seminar,din" in markdown
     assert payload["failed"] == [] and payload["missing"] == []
     rows = _table_rows(markdown, "## Test metrics")
@@ -144,10 +149,7 @@ def test_report_table_matches_report_json(grid):
 
 def test_cold_table_and_checks_are_computed_from_the_cells(grid):
     out, _ = grid
-    with open(os.path.join(out, "report.json")) as f:
-        payload = json.load(f)
-    with open(os.path.join(out, "REPORT.md"), encoding="utf-8") as f:
-        markdown = f.read()
+    payload, markdown = _written(out)
     cold = _table_rows(markdown, "## Cold-id subset")
     values = [c["subsets"]["cold_share_high"]["auc"] for c in payload["cells"]["seminar"]]
     assert cold["seminar"]["high AUC"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
@@ -192,25 +194,19 @@ def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch)
 
     monkeypatch.setattr(experiment, "pretrain", refuse)
     monkeypatch.setattr(experiment, "finetune", refuse)
-    with open(os.path.join(out, "report.json")) as f:
-        before = json.load(f)
+    before, _ = _written(out)
     assert cli.main(argv + ["--resume"]) == 0
-    with open(os.path.join(out, "report.json")) as f:
-        after = json.load(f)
+    after, text = _written(out)
     assert sorted(after["reused"]) == ["din_s0", "din_s1", "seminar_s0", "seminar_s1"]
     assert after["tables"]["metrics"] == before["tables"]["metrics"]
-    with open(os.path.join(out, "REPORT.md"), encoding="utf-8") as f:
-        assert re.search(r"cells reused with --resume: 4", f.read())
+    assert re.search(r"cells reused with --resume: 4", text)
 
     # --report-only trains nothing and lists the cells without a finished run
     models = argv.index("--models") + 1
     only = argv[:models] + ["seminar,din,twin"] + argv[models + 1:] + ["--report-only"]
     assert cli.main(only) == 0
-    with open(os.path.join(out, "report.json")) as f:
-        partial = json.load(f)
+    partial, text = _written(out)
     assert partial["missing"] == ["twin_s0", "twin_s1"] and "twin" not in partial["cells"]
-    with open(os.path.join(out, "REPORT.md"), encoding="utf-8") as f:
-        text = f.read()
     assert "twin_s0, twin_s1" in text and "The cells were trained by:" in text
 
 
