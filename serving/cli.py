@@ -124,6 +124,10 @@ def add_cli(subparsers) -> None:
                    "several requests run at once on few cores, see benchmarks/serving.md)")
     p.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0, metavar="N",
                    help="TensorFlow ops run at once, as --tensorflow_inter_op_parallelism (default: 0 = one per core)")
+    p.add_argument("--malloc-mmap-threshold-mb", type=float, default=32, metavar="MB",
+                   help="glibc malloc serves buffers up to this size from its heap and keeps freed memory for reuse "
+                   "instead of mmap/munmap per request buffer (default: 32; 0 = glibc's "
+                   "defaults; about 30%% faster rank requests at L = 10^4, see benchmarks/serving.md)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop after this many seconds (default: run until interrupted)")
     p.set_defaults(handler=_run_serve, takes_extra=False)
@@ -168,11 +172,13 @@ def _run_serve(args, extra) -> int:
                               poll_seconds=args.poll_seconds, max_message_bytes=int(args.max_message_mb * 2 ** 20),
                               max_concurrency=args.max_concurrency,
                               intra_op_parallelism=args.tensorflow_intra_op_parallelism,
-                              inter_op_parallelism=args.tensorflow_inter_op_parallelism)
+                              inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+                              malloc_mmap_threshold_mb=args.malloc_mmap_threshold_mb)
     print(json.dumps({"model_name": name, "model_base_path": base_path, "grpc": f"{args.host}:{server.grpc_port}",
                       "rest": f"{args.host}:{server.rest_port}" if server.rest_port else None,
                       "version": server.manager.current_version,
-                      "tensorflow_parallelism": server_lib.set_tensorflow_parallelism()}), flush=True)
+                      "tensorflow_parallelism": server_lib.set_tensorflow_parallelism(),
+                      "malloc": server.malloc}), flush=True)
 
     def stop(signum, frame):
         server.stop()

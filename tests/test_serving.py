@@ -5,6 +5,7 @@ import argparse
 import base64
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -165,6 +166,29 @@ def test_predict_ctr_round_trip_with_the_official_stub(setup, grpc_client):
     filtered = grpc_client.predict(inputs, output_filter=["probability"])
     assert set(filtered) == {"probability"}
     np.testing.assert_allclose(filtered["probability"], want["probability"], rtol=1e-6)
+
+
+def test_long_string_inputs_are_parsed_by_tensorflow_and_give_the_same_outputs(setup, grpc_client):
+    """History tensors of >= 256 strings skip numpy (TensorFlow parses the TensorProto): same outputs over gRPC;
+    a string count that does not fit the shape answers INVALID_ARGUMENT naming the input."""
+    inputs = ctr_inputs(setup, rows=5, length=MAX_HISTORY)
+    protos = {k: tf.make_tensor_proto(v) for k, v in _bytes(inputs).items()}
+    parsed = server.tensor_from_proto("history_item_ids", protos["history_item_ids"])
+    assert isinstance(parsed, tf.Tensor) and parsed.shape == (5, MAX_HISTORY)
+    np.testing.assert_array_equal(parsed.numpy(), _bytes(inputs)["history_item_ids"].astype(bytes))
+    assert isinstance(server.tensor_from_proto("target_item_id", protos["target_item_id"]), np.ndarray)
+    want = direct(setup, "ctr", inputs)
+    np.testing.assert_allclose(grpc_client.predict(inputs, "ctr")["probability"], want["probability"], rtol=1e-6)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = MODEL_NAME, "ctr"
+    for name, proto in protos.items():
+        request.inputs[name].CopyFrom(proto)
+    request.inputs["history_queries"].string_val.append(b"one too many")
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_client.prediction.Predict(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'history_queries'" in info.value.details() and f"string_val has {5 * MAX_HISTORY + 1}" in \
+        info.value.details()
 
 
 def test_predict_rank_round_trip(setup, grpc_client):
@@ -469,6 +493,46 @@ def test_serve_cli_sets_tensorflow_thread_pools_in_a_fresh_process():
         env=env, capture_output=True, text=True, timeout=300, check=True)
     started = json.loads(out.stdout.splitlines()[0])
     assert started["tensorflow_parallelism"] == {"intra_op": 1, "inter_op": 3}
+    assert started["malloc"] == {"tuned": True, "mmap_threshold_bytes": 32 << 20, "trim_threshold_bytes": 256 << 20}
+
+
+_MALLOC_PROBE = '''
+import ctypes, json
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+def probe(size):  # (mmapped blocks this malloc added, free heap bytes kept after its free)
+    before = libc.mallinfo2().hblks
+    pointer = libc.malloc(size)
+    added = libc.mallinfo2().hblks - before
+    libc.free(ctypes.c_void_p(pointer))
+    return added, libc.mallinfo2().fordblks
+out = {"default": probe(16 << 20)}  # before anything raised glibc's adaptive threshold
+from serving import server
+try:
+    server.tune_malloc(-1)
+except ValueError as err:
+    out["refused"] = str(err)
+out["settings"] = server.tune_malloc(32)
+out["tuned"] = probe(16 << 20)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
+def test_tuned_malloc_serves_request_sized_buffers_from_the_heap_and_keeps_them():
+    """tune_malloc: a 16 MiB buffer (a request's [N, L] scores are 4 MB) comes from the heap, not a fresh
+    mmap, and its memory stays in the heap after free for the next request; a negative value names the flag."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = json.loads(subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env=env, capture_output=True, text=True,
+                                    timeout=300, check=True).stdout.splitlines()[-1])
+    assert out["default"][0] == 1  # glibc's default: a fresh mmap, returned to the kernel on free
+    assert out["settings"] == {"tuned": True, "mmap_threshold_bytes": 32 << 20, "trim_threshold_bytes": 256 << 20}
+    added, kept = out["tuned"]
+    assert added == 0 and kept >= 16 << 20
+    assert "malloc_mmap_threshold_mb must be >= 0" in out["refused"]
 
 
 def test_thread_settings_after_tensorflow_ran_fail_naming_the_flag():
@@ -499,11 +563,13 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
         assert (row["L"], row["N"]) == (40, 5)
         assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
         assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
-        assert [(x["intra_op_threads"], x["clients"]) for x in row["sweep"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        assert [(x["intra_op_threads"], x["malloc_mmap_threshold_mb"], x["clients"]) for x in row["sweep"]] == [
+            (0, 32, 1), (0, 32, 2), (1, 32, 1), (1, 32, 2), (1, 0, 1), (1, 0, 2)]
         assert all(x["errors_total"] == 0 and len(x["p99_ms_runs"]) == 2 for x in row["sweep"])
         assert all(x["p99_ms"] in x["p99_ms_runs"] for x in row["sweep"])
     assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
     assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
     assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text
-    assert "fastest in-process path" in text
+    assert "fastest in-process path" in text and "server intra-op threads 1, malloc 0 (glibc default)" in text
+    assert report["in_process_malloc"]["tuned"] is (platform.libc_ver()[0] == "glibc")
     assert text == (tmp_path / "out" / "serving.md").read_text()

@@ -4,9 +4,10 @@ loopback.
 A bounded run: the export is served by ``seminar-tf serve``'s server in a child process (so the load
 generator does not share a Python interpreter with it); ``clients`` threads send a fixed number of ``rank``
 requests through the official gRPC stub. Reported: p50/p99 latency, QPS and the error count under
-concurrency, once per server thread setting (``server_intra_op_threads``: TF Serving's
-``--tensorflow_intra_op_parallelism``, 0 = TensorFlow's default); the same request sequentially in-process (the loaded SavedModel's signature called
-directly) and over gRPC, whose difference is the serving overhead; and in-process latency over a small grid of
+concurrency, once per server setting (``server_settings``: intra-op threads as TF Serving's
+``--tensorflow_intra_op_parallelism``, 0 = TensorFlow's default, and the server's malloc tuning
+``--malloc-mmap-threshold-mb``, 0 = glibc's defaults); the same request sequentially in-process (the loaded
+SavedModel's signature called directly, in this process with the default malloc tuning) and over gRPC, whose difference is the serving overhead; and in-process latency over a small grid of
 (L, N), which says how the GSU path scales.
 
 The model is the trained demo run when one exists (``model_dir``, default ``runs/demo/ctr``, with best
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,7 +51,9 @@ class ServingBenchConfig:
     clients: int = 4  # concurrent gRPC clients of the load test (the target's setting)
     fewer_clients: Sequence[int] = (1, 2)  # the load test is repeated with these client counts too
     requests: int = 400  # total requests of each concurrent run
-    server_intra_op_threads: Sequence[int] = (0, 1)  # the load test runs once per server setting (0 = TF default)
+    # the load test runs once per server setting (intra-op threads, 0 = TF default; malloc mmap threshold MB, 0 =
+    # glibc's defaults)
+    server_settings: Sequence[Tuple[int, float]] = ((0, 32.0), (1, 32.0), (1, 0.0))
     repeats: int = 3  # each load test (setting, clients) runs this often; the run with the median p99 is reported
     sequential_requests: int = 50  # requests of each sequential measurement (in-process, gRPC)
     search_fraction: float = 0.4  # share of history steps that carry a query
@@ -210,7 +213,7 @@ def _free_port() -> int:
 
 
 def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, timeout_s: float = 300.0,
-                  intra_op_threads: int = 0):
+                  intra_op_threads: int = 0, malloc_mmap_threshold_mb: float = 32.0):
     port = _free_port()
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
@@ -218,7 +221,8 @@ def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, t
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--model-name", MODEL_NAME, "--model-base-path", export_base,
          "--port", str(port), "--rest-port", "0", "--max-message-mb", str(max_message_mb),
-         "--max-concurrency", str(max_concurrency), "--tensorflow-intra-op-parallelism", str(intra_op_threads)],
+         "--max-concurrency", str(max_concurrency), "--tensorflow-intra-op-parallelism", str(intra_op_threads),
+         "--malloc-mmap-threshold-mb", str(malloc_mmap_threshold_mb)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True)
     from serving.client import PredictClient
@@ -311,7 +315,10 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
     """
     import tensorflow as tf
 
+    from serving import server as server_lib
+
     bench = bench or ServingBenchConfig()
+    malloc = server_lib.tune_malloc()  # the in-process calls get what the server gets by default
     load_average = [round(v, 2) for v in os.getloadavg()]
     model_dir = model_dir if model_dir and _has_weights(model_dir) else None
     max_history = max([bench.history_length, *bench.grid_lengths])
@@ -347,13 +354,13 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                                                         bench.grid_requests))})
         max_message_mb = max(64, int(4 * size_mb) + 1)
         sweep = []
-        for threads in bench.server_intra_op_threads:
+        for setting, (threads, malloc_mb) in enumerate(bench.server_settings):
             process, client = _start_server(export_base, max_message_mb, max_concurrency=bench.clients,
-                                            intra_op_threads=threads)
+                                            intra_op_threads=threads, malloc_mmap_threshold_mb=malloc_mb)
             try:
                 for _ in range(3):
                     client.predict(inputs, "rank")
-                if threads == bench.server_intra_op_threads[0]:
+                if setting == 0:
                     feeds = {k: tf.constant(v) for k, v in inputs.items()}
                     for _ in range(3):
                         rank(**feeds)
@@ -371,10 +378,11 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                     runs = sorted((_concurrent_load(client.target, inputs, clients, bench.requests,
                                                     max_message_mb << 20, time_limit_s=600)
                                    for _ in range(max(1, bench.repeats))), key=lambda r: (r["errors"], r["p99_ms"]))
-                    sweep.append({"intra_op_threads": threads, **runs[len(runs) // 2],
+                    sweep.append({"intra_op_threads": threads, "malloc_mmap_threshold_mb": malloc_mb,
+                                  **runs[len(runs) // 2],
                                   "p99_ms_runs": [r["p99_ms"] for r in runs],
                                   "errors_total": sum(r["errors"] for r in runs)})
-                    _log(progress, f"bench serving [{gsu}]: intra-op threads {threads}, {clients} clients "
+                    _log(progress, f"bench serving [{gsu}]: {_setting(sweep[-1])}, {clients} clients "
                                    f"{sweep[-1]}")
             finally:
                 _stop_server(process, client)
@@ -392,8 +400,8 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
         "benchmark": "serving", "command": COMMAND, "model": source, "load_average_at_start": load_average,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
                    f"TensorFlow {tf.__version__}",
-        "config": dataclasses.asdict(bench), "rows": rows, "grid": grid, "paths": descriptions,
-        "skipped": dict(SKIPPED_PATHS), "top_k": model.top_k,
+        "config": dataclasses.asdict(bench), "in_process_malloc": malloc, "rows": rows, "grid": grid,
+        "paths": descriptions, "skipped": dict(SKIPPED_PATHS), "top_k": model.top_k,
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "serving.json"), "w") as f:
@@ -420,29 +428,34 @@ def _markdown(report: dict) -> str:
         "GSU paths: " + "; ".join(f"`{k}` = {v}" for k, v in report["paths"].items()) + f" (K={report['top_k']}).",
         "",
         "Server intra-op threads: `seminar-tf serve --tensorflow-intra-op-parallelism N` (TF Serving's "
-        "`--tensorflow_intra_op_parallelism`); 0 = TensorFlow's default (one thread per core). "
+        "`--tensorflow_intra_op_parallelism`); 0 = TensorFlow's default (one thread per core). Server malloc: "
+        "`seminar-tf serve --malloc-mmap-threshold-mb MB`: buffers up to MB come from glibc's heap and freed "
+        "memory is kept for reuse (the default, 32); 0 = glibc's defaults (each buffer over 128 KiB is a fresh "
+        "mmap whose pages fault in on every request). "
         f"Each load test ran {bench.get('repeats', 1)} times; the table shows the run with the median p99, "
         "the last column every run's p99 and the errors column the errors of all runs.",
         "",
-        "| GSU | L | N | request MB | server intra-op threads | clients | requests | errors | QPS | p50 ms | p99 ms | "
-        "p99 ms of every run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| GSU | L | N | request MB | server intra-op threads | server malloc MB | clients | requests | errors | QPS | "
+        "p50 ms | p99 ms | p99 ms of every run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         for c in r.get("sweep", [r["concurrent"]]):
             runs = ", ".join(str(p) for p in c.get("p99_ms_runs", [c["p99_ms"]]))
-            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {c['clients']} | "
+            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {_malloc(c)} | "
+                         f"{c['clients']} | "
                          f"{c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | {c['p50_ms']} | "
                          f"{c['p99_ms']} | {runs} |")
     for path, why in report["skipped"].items():
-        lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | "
+        lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | — | "
                      f"— | — | — ({why}) |")
     lines += [
         "",
         "## In-process call vs gRPC (sequential, one request at a time)",
         "",
-        "gRPC: a prebuilt PredictRequest sent through the official stub; client encoding: building that request "
-        "from numpy arrays (`tf.make_tensor_proto`), paid by the client on top.",
+        "gRPC: a prebuilt PredictRequest sent through the official stub (to the server of the first setting); "
+        "client encoding: building that request from numpy arrays (`tf.make_tensor_proto`), paid by the client on "
+        "top. In-process: the bench process's malloc tuning: " + _malloc_text(report.get("in_process_malloc")) + ".",
         "",
         "| GSU | in-process p50 ms | in-process p99 ms | gRPC p50 ms | gRPC p99 ms | gRPC overhead p50 ms | "
         "client encoding p50 ms |",
@@ -470,6 +483,23 @@ def _threads(row: dict) -> str:
     return f"{threads}" if threads else "0 (default)"
 
 
+def _malloc(row: dict) -> str:
+    mb = row.get("malloc_mmap_threshold_mb", 0)
+    return f"{mb:g}" if mb else "0 (glibc default)"
+
+
+def _malloc_text(settings: Optional[dict]) -> str:
+    if not settings:
+        return "not recorded"
+    if settings.get("tuned"):
+        return f"mmap threshold {settings['mmap_threshold_bytes'] / 2 ** 20:g} MB"
+    return f"none ({settings.get('why', '')})"
+
+
+def _setting(row: dict) -> str:
+    return f"server intra-op threads {_threads(row)}, malloc {_malloc(row)}"
+
+
 def _findings(report: dict) -> List[str]:
     """Plain sentences computed from the numbers: target met or not, where the time goes, which path wins."""
     out = []
@@ -477,7 +507,7 @@ def _findings(report: dict) -> List[str]:
         c = r["concurrent"]
         verdict = "meets" if c["p99_ms"] < 50 and c.get("errors_total", c["errors"]) == 0 else "misses"
         out.append(f"- {r['gsu']} GSU, L={r['L']:,}, N={r['N']}: p99 {c['p99_ms']} ms with {c['clients']} concurrent "
-                   f"clients and server intra-op threads {_threads(c)} (median of the runs' p99: "
+                   f"clients and {_setting(c)} (median of the runs' p99: "
                    f"{', '.join(str(p) for p in c.get('p99_ms_runs', [c['p99_ms']]))} ms; "
                    f"{c.get('errors_total', c['errors'])} errors), {verdict} the 50 ms "
                    "target; one request at a time p50 is "
@@ -489,10 +519,10 @@ def _findings(report: dict) -> List[str]:
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
                        f"wait about {c['clients'] * 1000 / c['qps']:.0f} ms each (throughput, not the single-request "
                        "time, sets the latency once the cores are busy).")
-        for threads in sorted({x.get("intra_op_threads", 0) for x in sweep}):
-            runs = [x for x in sweep if x.get("intra_op_threads", 0) == threads]
+        for setting in dict.fromkeys(_setting(x) for x in sweep):
+            runs = [x for x in sweep if _setting(x) == setting]
             meeting = [x["clients"] for x in runs if x["p99_ms"] < 50 and x["errors"] == 0]
-            out.append(f"- {r['gsu']}, server intra-op threads {_threads(runs[0])}: p99 by concurrent clients: "
+            out.append(f"- {r['gsu']}, {setting}: p99 by concurrent clients: "
                        + ", ".join(f"{x['clients']}: {x['p99_ms']} ms ({x['qps']} QPS)" for x in runs)
                        + (f"; under 50 ms with up to {max(meeting)} client(s)." if meeting
                           else "; over 50 ms at every concurrency measured."))

@@ -203,6 +203,16 @@ class ContentEncoder(tf.keras.layers.Layer):
         is_item = tf.cast(unique >= len(schema.RESERVED), tf.float32)[:, None]  # PAD/OOV rows carry no content
         return {name: self._scatter_back(value * is_item, position, item_indices) for name, value in out.items()}
 
+    def encode_items_stacked(self, item_indices, training=None) -> tf.Tensor:
+        """``encode_items``' channels concatenated in ``item_channels`` order: [..., J_item·d] (from the serving
+        cache a gather and a free reshape, no per-channel slices and concat)."""
+        if self._use_cache("item_cache", training):
+            item_indices = self._check_range(item_indices, self.num_items, "item index")
+            cached = tf.gather(self.item_cache, item_indices)  # [..., J_item, d]
+            return tf.reshape(cached, tf.concat([tf.shape(item_indices), [len(self.item_channels) * self.dim]], 0))
+        parts = self.encode_items(item_indices, training=training)
+        return tf.concat([parts[c] for c in self.item_channels], axis=-1)
+
     def encode_query_tokens(self, tokens, training=None):
         """Query channel from token ids [..., query_length] (serving path for raw query text)."""
         return self.query_encoder(tokens, training=training)

@@ -348,12 +348,9 @@ class SeminarModel(tfrs.Model):
         if item_channels:
             unique, inverse = tf.unique(tf.reshape(items, [-1]), out_idx=tf.int32)
 
-            def stacked(indices):
-                parts = content.encode_items(indices, training=False)
-                return tf.concat([parts[c] for c in item_channels], axis=-1)  # [..., J_item·d]
-
-            scores = self._score_rows(v, item_channels, tf.size(unique), inverse, shape, lambda: stacked(unique),
-                                      lambda: stacked(items))
+            scores = self._score_rows(v, item_channels, tf.size(unique), inverse, shape,
+                                      lambda: content.encode_items_stacked(unique, training=False),
+                                      lambda: content.encode_items_stacked(items, training=False))
         if schema.QUERY_CHANNEL in self.channels:
             queries = tf.cast(features[schema.SEQ_HISTORY_QUERY], tf.int32)
             tokens = features.get(schema.HISTORY_QUERY_TOKENS)
