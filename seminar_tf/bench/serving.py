@@ -7,8 +7,9 @@ requests through the official gRPC stub. Reported: p50/p99 latency, QPS and the 
 concurrency, once per server setting (``server_settings``: intra-op threads as TF Serving's
 ``--tensorflow_intra_op_parallelism``, 0 = TensorFlow's default, and the server's malloc tuning
 ``--malloc-mmap-threshold-mb``, 0 = glibc's defaults); the same request sequentially in-process (the loaded
-SavedModel's signature called directly, in this process with the default malloc tuning) and over gRPC, whose difference is the serving overhead; and in-process latency over a small grid of
-(L, N), which says how the GSU path scales.
+SavedModel's signature called directly, in this process with the default malloc tuning) and over gRPC, whose
+difference is the serving overhead; and in-process latency over a small grid of (L, N), which says how the GSU
+path scales.
 
 The model is the trained demo run when one exists (``model_dir``, default ``runs/demo/ctr``, with best
 weights), otherwise a demo-size SEMINAR model with random weights over synthetic vocabularies (latency does
@@ -443,9 +444,8 @@ def _markdown(report: dict) -> str:
         for c in r.get("sweep", [r["concurrent"]]):
             runs = ", ".join(str(p) for p in c.get("p99_ms_runs", [c["p99_ms"]]))
             lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {_malloc(c)} | "
-                         f"{c['clients']} | "
-                         f"{c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | {c['p50_ms']} | "
-                         f"{c['p99_ms']} | {runs} |")
+                         f"{c['clients']} | {c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | "
+                         f"{c['p50_ms']} | {c['p99_ms']} | {runs} |")
     for path, why in report["skipped"].items():
         lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | — | "
                      f"— | — | — ({why}) |")
