@@ -223,7 +223,10 @@ class LoRADense(tf.keras.layers.Layer):
     def call(self, inputs):
         inputs = tf.cast(inputs, self.compute_dtype)
         kernel = tf.cast(self.base.kernel, self.compute_dtype)
-        outputs = tf.einsum("...i,io->...o", inputs, kernel)
+        # The frozen product exactly as Dense computes it (matmul, or tensordot beyond rank 2): with B = 0 the
+        # layer is then bit-for-bit the base layer on every CPU kernel path.
+        rank = inputs.shape.rank
+        outputs = tf.matmul(inputs, kernel) if rank in (None, 2) else tf.tensordot(inputs, kernel, [[rank - 1], [0]])
         # The low-rank path goes through r (x A then · B), never through a d_in × d_out update.
         low_rank = tf.einsum("...r,ro->...o", tf.einsum("...i,ir->...r", inputs, tf.cast(self.lora_a, inputs.dtype)),
                              tf.cast(self.lora_b, inputs.dtype))
