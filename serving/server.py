@@ -892,7 +892,8 @@ def tune_malloc(mmap_threshold_mb: float = DEFAULT_MALLOC_MMAP_THRESHOLD_MB) -> 
     A ``rank`` request at L = 10^4, N = 100 allocates several [N, L] float buffers (4 MB each). Above glibc's
     default threshold (128 KiB, adapting upwards only slowly) each one is a fresh mmap whose pages fault in on
     first touch and go back to the kernel on free: every request pays page faults and zeroing for all of
-    them (about 30% of its time on 2 cores in benchmarks/serving.md). The same as starting the process with
+    them (one request in-process on 2 cores: 23.6 ms p50 untuned, 16.5 ms tuned; benchmarks/serving.md has
+    the load test with and without it). The same as starting the process with
     ``MALLOC_MMAP_THRESHOLD_=<bytes> MALLOC_TRIM_THRESHOLD_=<bytes>``. 0 leaves glibc's defaults. Returns the
     settings in effect, or why none were made (not glibc).
     """
@@ -906,15 +907,14 @@ def tune_malloc(mmap_threshold_mb: float = DEFAULT_MALLOC_MMAP_THRESHOLD_MB) -> 
     if platform.libc_ver()[0] != "glibc":
         return {"tuned": False, "why": f"not glibc ({platform.libc_ver()[0] or 'unknown C library'})"}
     mmap_threshold = int(mmap_threshold_mb * 2 ** 20)
-    trim_threshold = MALLOC_TRIM_FACTOR * mmap_threshold
+    trim_threshold = min(MALLOC_TRIM_FACTOR * mmap_threshold, 2 ** 31 - 1)  # mallopt takes a C int
     libc = ctypes.CDLL("libc.so.6")
     if libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) != 1:
         raise ValueError(f"malloc_mmap_threshold_mb={mmap_threshold_mb}: glibc refused it; try a smaller value "
                          f"(default {DEFAULT_MALLOC_MMAP_THRESHOLD_MB})")
-    if libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(trim_threshold, 2 ** 31 - 1))) != 1:
+    if libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) != 1:
         raise ValueError(f"malloc trim threshold {trim_threshold} bytes: glibc refused it")
-    return {"tuned": True, "mmap_threshold_bytes": mmap_threshold,
-            "trim_threshold_bytes": min(trim_threshold, 2 ** 31 - 1)}
+    return {"tuned": True, "mmap_threshold_bytes": mmap_threshold, "trim_threshold_bytes": trim_threshold}
 
 
 def serve(model_name: str, model_base_path: str, port: int = 8500, rest_port: Optional[int] = 8501,
