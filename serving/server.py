@@ -824,13 +824,14 @@ def _address_family(host: str):
 class ModelServer:
     """A running server: gRPC on ``grpc_port``, REST on ``rest_port`` (None when disabled). ``stop()`` ends it."""
 
-    def __init__(self, manager: ModelManager, grpc_server, grpc_port: int, rest: Optional[RestFrontend]):
+    def __init__(self, manager: ModelManager, grpc_server, grpc_port: int, rest: Optional[RestFrontend],
+                 malloc: Optional[Dict[str, object]] = None):
         self.manager = manager
         self._grpc = grpc_server
         self.grpc_port = grpc_port
         self._rest = rest
         self.rest_port = rest.port if rest is not None else None
-        self.malloc: Dict[str, object] = {}  # what ``tune_malloc`` set (``serve`` fills it)
+        self.malloc: Dict[str, object] = dict(malloc or {})  # what ``tune_malloc`` set
         self._stopped = threading.Event()
 
     def stop(self, grace: float = 1.0) -> None:
@@ -959,9 +960,7 @@ def serve(model_name: str, model_base_path: str, port: int = 8500, rest_port: Op
     manager.start()
     LOG.info("serving model %s from %s: gRPC %s:%d, REST %s (version %s)", model_name, model_base_path, host, bound,
              f"{host}:{rest.port}" if rest else "off", manager.current_version)
-    server = ModelServer(manager, grpc_server, bound, rest)
-    server.malloc = malloc
-    return server
+    return ModelServer(manager, grpc_server, bound, rest, malloc)
 
 
 def read_model_config(path: str) -> List[Tuple[str, str]]:
