@@ -127,35 +127,43 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
     def _kernel(self, variable):
         return tf.cast(variable, self.compute_dtype)
 
-    @staticmethod
-    def _by_head(tensor):
-        """[B, X, H, k] → [B, H, X, k] (heads as a batch axis of one matmul)."""
-        return tf.transpose(tensor, [0, 2, 1, 3])
+    def _folded_heads(self, query):
+        """u_h = W_h^K (q W_h^Q)^T / √key_dim per head, so that α_h = K u_h: query [B, N, d_q] → [B, N, H, d_k_in]."""
+        projected_query = tf.einsum("bnd,dhk->bnhk", query, self._kernel(self.query_kernel))
+        scale = tf.cast(1.0 / math.sqrt(self.key_dim), query.dtype)
+        return tf.einsum("bnhk,ehk->bnhe", projected_query, self._kernel(self.key_kernel)) * scale
 
     def _head_logits(self, query, keys):
-        """Unmasked α: query [B, N, d_q], keys [B, L, d_k] → [B, H, N, L] (one batched matmul over B·H)."""
-        projected_query = tf.einsum("bnd,dhk->bnhk", query, self._kernel(self.query_kernel))
-        projected_keys = tf.einsum("bld,dhk->blhk", keys, self._kernel(self.key_kernel))
-        scale = tf.cast(1.0 / math.sqrt(self.key_dim), query.dtype)
-        return tf.matmul(self._by_head(projected_query), self._by_head(projected_keys), transpose_b=True) * scale
+        """Unmasked α: query [B, N, d_q], keys [B, L, d_k] → [B, N, H, L].
+
+        α_h = (q W_h^Q)(K W_h^K)^T / √d_k computed as K u_h (``_folded_heads``): one [N·H, d_k] x [d_k, L] matmul
+        per row, without the [B, L, H, k] projected keys (L·d_k·H·k fewer multiply-adds; at the ESU's serving
+        shapes, N·H = 2 query rows against K = 64 keys, the projection was most of the attention's cost).
+        """
+        folded = self._folded_heads(query)
+        batch, n = tf.shape(folded)[0], tf.shape(folded)[1]
+        logits = tf.matmul(tf.reshape(folded, [batch, n * self.num_heads, -1]), keys, transpose_b=True)
+        return tf.reshape(logits, [batch, n, self.num_heads, tf.shape(keys)[1]])
 
     def call(self, query, keys, values=None, mask=None, return_scores=False, training=None):
         query, keys, mask, single = self._prepare(query, keys, mask)
         values = keys if values is None else tf.cast(values, self.compute_dtype)
-        logits = self._head_logits(query, keys)  # [B, H, N, L]
+        logits = self._head_logits(query, keys)  # [B, N, H, L]
         if mask is not None:
             logits = tf.where(mask[:, None, None, :], logits, _masked_value(logits.dtype))
         weights = self.dropout_layer(tf.nn.softmax(logits, axis=-1), training=training)
-        projected_values = tf.einsum("bld,dhv->blhv", values, self._kernel(self.value_kernel))
-        heads = tf.matmul(weights, self._by_head(projected_values))  # [B, H, N, d_v]
-        output = tf.einsum("bhnv,hvo->bno", heads, self._kernel(self.output_kernel))  # [B, N, output_dim]
+        # head_h = softmax(α_h) (V W_h^V) = (softmax(α_h) V) W_h^V: pool the raw values first, project N·H rows.
+        batch, n, length = tf.shape(weights)[0], tf.shape(weights)[1], tf.shape(weights)[3]
+        pooled = tf.matmul(tf.reshape(weights, [batch, n * self.num_heads, length]), values)  # [B, N·H, d_v_in]
+        pooled = tf.reshape(pooled, [batch, n, self.num_heads, tf.shape(values)[-1]])
+        heads = tf.einsum("bnhe,ehv->bnhv", pooled, self._kernel(self.value_kernel))  # [B, N, H, d_v]
+        output = tf.einsum("bnhv,hvo->bno", heads, self._kernel(self.output_kernel))  # [B, N, output_dim]
         if mask is not None:
             # A fully masked row has a uniform softmax over padding; its output is defined as zeros.
             has_history = tf.cast(tf.reduce_any(mask, axis=-1), output.dtype)
             output = output * has_history[:, None, None]
         if not return_scores:
             return output[:, 0] if single else output
-        logits = self._by_head(logits)  # [B, N, H, L]
         if single:
             output, logits = output[:, 0], logits[:, 0]
         return output, logits
@@ -176,9 +184,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         query = tf.cast(query, self.compute_dtype)
         channels = tf.cast(channels, self.compute_dtype)
         gamma = tf.cast(gamma, self.compute_dtype)
-        projected_query = tf.einsum("bnd,dhk->bnhk", query, self._kernel(self.query_kernel))
-        scale = tf.cast(1.0 / math.sqrt(self.key_dim), query.dtype)
-        folded = tf.einsum("bnhk,ehk->bnhe", projected_query, self._kernel(self.key_kernel)) * scale
+        folded = self._folded_heads(query)
         logits = tf.einsum("bnhlj,bnj->bnhl", tf.einsum("blje,bnhe->bnhlj", channels, folded), gamma)
         if mask is not None:
             mask = tf.cast(mask, tf.bool)
@@ -201,7 +207,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         """
         self._ensure_built(query)
         query, keys, mask, single = self._prepare(query, keys, mask)
-        averaged = tf.reduce_mean(self._head_logits(query, keys), axis=1)  # [B, N, L]
+        averaged = tf.reduce_mean(self._head_logits(query, keys), axis=2)  # [B, N, L]
         if mask is not None:
             averaged = tf.where(mask[:, None, :], averaged, _masked_value(averaged.dtype))
         return averaged[:, 0] if single else averaged
