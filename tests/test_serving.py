@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc, regression_pb2
 
 from seminar_tf import config, export, schema
@@ -186,6 +187,23 @@ def test_string_count_that_does_not_fit_the_shape_answers_invalid_argument(setup
     assert "'history_queries'" in info.value.details() and f"string_val has {5 * MAX_HISTORY + 1}" in \
         info.value.details()
     assert grpc_client.predict(inputs, "ctr")["probability"].shape == (5,)  # still serving
+
+
+def test_string_tensor_protos_become_string_tensors_with_their_shape():
+    """One string per element goes straight into a tf.string tensor of the proto's shape; one string for many
+    elements broadcasts (TensorProto's rule), as tf.make_ndarray reads it."""
+    values = np.array([[b"a", b"", b"c"], [b"d", b"e\x00f", b"g"]], object)
+    full = server.tensor_from_proto("history_item_ids", tf.make_tensor_proto(values))
+    assert full.dtype == tf.string and full.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(full), values)
+    broadcast = tensor_pb2.TensorProto(dtype=tf.string.as_datatype_enum, string_val=[b"x"])
+    broadcast.tensor_shape.dim.add(size=2)
+    broadcast.tensor_shape.dim.add(size=3)
+    np.testing.assert_array_equal(np.asarray(server.tensor_from_proto("history_queries", broadcast)),
+                                  np.full([2, 3], b"x", object))
+    empty_proto = tf.make_tensor_proto(np.zeros([1, 0], object), dtype=tf.string)
+    empty = server.tensor_from_proto("history_queries", empty_proto)
+    assert tuple(np.asarray(empty).shape) == (1, 0)
 
 
 def test_predict_rank_round_trip(setup, grpc_client):

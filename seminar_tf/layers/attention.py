@@ -128,7 +128,10 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         return tf.cast(variable, self.compute_dtype)
 
     def _folded_heads(self, query):
-        """u_h = W_h^K (q W_h^Q)^T / √key_dim per head, so that α_h = K u_h: query [B, N, d_q] → [B, N, H, d_k_in]."""
+        """u_h = W_h^K (q W_h^Q)^T / √key_dim per head, so that α_h = K u_h.
+
+        query [B, N, d_q] → [B, N, H, d_k_in] (d_k_in: the keys' input width).
+        """
         projected_query = tf.einsum("bnd,dhk->bnhk", query, self._kernel(self.query_kernel))
         scale = tf.cast(1.0 / math.sqrt(self.key_dim), query.dtype)
         return tf.einsum("bnhk,ehk->bnhe", projected_query, self._kernel(self.key_kernel)) * scale
