@@ -307,6 +307,59 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
 
 
 # ---------------------------------------------------------------------------------------------------- run
+def _in_process_load(export_base: str, inputs, clients: int, requests: int, intra_op_threads: int,
+                     malloc_mmap_threshold_mb: float, work_dir: str, timeout_s: float = 900.0) -> Dict[str, object]:
+    """The load test without the server: ``clients`` threads of a fresh process call the servable's ``rank``
+    function directly on prebuilt tensors (TF threads and malloc as the server sets them), ``requests`` calls in
+    all. What the TF runtime alone gives under the same concurrency; the gap to the gRPC load test is the
+    Python server's work (parsing, tensor conversion, gRPC)."""
+    feeds = os.path.join(work_dir, "in_process_load_inputs.npz")
+    np.savez(feeds, **inputs)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(
+        [sys.executable, "-m", "seminar_tf.bench.serving", "in-process-load", export_base, feeds, str(clients),
+         str(requests), str(intra_op_threads), str(malloc_mmap_threshold_mb)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=timeout_s, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requests: int, intra_op_threads: int,
+                           malloc_mmap_threshold_mb: float) -> Dict[str, object]:
+    import tensorflow as tf
+
+    from serving import server as server_lib
+
+    server_lib.tune_malloc(malloc_mmap_threshold_mb)
+    server_lib.set_tensorflow_parallelism(intra_op_threads)
+    manager = server_lib.ModelManager(MODEL_NAME, export_base)
+    manager.poll()
+    rank = manager.servable(MODEL_NAME).functions["rank"]
+    with np.load(feeds_path, allow_pickle=True) as data:
+        feeds = {k: tf.constant(data[k]) for k in data.files}
+    for _ in range(3):
+        rank(**feeds)
+    latencies, lock = [], threading.Lock()
+    shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
+
+    def worker(count):
+        mine = _time_calls(lambda: rank(**feeds)["scores"].numpy(), count)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in shares]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": requests, "intra_op_threads": intra_op_threads,
+            "malloc_mmap_threshold_mb": malloc_mmap_threshold_mb, "wall_s": round(wall, 2),
+            "qps": round(len(latencies) / wall, 2), **_percentiles(latencies)}
+
+
 def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] = None, *,
         model_dir: Optional[str] = DEFAULT_RUN, bench: Optional[ServingBenchConfig] = None) -> str:
     """Runs the serving benchmark; writes ``out_dir/serving.md`` and ``serving.json``; returns the Markdown.
@@ -389,6 +442,12 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                 _stop_server(process, client)
         # The load row of the target: the server setting with the lowest p99 at ``clients``.
         load = min((r for r in sweep if r["clients"] == bench.clients), key=lambda r: r["p99_ms"])
+        # The same concurrency without the server, with that row's TF threads and malloc (repeated like it).
+        no_server = sorted((_in_process_load(export_base, inputs, bench.clients, bench.requests,
+                                             load["intra_op_threads"], load["malloc_mmap_threshold_mb"], work_dir)
+                            for _ in range(max(1, bench.repeats))), key=lambda r: r["p99_ms"])
+        in_process_load = {**no_server[len(no_server) // 2], "p99_ms_runs": [r["p99_ms"] for r in no_server]}
+        _log(progress, f"bench serving [{gsu}]: in-process, {bench.clients} threads {in_process_load}")
         del loaded, rank
         in_process_p = _percentiles(in_process)
         sequential_p = _percentiles(sequential)
@@ -396,7 +455,7 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                      "request_mb": round(size_mb, 2), "in_process": in_process_p, "grpc_sequential": sequential_p,
                      "grpc_overhead_p50_ms": round(sequential_p["p50_ms"] - in_process_p["p50_ms"], 2),
                      "client_encode": _percentiles(encode),
-                     "concurrent": load, "sweep": sweep})
+                     "concurrent": load, "in_process_concurrent": in_process_load, "sweep": sweep})
     report = {
         "benchmark": "serving", "command": COMMAND, "model": source, "load_average_at_start": load_average,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -467,6 +526,23 @@ def _markdown(report: dict) -> str:
                      f"{r['grpc_overhead_p50_ms']} | {r['client_encode']['p50_ms']} |")
     lines += [
         "",
+        "## Under load without the server",
+        "",
+        "The target's load (same clients, requests and request) as threads of one fresh process that call the "
+        "loaded `rank` function on prebuilt tensors, with the TF threads and malloc setting of the load row the "
+        "table above reports for the target: what the TensorFlow runtime alone gives under the same concurrency. "
+        "The gap to the gRPC load test is the Python server's work (request parsing, tensor conversion, gRPC).",
+        "",
+        "| GSU | threads | intra-op threads | QPS | p50 ms | p99 ms | p99 ms of every run | gRPC load test p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in report["rows"]:
+        i, c = r.get("in_process_concurrent"), r["concurrent"]
+        if i:
+            lines.append(f"| {r['gsu']} | {i['clients']} | {_threads(i)} | {i['qps']} | {i['p50_ms']} | "
+                         f"{i['p99_ms']} | {', '.join(str(p) for p in i['p99_ms_runs'])} | {c['p99_ms']} |")
+    lines += [
+        "",
         "## In-process latency by history length and candidates",
         "",
         "| GSU | L | N | p50 ms | p99 ms |",
@@ -514,6 +590,11 @@ def _findings(report: dict) -> List[str]:
                    f"{r['grpc_sequential']['p50_ms']} ms over gRPC vs {r['in_process']['p50_ms']} ms in-process "
                    f"(gRPC + serialization overhead {r['grpc_overhead_p50_ms']} ms at p50).")
         sweep = r.get("sweep", [])
+        i = r.get("in_process_concurrent")
+        if i:
+            out.append(f"- {r['gsu']}: the same {i['clients']}-way load without the server (threads calling the "
+                       f"loaded function) gives p99 {i['p99_ms']} ms at {i['qps']} QPS, vs {c['p99_ms']} ms at "
+                       f"{c['qps']} QPS through the gRPC server.")
         if c["qps"] > 0:
             out.append(f"- {r['gsu']}: the server completes {c['qps']} requests/s under load, one every "
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
@@ -547,3 +628,15 @@ def _findings(report: dict) -> List[str]:
         out.append(f"- Under load (L={report['config']['history_length']:,}, N={report['config']['num_candidates']}) "
                    f"the {best} path has the lowest p99: {loads[best]} ms.")
     return out
+
+
+if __name__ == "__main__":  # the child of ``_in_process_load``
+    if len(sys.argv) == 8 and sys.argv[1] == "in-process-load":
+        import seminar_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+        base, path, clients_arg, requests_arg, threads_arg, malloc_arg = sys.argv[2:]
+        print(json.dumps(_in_process_load_child(base, path, int(clients_arg), int(requests_arg), int(threads_arg),
+                                                float(malloc_arg))))
+    else:
+        sys.exit("usage: python -m seminar_tf.bench.serving in-process-load EXPORT_BASE INPUTS.npz CLIENTS "
+                 "REQUESTS INTRA_OP_THREADS MALLOC_MB")
