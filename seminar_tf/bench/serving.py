@@ -263,6 +263,18 @@ def _rank_request(inputs):
     return request
 
 
+def _split_over_threads(worker, clients: int, requests: int) -> float:
+    """Runs ``worker(count)`` on ``clients`` threads that share ``requests`` calls; returns the wall seconds."""
+    shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in shares]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def _concurrent_load(target: str, inputs, clients: int, requests: int, max_message_bytes: int,
                      time_limit_s: float) -> Dict[str, object]:
     """``requests`` rank calls split over ``clients`` threads (one channel each); bounded in count and time."""
@@ -272,7 +284,6 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
     request = _rank_request(inputs)
     latencies, errors, lock = [], [], threading.Lock()
     deadline = time.time() + time_limit_s
-    shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
 
     def worker(count):
         options = [("grpc.max_send_message_length", max_message_bytes),
@@ -292,13 +303,7 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
                     with lock:
                         errors.append(err.code().name)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in shares]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = _split_over_threads(worker, clients, requests)
     done = len(latencies)
     # errors: failed calls plus calls never sent because the time limit ran out
     return {"clients": clients, "requests": requests, "completed": done, "errors": requests - done,
@@ -341,20 +346,13 @@ def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requ
     for _ in range(3):
         rank(**feeds)
     latencies, lock = [], threading.Lock()
-    shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
 
     def worker(count):
         mine = _time_calls(lambda: rank(**feeds)["scores"].numpy(), count)
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in shares]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = _split_over_threads(worker, clients, requests)
     return {"clients": clients, "requests": requests, "intra_op_threads": intra_op_threads,
             "malloc_mmap_threshold_mb": malloc_mmap_threshold_mb, "wall_s": round(wall, 2),
             "qps": round(len(latencies) / wall, 2), **_percentiles(latencies)}
