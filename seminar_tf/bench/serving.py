@@ -213,12 +213,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _child_env() -> Dict[str, str]:
+    """Environment of the bench's child processes (server, no-server load): this checkout on PYTHONPATH."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+            "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, timeout_s: float = 300.0,
                   intra_op_threads: int = 0, malloc_mmap_threshold_mb: float = 32.0):
     port = _free_port()
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = _child_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--model-name", MODEL_NAME, "--model-base-path", export_base,
          "--port", str(port), "--rest-port", "0", "--max-message-mb", str(max_message_mb),
@@ -312,17 +317,13 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def _in_process_load(export_base: str, inputs, clients: int, requests: int, intra_op_threads: int,
-                     malloc_mmap_threshold_mb: float, work_dir: str, timeout_s: float = 900.0) -> Dict[str, object]:
+def _in_process_load(export_base: str, feeds: str, clients: int, requests: int, intra_op_threads: int,
+                     malloc_mmap_threshold_mb: float, timeout_s: float = 900.0) -> Dict[str, object]:
     """The load test without the server: ``clients`` threads of a fresh process call the servable's ``rank``
     function directly on prebuilt tensors (TF threads and malloc as the server sets them), ``requests`` calls in
     all. What the TF runtime alone gives under the same concurrency; the gap to the gRPC load test is the
-    Python server's work (parsing, tensor conversion, gRPC)."""
-    feeds = os.path.join(work_dir, "in_process_load_inputs.npz")
-    np.savez(feeds, **inputs)
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    Python server's work (parsing, tensor conversion, gRPC). ``feeds``: the request's inputs as an .npz file."""
+    env = _child_env()
     out = subprocess.run(
         [sys.executable, "-m", "seminar_tf.bench.serving", "in-process-load", export_base, feeds, str(clients),
          str(requests), str(intra_op_threads), str(malloc_mmap_threshold_mb)],
@@ -441,8 +442,10 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
         # The load row of the target: the server setting with the lowest p99 at ``clients``.
         load = min((r for r in sweep if r["clients"] == bench.clients), key=lambda r: r["p99_ms"])
         # The same concurrency without the server, with that row's TF threads and malloc (repeated like it).
-        no_server = sorted((_in_process_load(export_base, inputs, bench.clients, bench.requests,
-                                             load["intra_op_threads"], load["malloc_mmap_threshold_mb"], work_dir)
+        feeds_path = os.path.join(work_dir, "in_process_load_inputs.npz")
+        np.savez(feeds_path, **inputs)
+        no_server = sorted((_in_process_load(export_base, feeds_path, bench.clients, bench.requests,
+                                             load["intra_op_threads"], load["malloc_mmap_threshold_mb"])
                             for _ in range(max(1, bench.repeats))), key=lambda r: r["p99_ms"])
         in_process_load = {**no_server[len(no_server) // 2], "p99_ms_runs": [r["p99_ms"] for r in no_server]}
         _log(progress, f"bench serving [{gsu}]: in-process, {bench.clients} threads {in_process_load}")
