@@ -582,13 +582,19 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
             (0, 32, 1), (0, 32, 2), (1, 32, 1), (1, 32, 2), (1, 0, 1), (1, 0, 2)]
         assert all(x["errors_total"] == 0 and len(x["p99_ms_runs"]) == 2 for x in row["sweep"])
         assert all(x["p99_ms"] in x["p99_ms_runs"] for x in row["sweep"])
+        if sys.platform.startswith("linux"):  # CPU per request from /proc: the server process did the work
+            assert all(x["server_cpu_ms_per_request"] > 0 and x["client_cpu_ms_per_request"] > 0 for x in row["sweep"])
         # the same load without the server: threads of a fresh process, the load row's TF threads and malloc
         alone = row["in_process_concurrent"]
         assert (alone["clients"], alone["requests"], len(alone["p99_ms_runs"])) == (2, 6, 2)
         assert (alone["intra_op_threads"], alone["malloc_mmap_threshold_mb"]) == (
             row["concurrent"]["intra_op_threads"], row["concurrent"]["malloc_mmap_threshold_mb"])
         assert 0 < alone["p50_ms"] <= alone["p99_ms"] and alone["qps"] > 0 and alone["p99_ms"] in alone["p99_ms_runs"]
+        assert alone["cpu_ms_per_request"] > 0
     assert "## Under load without the server" in text and "through the gRPC server" in text
+    assert "server CPU ms per request" in text and "CPU ms per request" in text
+    if sys.platform.startswith("linux"):
+        assert "CPU per request under that load" in text and "ms in the server process vs" in text
     assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
     assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
     assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text

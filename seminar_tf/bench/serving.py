@@ -268,6 +268,36 @@ def _rank_request(inputs):
     return request
 
 
+def _process_cpu_s(pid: int) -> Optional[float]:
+    """CPU seconds process ``pid`` has run so far, summed over its live threads (/proc/PID/task/*/schedstat,
+    nanoseconds; the clock-tick utime + stime of /proc/PID/stat where schedstat is missing); None where there
+    is no /proc (not Linux) or the process is gone."""
+    try:
+        total, read = 0, 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total, read = total + int(f.read().split()[0]), read + 1
+            except FileNotFoundError:  # a thread that just exited (or no schedstat in this kernel)
+                continue
+        if read:
+            return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_ms_per_request(before: Optional[float], after: Optional[float], completed: int) -> Optional[float]:
+    if before is None or after is None or not completed:
+        return None
+    return round((after - before) * 1000.0 / completed, 2)
+
+
 def _split_over_threads(worker, clients: int, requests: int) -> float:
     """Runs ``worker(count)`` on ``clients`` threads that share ``requests`` calls; returns the wall seconds."""
     shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
@@ -281,8 +311,12 @@ def _split_over_threads(worker, clients: int, requests: int) -> float:
 
 
 def _concurrent_load(target: str, inputs, clients: int, requests: int, max_message_bytes: int,
-                     time_limit_s: float) -> Dict[str, object]:
-    """``requests`` rank calls split over ``clients`` threads (one channel each); bounded in count and time."""
+                     time_limit_s: float, server_pid: Optional[int] = None) -> Dict[str, object]:
+    """``requests`` rank calls split over ``clients`` threads (one channel each); bounded in count and time.
+
+    With ``server_pid``, also the CPU the server process spent per completed request during the run (all its
+    threads: gRPC, request parsing, TensorFlow), and the load generator's own CPU per request (it shares the
+    cores)."""
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -308,12 +342,16 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
                     with lock:
                         errors.append(err.code().name)
 
+    server_before, client_before = _process_cpu_s(server_pid) if server_pid else None, time.process_time()
     wall = _split_over_threads(worker, clients, requests)
+    server_after, client_after = _process_cpu_s(server_pid) if server_pid else None, time.process_time()
     done = len(latencies)
     # errors: failed calls plus calls never sent because the time limit ran out
     return {"clients": clients, "requests": requests, "completed": done, "errors": requests - done,
             "error_codes": sorted(set(errors)), "wall_s": round(wall, 2),
-            "qps": round(done / wall, 2), **_percentiles(latencies or [float("nan")])}
+            "qps": round(done / wall, 2), **_percentiles(latencies or [float("nan")]),
+            "server_cpu_ms_per_request": _cpu_ms_per_request(server_before, server_after, done),
+            "client_cpu_ms_per_request": _cpu_ms_per_request(client_before, client_after, done)}
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -353,10 +391,13 @@ def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requ
         with lock:
             latencies.extend(mine)
 
+    cpu_before = time.process_time()
     wall = _split_over_threads(worker, clients, requests)
+    cpu_after = time.process_time()
     return {"clients": clients, "requests": requests, "intra_op_threads": intra_op_threads,
             "malloc_mmap_threshold_mb": malloc_mmap_threshold_mb, "wall_s": round(wall, 2),
-            "qps": round(len(latencies) / wall, 2), **_percentiles(latencies)}
+            "qps": round(len(latencies) / wall, 2), **_percentiles(latencies),
+            "cpu_ms_per_request": _cpu_ms_per_request(cpu_before, cpu_after, len(latencies))}
 
 
 def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] = None, *,
@@ -429,7 +470,7 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                                    f"gRPC sequential {_percentiles(sequential)}")
                 for clients in sorted({*bench.fewer_clients, bench.clients}):
                     runs = sorted((_concurrent_load(client.target, inputs, clients, bench.requests,
-                                                    max_message_mb << 20, time_limit_s=600)
+                                                    max_message_mb << 20, time_limit_s=600, server_pid=process.pid)
                                    for _ in range(max(1, bench.repeats))), key=lambda r: (r["errors"], r["p99_ms"]))
                     sweep.append({"intra_op_threads": threads, "malloc_mmap_threshold_mb": malloc_mb,
                                   **runs[len(runs) // 2],
@@ -494,21 +535,22 @@ def _markdown(report: dict) -> str:
         "memory is kept for reuse (the default, 32); 0 = glibc's defaults (each buffer over 128 KiB is a fresh "
         "mmap whose pages fault in on every request). "
         f"Each load test ran {bench.get('repeats', 1)} times; the table shows the run with the median p99, "
-        "the last column every run's p99 and the errors column the errors of all runs.",
+        "the last column every run's p99 and the errors column the errors of all runs. Server CPU: what the "
+        "server process (all its threads) spent per completed request during that run.",
         "",
         "| GSU | L | N | request MB | server intra-op threads | server malloc MB | clients | requests | errors | QPS | "
-        "p50 ms | p99 ms | p99 ms of every run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "p50 ms | p99 ms | server CPU ms per request | p99 ms of every run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         for c in r.get("sweep", [r["concurrent"]]):
             runs = ", ".join(str(p) for p in c.get("p99_ms_runs", [c["p99_ms"]]))
             lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {_malloc(c)} | "
                          f"{c['clients']} | {c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | "
-                         f"{c['p50_ms']} | {c['p99_ms']} | {runs} |")
+                         f"{c['p50_ms']} | {c['p99_ms']} | {_or_dash(c.get('server_cpu_ms_per_request'))} | {runs} |")
     for path, why in report["skipped"].items():
         lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | — | "
-                     f"— | — | — ({why}) |")
+                     f"— | — | — | — ({why}) |")
     lines += [
         "",
         "## In-process call vs gRPC (sequential, one request at a time)",
@@ -532,16 +574,20 @@ def _markdown(report: dict) -> str:
         "The target's load (same clients, requests and request) as threads of one fresh process that call the "
         "loaded `rank` function on prebuilt tensors, with the TF threads and malloc setting of the load row the "
         "table above reports for the target: what the TensorFlow runtime alone gives under the same concurrency. "
-        "The gap to the gRPC load test is the Python server's work (request parsing, tensor conversion, gRPC).",
+        "The gap to the gRPC load test is the Python server's work (request parsing, tensor conversion, gRPC). "
+        "CPU: the process's CPU time per completed request (the model alone here; the server process there).",
         "",
-        "| GSU | threads | intra-op threads | QPS | p50 ms | p99 ms | p99 ms of every run | gRPC load test p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| GSU | threads | intra-op threads | QPS | p50 ms | p99 ms | p99 ms of every run | CPU ms per request | "
+        "gRPC load test p99 ms | gRPC server CPU ms per request |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in report["rows"]:
         i, c = r.get("in_process_concurrent"), r["concurrent"]
         if i:
             lines.append(f"| {r['gsu']} | {i['clients']} | {_threads(i)} | {i['qps']} | {i['p50_ms']} | "
-                         f"{i['p99_ms']} | {', '.join(str(p) for p in i['p99_ms_runs'])} | {c['p99_ms']} |")
+                         f"{i['p99_ms']} | {', '.join(str(p) for p in i['p99_ms_runs'])} | "
+                         f"{_or_dash(i.get('cpu_ms_per_request'))} | {c['p99_ms']} | "
+                         f"{_or_dash(c.get('server_cpu_ms_per_request'))} |")
     lines += [
         "",
         "## In-process latency by history length and candidates",
@@ -553,6 +599,10 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {g['gsu']} | {g['L']:,} | {g['N']} | {g['p50_ms']} | {g['p99_ms']} |")
     lines += ["", "## Reading", ""] + _findings(report) + [""]
     return "\n".join(lines)
+
+
+def _or_dash(value) -> str:
+    return "—" if value is None else f"{value}"
 
 
 def _threads(row: dict) -> str:
@@ -596,6 +646,14 @@ def _findings(report: dict) -> List[str]:
             out.append(f"- {r['gsu']}: the same {i['clients']}-way load without the server (threads calling the "
                        f"loaded function) gives p99 {i['p99_ms']} ms at {i['qps']} QPS, vs {c['p99_ms']} ms at "
                        f"{c['qps']} QPS through the gRPC server.")
+            alone_cpu, server_cpu = i.get("cpu_ms_per_request"), c.get("server_cpu_ms_per_request")
+            if alone_cpu and server_cpu:
+                client_cpu = c.get("client_cpu_ms_per_request")
+                clients_text = f"; the load generator, on the same cores, {client_cpu} ms" if client_cpu else ""
+                out.append(f"- {r['gsu']}: CPU per request under that load: {server_cpu} ms in the server process vs "
+                           f"{alone_cpu} ms for the model alone, so the Python server's request parsing, tensor "
+                           f"conversion and gRPC cost about {round(server_cpu - alone_cpu, 2)} ms per request"
+                           f"{clients_text}.")
         if c["qps"] > 0:
             out.append(f"- {r['gsu']}: the server completes {c['qps']} requests/s under load, one every "
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
