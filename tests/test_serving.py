@@ -595,6 +595,12 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     assert "server CPU ms per request" in text and "CPU ms per request" in text
     if sys.platform.startswith("linux"):
         assert "CPU per request under that load" in text and "ms in the server process vs" in text
+    # the server's CPU share is the difference to the model alone; none is claimed when it does not show
+    row = report["rows"][0]
+    row["concurrent"]["server_cpu_ms_per_request"], row["in_process_concurrent"]["cpu_ms_per_request"] = 9.5, 7.25
+    assert "cost about 2.25 ms per request" in "\n".join(serving_bench._findings(report))
+    row["concurrent"]["server_cpu_ms_per_request"] = 7.0
+    assert "no measurable cost of the server's own work" in "\n".join(serving_bench._findings(report))
     assert report["paths"]["pq_adc_rerank"] == "pq_adc S=4 C=16, exact re-rank of 2·K"
     assert len(report["grid"]) == 12 and report["command"] == "seminar-tf bench serving"
     assert "| exact | 40 | 5 |" in text and "| pq_adc | 40 | 5 |" in text and "| pq_sdc |" in text

@@ -650,10 +650,14 @@ def _findings(report: dict) -> List[str]:
             if alone_cpu and server_cpu:
                 client_cpu = c.get("client_cpu_ms_per_request")
                 clients_text = f"; the load generator, on the same cores, {client_cpu} ms" if client_cpu else ""
+                gap = round(server_cpu - alone_cpu, 2)
+                if gap > 0:
+                    share = (f"so the Python server's request parsing, tensor conversion and gRPC cost about {gap} ms "
+                             "per request")
+                else:  # e.g. TF's default intra-op pool, whose threads spin while they wait, in both processes
+                    share = "no measurable cost of the server's own work at this setting"
                 out.append(f"- {r['gsu']}: CPU per request under that load: {server_cpu} ms in the server process vs "
-                           f"{alone_cpu} ms for the model alone, so the Python server's request parsing, tensor "
-                           f"conversion and gRPC cost about {round(server_cpu - alone_cpu, 2)} ms per request"
-                           f"{clients_text}.")
+                           f"{alone_cpu} ms for the model alone, {share}{clients_text}.")
         if c["qps"] > 0:
             out.append(f"- {r['gsu']}: the server completes {c['qps']} requests/s under load, one every "
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
