@@ -592,7 +592,7 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
         assert 0 < alone["p50_ms"] <= alone["p99_ms"] and alone["qps"] > 0 and alone["p99_ms"] in alone["p99_ms_runs"]
         assert alone["cpu_ms_per_request"] > 0
     assert "## Under load without the server" in text and "through the gRPC server" in text
-    assert "server CPU ms per request" in text and "CPU ms per request" in text
+    assert "| server CPU ms per request |" in text and "| CPU ms per request | gRPC load test p99 ms |" in text
     if sys.platform.startswith("linux"):
         assert "CPU per request under that load" in text and "ms in the server process vs" in text
     # the server's CPU share is the difference to the model alone; none is claimed when it does not show
