@@ -354,6 +354,12 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
             "client_cpu_ms_per_request": _cpu_ms_per_request(client_before, client_after, done)}
 
 
+def _median_run(runs: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """The run with the median p99 (runs with errors rank last), plus every run's p99 (``p99_ms_runs``, sorted)."""
+    ranked = sorted(runs, key=lambda r: (r.get("errors", 0), r["p99_ms"]))
+    return {**ranked[len(ranked) // 2], "p99_ms_runs": [r["p99_ms"] for r in ranked]}
+
+
 # ---------------------------------------------------------------------------------------------------- run
 def _in_process_load(export_base: str, feeds: str, clients: int, requests: int, intra_op_threads: int,
                      malloc_mmap_threshold_mb: float, timeout_s: float = 900.0) -> Dict[str, object]:
@@ -469,13 +475,11 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                     _log(progress, f"bench serving [{gsu}]: in-process {_percentiles(in_process)}, "
                                    f"gRPC sequential {_percentiles(sequential)}")
                 for clients in sorted({*bench.fewer_clients, bench.clients}):
-                    runs = sorted((_concurrent_load(client.target, inputs, clients, bench.requests,
-                                                    max_message_mb << 20, time_limit_s=600, server_pid=process.pid)
-                                   for _ in range(max(1, bench.repeats))), key=lambda r: (r["errors"], r["p99_ms"]))
+                    runs = [_concurrent_load(client.target, inputs, clients, bench.requests, max_message_mb << 20,
+                                             time_limit_s=600, server_pid=process.pid)
+                            for _ in range(max(1, bench.repeats))]
                     sweep.append({"intra_op_threads": threads, "malloc_mmap_threshold_mb": malloc_mb,
-                                  **runs[len(runs) // 2],
-                                  "p99_ms_runs": [r["p99_ms"] for r in runs],
-                                  "errors_total": sum(r["errors"] for r in runs)})
+                                  **_median_run(runs), "errors_total": sum(r["errors"] for r in runs)})
                     _log(progress, f"bench serving [{gsu}]: {_setting(sweep[-1])}, {clients} clients "
                                    f"{sweep[-1]}")
             finally:
@@ -485,10 +489,9 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
         # The same concurrency without the server, with that row's TF threads and malloc (repeated like it).
         feeds_path = os.path.join(work_dir, "in_process_load_inputs.npz")
         np.savez(feeds_path, **inputs)
-        no_server = sorted((_in_process_load(export_base, feeds_path, bench.clients, bench.requests,
-                                             load["intra_op_threads"], load["malloc_mmap_threshold_mb"])
-                            for _ in range(max(1, bench.repeats))), key=lambda r: r["p99_ms"])
-        in_process_load = {**no_server[len(no_server) // 2], "p99_ms_runs": [r["p99_ms"] for r in no_server]}
+        in_process_load = _median_run([_in_process_load(export_base, feeds_path, bench.clients, bench.requests,
+                                                        load["intra_op_threads"], load["malloc_mmap_threshold_mb"])
+                                       for _ in range(max(1, bench.repeats))])
         _log(progress, f"bench serving [{gsu}]: in-process, {bench.clients} threads {in_process_load}")
         del loaded, rank
         in_process_p = _percentiles(in_process)
