@@ -57,6 +57,7 @@ class BuildConfig:
     query_min_count: int = 1
     token_min_count: int = 1
     attribute_min_count: int = 1
+    user_min_count: int = 1
     num_shards: int = 0  # 0 = the runner decides
     image_dim: int = 0  # 0 = infer (most common image_embedding length)
     seed: int = 0
@@ -80,6 +81,7 @@ class BuildConfig:
             "query_min_count",
             "token_min_count",
             "attribute_min_count",
+            "user_min_count",
             "num_shards",
             "image_dim",
         ):
@@ -109,6 +111,7 @@ _FLAG_HELP = {
     "query_min_count": "queries seen fewer times map to OOV",
     "token_min_count": "title/query tokens seen fewer times map to OOV",
     "attribute_min_count": "item/user attribute values seen fewer times map to OOV",
+    "user_min_count": "users with fewer train-split events map to the OOV user id (vocab/users.txt)",
     "num_shards": "TFRecord shards per output (0 = let the runner decide)",
     "image_dim": "image_embedding length (0 = the most common length in the items table)",
     "seed": "seed of the negative sampling (per-sample deterministic)",
@@ -416,9 +419,26 @@ def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], 
         user_attribute_vocabs = p | "NoUserAttributes" >> beam.Create([{}])
         user_attributes = p | "NoUsers" >> beam.Create([])
 
+    # ---- user ids (train-split events only: an id first seen in valid/test would get an untrained
+    # embedding, OOV is the trained fallback) and history feedback tokens
+    user_vocab = (
+        valid_events
+        | "TrainUsers" >> beam.FlatMap(lambda r: [(r["user_id"], 1)] if r["split"] == "train" else [])
+        | "UserVocabulary" >> tx.BuildVocabulary(schema.RESERVED, config.user_min_count)
+    )
+    first_user = len(schema.RESERVED)
+    user_index = user_vocab | "UserIndex" >> beam.FlatMap(lambda v: list(zip(v[0], range(len(v[0]))))[first_user:])
+    feedback_vocab = (
+        valid_events
+        | "FeedbackTokens" >> beam.FlatMap(lambda r: [(r["feedback"], 1)] if r["roles"] & tx.HISTORY_ROLE else [])
+        | "FeedbackVocabulary" >> tx.BuildVocabulary(schema.RESERVED, 1)
+    )
+    feedback_index = feedback_vocab | "FeedbackIndex" >> beam.Map(tx.vocabulary_index)
+
     # ---- samples: group per user, point-in-time histories, SequenceExamples
     logger.debug("constructing: samples (group per user, histories, SequenceExamples)")
-    user_events = valid_events | "CompactEvents" >> beam.Map(tx.compact_event, singleton(query_index))
+    user_events = valid_events | "CompactEvents" >> beam.Map(
+        tx.compact_event, singleton(query_index), singleton(feedback_index))
 
     def sampling_counts(items, queries, num_browse):
         query_counts = list(queries[1])
@@ -433,7 +453,7 @@ def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], 
     sampling = item_vocab | "SamplingCounts" >> beam.Map(sampling_counts, singleton(query_vocab), singleton(num_browse))
     tags = [tx.output_tag(kind, split) for kind in schema.EXAMPLE_KINDS for split in schema.SPLITS]
     built = (
-        {"events": user_events, "users": user_attributes}
+        {"events": user_events, "users": user_attributes, "user_index": user_index}
         | "GroupPerUser" >> beam.CoGroupByKey()
         | "BuildSamples"
         >> beam.ParDo(
@@ -478,6 +498,8 @@ def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], 
     item_vocab | "WriteItemVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.ITEM_VOCAB))
     query_vocab | "WriteQueryVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.QUERY_VOCAB))
     token_vocab | "WriteTokenVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.TOKEN_VOCAB))
+    user_vocab | "WriteUserVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.USER_VOCAB))
+    feedback_vocab | "WriteFeedbackVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.FEEDBACK_VOCAB))
     for label, vocabs, file_name in (
         ("WriteItemAttrVocabs", item_attribute_vocabs, schema.item_attribute_vocab),
         ("WriteUserAttrVocabs", user_attribute_vocabs, schema.user_attribute_vocab),
@@ -503,17 +525,21 @@ def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], 
         | "CountsDict" >> beam.combiners.ToDict()
     )
 
-    def vocab_sizes(items, queries, tokens, item_attrs, user_attrs):
+    def vocab_sizes(items, queries, tokens, item_attrs, user_attrs, users, feedback):
         return {
             "items": len(items[0]),
             "queries": len(queries[0]),
             "tokens": len(tokens[0]),
             "item_attributes": {n: len(v[0]) for n, v in item_attrs.items()},
             "user_attributes": {n: len(v[0]) for n, v in user_attrs.items()},
+            "users": len(users[0]),
+            "feedback": len(feedback[0]),
         }
 
     sizes = item_vocab | "VocabSizes" >> beam.Map(
-        vocab_sizes, *map(singleton, (query_vocab, token_vocab, item_attribute_vocabs, user_attribute_vocabs))
+        vocab_sizes,
+        *map(singleton, (query_vocab, token_vocab, item_attribute_vocabs, user_attribute_vocabs, user_vocab,
+                         feedback_vocab)),
     )
     tables = {t: (f.fmt, list(f.paths)) for t, f in files.items() if f is not None}
     (
@@ -568,6 +594,8 @@ class _WriteStats(beam.DoFn):
             channels=stats["channels"],
             max_history=self._config.max_history,
             num_negatives=self._config.num_negatives,
+            num_users=sizes["users"],
+            num_feedback=sizes["feedback"],
         )
         stats_text = json.dumps(stats, indent=2, sort_keys=True) + "\n"
         raw_io.write_text_file(FileSystems.join(self._out, schema.STATS_FILE), stats_text)

@@ -36,7 +36,8 @@ SAMPLE_ROLE = 2  # the event is a labelled CTR sample
 COUNTER_TAG = "counters"
 
 # Compact event tuple after indexing; tuples sort by time first, then by ids, so ties are deterministic.
-TS, ITEM, QUERY, ROLES, LABEL, SPLIT_INDEX = range(6)
+# FEEDBACK (the feedback-vocabulary index of ``schema.feedback_token``) is optional: 6-tuples have none.
+TS, ITEM, QUERY, ROLES, LABEL, SPLIT_INDEX, FEEDBACK = range(7)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,6 +95,18 @@ def parse_label(value) -> Optional[float]:
     if text in ("0", "0.0", "false"):
         return 0.0
     return None
+
+
+def parse_rating(value) -> Optional[float]:
+    """A finite float rating; None when the column is absent or empty. Raises ValueError otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"rating must be a number, got {value!r}")
+    rating = float(value)
+    if not math.isfinite(rating):
+        raise ValueError(f"rating must be finite, got {value!r}")
+    return rating
 
 
 def parse_event_timestamp(value) -> int:
@@ -184,10 +197,13 @@ def validate_user_row(row: dict) -> Tuple[Optional[dict], Optional[dict]]:
 def validate_event_row(
     row: dict, history_events: Sequence[str], sample_events: Sequence[str]
 ) -> Tuple[Optional[dict], Optional[dict]]:
-    """events row -> ``{"user_id", "timestamp", "item_id", "query", "event", "roles", "label", "split", "row"}``.
+    """events row -> ``{"user_id", "timestamp", "item_id", "query", "event", "roles", "label", "split",
+    "feedback", "row"}``.
 
     Checks, in order: required fields, timestamp, event type (history and/or sample type), label (sample
-    events: 0/1), split (train/valid/test when given). ``query`` is ``normalize_query``'d, "" = browse.
+    events: 0/1), rating (a number when given), split (train/valid/test when given). ``query`` is
+    ``normalize_query``'d, "" = browse. ``feedback`` is the step's ``schema.feedback_token``: the event type
+    with its rating bucket, or its 0/1 label (a history-only event's label is used when it parses).
     """
     ids = {}
     for column in schema.EVENT_REQUIRED_COLUMNS:
@@ -213,12 +229,15 @@ def validate_event_row(
             f"nor a sample type {tuple(sample_events)}"
         )
         return None, raw_io.dead_letter("events", raw_io.UNUSED_EVENT_TYPE, row, detail)
-    label = None
-    if roles & SAMPLE_ROLE:
-        label = parse_label(row.get(schema.LABEL))
-        if label is None:
-            detail = f"label={row.get(schema.LABEL)!r} is not 0/1"
-            return None, raw_io.dead_letter("events", raw_io.BAD_LABEL, row, detail)
+    label = parse_label(row.get(schema.LABEL))
+    if roles & SAMPLE_ROLE and label is None:
+        detail = f"label={row.get(schema.LABEL)!r} is not 0/1"
+        return None, raw_io.dead_letter("events", raw_io.BAD_LABEL, row, detail)
+    try:
+        rating = parse_rating(row.get(schema.RATING))
+    except (TypeError, ValueError, OverflowError) as err:
+        detail = f"rating={row.get(schema.RATING)!r}: {err}; send a number or leave it empty"
+        return None, raw_io.dead_letter("events", raw_io.bad_field(schema.RATING), row, detail)
     split = row.get(schema.SPLIT)
     if split is not None:
         split = str(split).strip().lower()
@@ -236,8 +255,9 @@ def validate_event_row(
         "query": query,
         "event": event,
         "roles": roles,
-        "label": label,
+        "label": label if roles & SAMPLE_ROLE else None,
         "split": split,
+        "feedback": schema.feedback_token(event, label, rating),
         "row": row,
     }
     return record, None
@@ -515,13 +535,18 @@ class CountKeys(beam.DoFn):
             yield GlobalWindows.windowed_value((key, count))
 
 
-def compact_event(record: dict, query_index: Dict[str, int]) -> Tuple[str, tuple]:
-    """Indexed event record -> ``(user_id, (timestamp, item, query, roles, label, split_index))``."""
+def compact_event(
+    record: dict, query_index: Dict[str, int], feedback_index: Optional[Dict[str, int]] = None
+) -> Tuple[str, tuple]:
+    """Indexed event record -> ``(user_id, (timestamp, item, query, roles, label, split_index, feedback))``
+    (``feedback`` only with a ``feedback_index``)."""
     query = record["query"]
     query_idx = lookup(query_index, query) if query else schema.EMPTY_QUERY_INDEX
     label = record["label"] if record["label"] is not None else 0.0
     split_index = schema.SPLITS.index(record["split"])
     event = (record["timestamp"], record["item_index"], query_idx, record["roles"], label, split_index)
+    if feedback_index is not None:
+        event += (lookup(feedback_index, record["feedback"]),)
     return record["user_id"], event
 
 
@@ -709,15 +734,18 @@ def sequence_example_bytes(context: Dict[str, bytes], feature_lists: Dict[str, b
 class UserExampleEncoder:
     """Encodes one user's samples; history steps are encoded once and sliced per sample."""
 
-    def __init__(self, user_id: str, history: Sequence[tuple], user_attributes: Dict[str, int]):
+    def __init__(self, user_id: str, history: Sequence[tuple], user_attributes: Dict[str, int],
+                 user_index: Optional[int] = None, with_feedback: bool = False):
         self._context = {schema.CTX_USER_ID: bytes_feature([user_id.encode("utf-8")])}
         for name, index in user_attributes.items():
             self._context[schema.user_attribute_feature(name)] = int64_feature([index])
-        self._steps = {
-            schema.SEQ_HISTORY_ITEM: [feature_list_step(int64_feature([e[ITEM]])) for e in history],
-            schema.SEQ_HISTORY_QUERY: [feature_list_step(int64_feature([e[QUERY]])) for e in history],
-            schema.SEQ_HISTORY_TIMESTAMP: [feature_list_step(int64_feature([e[TS]])) for e in history],
-        }
+        if user_index is not None:
+            self._context[schema.CTX_USER_INDEX] = int64_feature([user_index])
+        columns = {schema.SEQ_HISTORY_ITEM: ITEM, schema.SEQ_HISTORY_QUERY: QUERY, schema.SEQ_HISTORY_TIMESTAMP: TS}
+        if with_feedback:
+            columns[schema.SEQ_HISTORY_FEEDBACK] = FEEDBACK
+        self._steps = {name: [feature_list_step(int64_feature([e[column]])) for e in history]
+                       for name, column in columns.items()}
 
     def encode(self, sample: Sample) -> bytes:
         """Serialized SequenceExample parseable with ``schema.sequence_example_spec(metadata, sample.kind)``."""
@@ -777,6 +805,7 @@ class BuildUserSamples(beam.DoFn):
         user_rows = list(grouped["users"])
         known = user_rows[0] if user_rows else {}
         attributes = {name: known.get(name, schema.OOV_INDEX) for name in user_attribute_names}
+        user_index = next(iter(grouped.get("user_index", ())), schema.OOV_INDEX)
         history, samples, too_short = plan_user_samples(
             events,
             max_history=self._max_history,
@@ -785,7 +814,8 @@ class BuildUserSamples(beam.DoFn):
             sampler=self._sampler,
             user_key=user_id,
         )
-        encoder = UserExampleEncoder(user_id, history, attributes)
+        encoder = UserExampleEncoder(user_id, history, attributes, user_index,
+                                     with_feedback=bool(events) and len(events[0]) > FEEDBACK)
         written = collections.Counter()
         for sample in samples:
             yield beam.pvalue.TaggedOutput(output_tag(sample.kind, sample.split), encoder.encode(sample))

@@ -139,8 +139,22 @@ def _paper_amazon() -> Preset:
         model=dataclasses.replace(preset.model, top_k=50))
 
 
+def _movielens() -> Preset:
+    """MovieLens (``seminar-tf bench movielens``): every rating is a labelled sample and a later history step
+    (``history_events`` impression,click), newest 200 steps, K=50; cold-start samples kept (min_history 0)."""
+    preset = _paper_amazon()
+    return dataclasses.replace(
+        preset, name="movielens",
+        build=dataclasses.replace(preset.build, max_history=200, min_history=0,
+                                  history_events=("impression", "click"), sample_events=("impression",)),
+        model=dataclasses.replace(preset.model, dim=32, token_dim=32, num_heads=2, top_k=50),
+        pretrain=dataclasses.replace(preset.pretrain, batch_size=256, epochs=3),
+        finetune=dataclasses.replace(preset.finetune, batch_size=256, epochs=6))
+
+
 PRESETS: Dict[str, Callable[[], Preset]] = {
-    "test": _test, "demo": _demo, "paper_kuaisar": _paper_kuaisar, "paper_amazon": _paper_amazon}
+    "test": _test, "demo": _demo, "paper_kuaisar": _paper_kuaisar, "paper_amazon": _paper_amazon,
+    "movielens": _movielens}
 
 
 def load_config(name_or_path: str) -> Preset:

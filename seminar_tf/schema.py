@@ -46,8 +46,9 @@ QUERY = "query"
 EVENT = "event"
 LABEL = "label"
 SPLIT = "split"
+RATING = "rating"  # optional explicit feedback (e.g. MovieLens stars); enters the history feedback token
 EVENT_REQUIRED_COLUMNS = (USER_ID, TIMESTAMP, ITEM_ID)
-EVENT_COLUMNS = (USER_ID, TIMESTAMP, ITEM_ID, QUERY, EVENT, LABEL, SPLIT)
+EVENT_COLUMNS = (USER_ID, TIMESTAMP, ITEM_ID, QUERY, EVENT, LABEL, SPLIT, RATING)
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_HISTORY_EVENTS = ("click",)
@@ -67,6 +68,8 @@ VOCAB_DIR = "vocab"
 ITEM_VOCAB = "items.txt"
 QUERY_VOCAB = "queries.txt"
 TOKEN_VOCAB = "tokens.txt"
+USER_VOCAB = "users.txt"  # user ids with >= user_min_count train-split events; others map to OOV
+FEEDBACK_VOCAB = "feedback.txt"  # history feedback tokens (``feedback_token``)
 ITEM_TABLE_DIR = "item_table"
 QUERY_TABLE_DIR = "query_table"
 PRETRAIN_DIR = "pretrain"
@@ -139,6 +142,32 @@ def tf_tokenize(texts):
 
 
 # --------------------------------------------------------------------------------------------------------
+# History feedback: what the user did with a history step's item, as one token of a small vocabulary.
+def rating_bucket(rating: float) -> int:
+    """Explicit ratings are bucketed by rounding half up (4.5 stars -> 5, 3.49 -> 3)."""
+    import math
+
+    return int(math.floor(float(rating) + 0.5))
+
+
+def feedback_token(event: str, label=None, rating=None) -> str:
+    """The feedback token of one history step: ``event`` alone (a plain click), ``event:<label>`` when the raw
+    event carries a 0/1 label, ``event:r<bucket>`` when it carries a rating (the rating wins over the label).
+
+    The pipeline writes one per history step (point-in-time correct: a step is in a history only after it
+    happened, so its own feedback is known); serving clients send the same tokens in ``history_feedback``.
+
+    >>> feedback_token("impression", 1.0, 4.5), feedback_token("impression", 0.0), feedback_token("click")
+    ('impression:r5', 'impression:0', 'click')
+    """
+    if rating is not None:
+        return f"{event}:r{rating_bucket(rating)}"
+    if label is not None:
+        return f"{event}:{int(label)}"
+    return event
+
+
+# --------------------------------------------------------------------------------------------------------
 # Raw value parsing shared by the pipeline and the adapters.
 def parse_timestamp(value) -> int:
     """Seconds since the epoch from an int/float, a digit string, or an ISO-8601 string (UTC if naive).
@@ -186,6 +215,7 @@ def parse_float_list(value) -> List[float]:
 # Example features (DESIGN §3): tf.train.SequenceExample, context + feature lists.
 # Context
 CTX_USER_ID = "user_id"  # bytes, raw user id (GAUC groups by it)
+CTX_USER_INDEX = "user_index"  # int64 user-vocabulary index (OOV for users below user_min_count)
 CTX_TIMESTAMP = "timestamp"  # int64, the sample's time; every history step is strictly earlier
 CTX_TARGET_ITEM = "target_item"  # int64 item index
 CTX_TARGET_QUERY = "target_query"  # int64 query index (EMPTY_QUERY_INDEX for recommendation)
@@ -199,6 +229,7 @@ USER_ATTRIBUTE_PREFIX = "user_"  # context int64 user_<attr> for each users-tabl
 SEQ_HISTORY_ITEM = "history_item"
 SEQ_HISTORY_QUERY = "history_query"
 SEQ_HISTORY_TIMESTAMP = "history_timestamp"
+SEQ_HISTORY_FEEDBACK = "history_feedback"  # feedback-vocabulary index per step (``feedback_token``)
 SEQUENCE_FEATURES = (SEQ_HISTORY_ITEM, SEQ_HISTORY_QUERY, SEQ_HISTORY_TIMESTAMP)
 # Optional model inputs (serving): token ids of raw query text, tokenized in the graph with tf_tokenize.
 # When present they replace the query-table lookup, so queries outside the vocabulary keep their words.
@@ -237,6 +268,8 @@ class DatasetMetadata:
     num_negatives: int
     max_title_tokens: int = MAX_TITLE_TOKENS
     max_query_tokens: int = MAX_QUERY_TOKENS
+    num_users: int = 0  # user vocabulary size incl. reserved rows; 0 = a dataset built before user ids
+    num_feedback: int = 0  # feedback vocabulary size incl. reserved rows; 0 = no history_feedback feature
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -272,10 +305,13 @@ def sequence_example_spec(metadata: DatasetMetadata, kind: str) -> Tuple[dict, d
     }
     for name in sorted(metadata.user_attributes):
         context[user_attribute_feature(name)] = tf.io.FixedLenFeature([], tf.int64, default_value=OOV_INDEX)
+    if metadata.num_users:
+        context[CTX_USER_INDEX] = tf.io.FixedLenFeature([], tf.int64, default_value=OOV_INDEX)
     if kind == PRETRAIN_DIR:
         context[CTX_NEGATIVE_ITEMS] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
         context[CTX_NEGATIVE_QUERIES] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
-    sequence = {name: tf.io.FixedLenSequenceFeature([], tf.int64) for name in SEQUENCE_FEATURES}
+    names = SEQUENCE_FEATURES + ((SEQ_HISTORY_FEEDBACK,) if metadata.num_feedback else ())
+    sequence = {name: tf.io.FixedLenSequenceFeature([], tf.int64) for name in names}
     return context, sequence
 
 

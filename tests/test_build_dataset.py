@@ -603,7 +603,8 @@ def test_minimal_dataset_explicit_split_via_cli(tmp_path):
         "events": {"missing_field:split": 1},
     }
     assert stats["split"]["mode"] == "column" and stats["config"]["max_history"] == 3
-    assert sorted(os.listdir(os.path.join(dataset, schema.VOCAB_DIR))) == ["items.txt", "queries.txt", "tokens.txt"]
+    assert sorted(os.listdir(os.path.join(dataset, schema.VOCAB_DIR))) == [
+        "feedback.txt", "items.txt", "queries.txt", "tokens.txt", "users.txt"]
     assert read_vocab(dataset, schema.TOKEN_VOCAB) == list(schema.RESERVED)
     assert read_query_table(dataset) == {}
     assert sorted(r["item_id"] for r in read_item_table(dataset).values()) == [f"m{i}".encode() for i in range(6)]
@@ -657,3 +658,47 @@ def test_config_from_args_round_trip():
         bd.BuildConfig(history_events=())
     assert bd.pipeline_options([]).view_as(bd.StandardOptions).runner == "FnApiRunner"
     assert bd.pipeline_options(["--runner=DirectRunner"]).view_as(bd.StandardOptions).runner == "DirectRunner"
+
+
+def test_user_ids_and_history_feedback(tmp_path):
+    """Every rating is a sample and a later history step (MovieLens shape): each step's feedback token is
+    that event's own rating bucket (point in time: only earlier steps appear), users get vocabulary indices
+    from their train-split events only (a user seen only in test maps to OOV), a bad rating is dead-lettered."""
+    raw = tmp_path / "raw"
+    os.makedirs(raw)
+    items = [{"item_id": f"m{i}"} for i in range(5)]
+    ratings = {"a": [(1, "m0", 5, "train"), (2, "m1", 1, "train"), (3, "m2", 4.5, "valid"), (4, "m3", 2, "test")],
+               "b": [(1, "m1", 3, "train"), (2, "m4", 4, "train"), (3, "m0", 1, "test")],
+               "c": [(5, "m2", 5, "test"), (6, "m3", 3, "test")]}
+    events = [{"user_id": u, "timestamp": ts, "item_id": item, "event": "impression", "label": int(r >= 4),
+               "rating": r, "split": split} for u, rows in ratings.items() for ts, item, r, split in rows]
+    events.append({"user_id": "a", "timestamp": 9, "item_id": "m1", "event": "impression", "label": 1,
+                   "rating": "five", "split": "test"})
+    write_jsonl(str(raw / "items.jsonl"), items)
+    write_jsonl(str(raw / "events.jsonl"), events)
+    dataset = str(tmp_path / "dataset")
+    config = dataclasses.replace(CONFIG, min_history=0, history_events=("impression",), sample_events=("impression",))
+    stats = bd.build_dataset(str(raw), dataset, config)
+    assert stats["dead_letters"]["events"] == {"bad_field:rating": 1}
+    metadata = load_metadata(dataset)
+    users = read_vocab(dataset, schema.USER_VOCAB)
+    assert users[:2] == list(schema.RESERVED) and sorted(users[2:]) == ["a", "b"]  # c has no train event
+    assert metadata.num_users == 4
+    feedback = read_vocab(dataset, schema.FEEDBACK_VOCAB)
+    assert sorted(feedback[2:]) == ["impression:r1", "impression:r2", "impression:r3", "impression:r4",
+                                    "impression:r5"]
+    assert metadata.num_feedback == len(feedback)
+    context_spec, sequence_spec = schema.sequence_example_spec(metadata, schema.CTR_DIR)
+    seen = {}
+    for split in schema.SPLITS:
+        for record in _records(schema.shard_pattern(dataset, schema.CTR_DIR, split)):
+            context, sequence = tf.io.parse_single_sequence_example(record, context_spec, sequence_spec)
+            user, ts = context["user_id"].numpy().decode(), int(context["timestamp"])
+            steps = [feedback[i] for i in sequence[schema.SEQ_HISTORY_FEEDBACK].numpy()]
+            expected = [schema.feedback_token("impression", int(r >= 4), r)
+                        for t, _, r, _ in ratings[user] if t < ts][-config.max_history:]
+            assert steps == expected, (user, ts)
+            assert int(context[schema.CTX_USER_INDEX]) == (users.index(user) if user in users else schema.OOV_INDEX)
+            seen[(user, ts)] = steps
+    assert seen[("a", 4)] == ["impression:r5", "impression:r1", "impression:r5"]  # 4.5 stars round up to 5
+    assert seen[("c", 5)] == []

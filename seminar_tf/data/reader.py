@@ -145,7 +145,7 @@ def _truncate_and_cast(features: Dict, max_history: int) -> Dict:
     out = dict(context)
     length = tf.shape(sequence[schema.SEQ_HISTORY_ITEM])[0]
     start = tf.maximum(length - max_history, 0)
-    for name in schema.SEQUENCE_FEATURES:
+    for name in sequence:
         out[name] = sequence[name][start:]
     out[schema.CTX_HISTORY_LENGTH] = tf.cast(length - start, tf.int64)
     return out
@@ -161,10 +161,12 @@ def padded_shapes(metadata: schema.DatasetMetadata, kind: str, max_history: int)
         schema.CTX_LABEL: [],
         schema.CTX_HISTORY_LENGTH: [],
     }
-    for name in schema.SEQUENCE_FEATURES:
+    for name in schema.SEQUENCE_FEATURES + ((schema.SEQ_HISTORY_FEEDBACK,) if metadata.num_feedback else ()):
         shapes[name] = [max_history]
     for name in sorted(metadata.user_attributes):
         shapes[schema.user_attribute_feature(name)] = []
+    if metadata.num_users:
+        shapes[schema.CTX_USER_INDEX] = []
     if kind == schema.PRETRAIN_DIR:
         shapes[schema.CTX_NEGATIVE_ITEMS] = [metadata.num_negatives]
         shapes[schema.CTX_NEGATIVE_QUERIES] = [metadata.num_negatives]
@@ -280,6 +282,11 @@ def synthetic_dataset(
     }
     for name, size in sorted(metadata.user_attributes.items()):
         features[schema.user_attribute_feature(name)] = rng.integers(1, max(2, size), size=n)
+    if metadata.num_users:
+        features[schema.CTX_USER_INDEX] = rng.integers(1, max(2, metadata.num_users), size=n)
+    if metadata.num_feedback:
+        features[schema.SEQ_HISTORY_FEEDBACK] = np.where(
+            steps, rng.integers(low_item, max(low_item + 1, metadata.num_feedback), size=steps.shape), 0)
     if kind == schema.PRETRAIN_DIR:
         shape = [n, metadata.num_negatives]
         features[schema.CTX_NEGATIVE_ITEMS] = rng.integers(low_item, metadata.num_items, size=shape)
