@@ -388,38 +388,82 @@ def _add_bench(sub) -> None:
         description="Runs a benchmark and writes a Markdown + JSON report. 'pipeline': Beam pipeline "
         "throughput (raw events/s) at several sizes on FnApiRunner. 'pq': product-quantization recall and "
         "speed (exact vs ADC vs SDC vs faiss). 'serving': load test of the rank signature through the local "
-        "gRPC server. 'all': every benchmark.",
+        "gRPC server. 'movielens': SEMINAR and the baselines on MovieLens (RecBole's ml-100k or --input), "
+        "OUT/movielens/REPORT.md + movielens.json; not part of 'all'. 'all': pipeline, pq and serving.",
     )
-    p.add_argument("which", choices=["pipeline", "pq", "serving", "all"], help="which benchmark to run")
+    p.add_argument("which", choices=["pipeline", "pq", "serving", "movielens", "all"], help="which benchmark to run")
     p.add_argument("--out", default="benchmarks", help="directory for the reports (default: benchmarks)")
     p.add_argument("--sizes", default="100000,1000000",
                    help="pipeline: comma-separated target raw event counts (default: 100000,1000000)")
-    p.add_argument("--work-dir", default="runs/bench", help="scratch directory for generated data")
+    p.add_argument("--work-dir", default=None,
+                   help="scratch directory for generated data and runs (default: runs/bench; movielens: "
+                        "runs/bench/movielens)")
     p.add_argument("--preset", default="test",
                    help="pq: synthetic world + training preset of the trained-embedding parts: test (minutes) | "
                         "demo (the committed report; about an hour on 2 cores) (default: test)")
+    ml = p.add_argument_group("movielens")
+    ml.add_argument("--input", default=None,
+                    help="MovieLens directory the adapter reads (default: RecBole 1.2.1's ml-100k, from the wheel "
+                         "that pip downloads into --cache-dir)")
+    ml.add_argument("--cache-dir", default="~/.cache/seminar-tf/recbole",
+                    help="where the RecBole wheel and the extracted ml-100k files go (default: %(default)s)")
+    ml.add_argument("--config", default="movielens",
+                    help="preset or YAML/JSON config of the build section and the rows (default: movielens)")
+    ml.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
+    ml.add_argument("--models", default="seminar,din,sim_hard,sim_soft,eta,twin,no_history",
+                    help="comma-separated rows of seminar_tf.report.ROWS (default: %(default)s); the popularity "
+                         "reference is always reported")
+    ml.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
+    ml.add_argument("--pretrain-epochs", type=int, default=None, help="PSU pretraining epochs (default: the config's)")
+    ml.add_argument("--num-negatives", type=int, default=99,
+                    help="sampled negatives per positive of HIT/NDCG@10 (default: 99)")
+    ml.add_argument("--label-threshold", type=float, default=4.0, help="label = rating >= this (default: 4.0)")
+    ml.add_argument("--resume", action="store_true",
+                    help="reuse the built dataset (WORK/dataset/metadata.json) and finished cells")
     p.set_defaults(handler=_run_bench, takes_extra=False)
 
 
 def _run_bench(args, extra) -> int:
     which = ["pipeline", "pq", "serving"] if args.which == "all" else [args.which]
+    work_dir = args.work_dir or "runs/bench"
     for name in which:
         _progress(f"bench {name}")
+        if name == "movielens":
+            import shlex
+
+            from seminar_tf.bench import movielens as movielens_bench
+
+            config = movielens_bench.MovieLensBenchConfig(
+                input_dir=args.input, out_dir=args.out, work_dir=args.work_dir or "runs/bench/movielens",
+                cache_dir=args.cache_dir, config=args.config, seeds=args.seeds,
+                models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
+                pretrain_epochs=args.pretrain_epochs, num_negatives=args.num_negatives,
+                label_threshold=args.label_threshold, resume=args.resume)
+            if os.path.basename(sys.argv[0]).startswith("seminar-tf"):
+                config.command = "seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            try:
+                result = movielens_bench.run(config, progress=_progress)
+            except ValueError as error:
+                raise SystemExit(f"bench movielens: {error}") from None
+            print(os.path.join(args.out, "movielens", "REPORT.md"))
+            for check in result["checks"]:
+                print(f"{check['status']}: {check['target']}")
+            continue
         if name == "pipeline":
             from seminar_tf.bench import pipeline as pipeline_bench
 
             sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-            report = pipeline_bench.run(sizes, out_dir=args.out, work_dir=os.path.join(args.work_dir, "pipeline"),
+            report = pipeline_bench.run(sizes, out_dir=args.out, work_dir=os.path.join(work_dir, "pipeline"),
                                         progress=_progress)
         elif name == "pq":
             from seminar_tf.bench import pq as pq_bench
 
-            report = pq_bench.run(args.out, os.path.join(args.work_dir, "pq", args.preset),
+            report = pq_bench.run(args.out, os.path.join(work_dir, "pq", args.preset),
                                   config=pq_bench.PQBenchConfig(preset=args.preset), progress=_progress)
         else:
             from seminar_tf.bench import serving as serving_bench
 
-            report = serving_bench.run(args.out, os.path.join(args.work_dir, "serving"), progress=_progress)
+            report = serving_bench.run(args.out, os.path.join(work_dir, "serving"), progress=_progress)
         print(report)
     return 0
 

@@ -33,6 +33,12 @@ class ModelConfig:
     align_weight: float = 1.0
     relevance_weight: float = 1.0
     user_embedding_dim: int = 8
+    # Id and feedback features (fine-tuning; SEMINAR and every baseline)
+    use_user_id: bool = True  # user-id embedding in the tower (the dataset's vocab/users.txt; unseen users -> OOV)
+    user_id_dim: int = 16
+    use_item_id: bool = True  # item-id embedding for the target and each kept history step (ESU) and the tower
+    use_feedback: bool = True  # per-step feedback embedding (event type + rating/label), when the data has >1 kind
+    embedding_l2: float = 0.0  # L2 penalty on the id and feedback embedding tables
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
     use_history: bool = True  # False: the no-history baseline

@@ -21,6 +21,9 @@ Signatures (B = batch, L = history steps, N = candidates, T = ``max_query_tokens
     history_queries  string [B, L]   raw query text of each step; "" = a browsing step
     target_item_id   string [B]      target_query string [B] ("" = recommendation, no query)
     user_<attr>      string [B]      one input per user attribute of the dataset ("" / unknown → OOV)
+    user_id          string [B]      raw user id, when the model has a user-id embedding ("" / unseen → OOV)
+    history_feedback string [B, L]   when the model reads history feedback: each step's
+                                     ``schema.feedback_token`` (e.g. "impression:r4", "click"; "" = unknown)
     → probability float [B], logit float [B]
   rank (the serving shape of a ranking call: one history, N candidate (query, item) pairs; predict)
     history_item_ids / history_queries string [1, L], candidate_item_ids / candidate_queries string [1, N],
@@ -29,7 +32,7 @@ Signatures (B = batch, L = history steps, N = candidates, T = ``max_query_tokens
   ctr_examples (method tensorflow/serving/regress: TF Serving's Regress API)
     inputs string [B]: serialized tf.train.Example with bytes features history_item_ids (list),
     history_queries (list, "" = browse; shorter lists are padded with ""), target_item_id, target_query,
-    user_<attr>  → outputs float [B] (click probability)
+    user_<attr>, user_id, history_feedback (list) as above → outputs float [B] (click probability)
   ctr_classify (method tensorflow/serving/classify: TF Serving's Classify API; same tf.Example input)
     inputs string [B] → scores float [B, 2] ([1 - p, p]), classes string [B, 2] (["0", "1"])
   pretrain (PSU; present when the run was fine-tuned from a PSU run or ``psu_dir`` is given)
@@ -63,6 +66,8 @@ from seminar_tf import schema
 # Signature input/output names: the serving contract (serving/client.py repeats them; a test keeps them equal).
 HISTORY_ITEM_IDS = "history_item_ids"
 HISTORY_QUERIES = "history_queries"
+HISTORY_FEEDBACK = "history_feedback"  # per-step feedback tokens (schema.feedback_token); feedback models only
+USER_ID = schema.user_attribute_feature("id")  # "user_id": raw user id; models with a user-id embedding only
 TARGET_ITEM_ID = "target_item_id"
 TARGET_QUERY = "target_query"
 CANDIDATE_ITEM_IDS = "candidate_item_ids"
@@ -162,11 +167,21 @@ class SeminarServingModule(tf.Module):
         self.user_tables = {
             name: _vocabulary_table(f"{vocab}/{schema.user_attribute_vocab(name)}", f"user_{name}_vocabulary")
             for name in self.user_attribute_names}
+        self.uses_user_id = getattr(model, "user_id_embedding", None) is not None
+        self.uses_feedback = getattr(model, "feedback_embedding", None) is not None
+        self.user_id_table = (_vocabulary_table(f"{vocab}/{schema.USER_VOCAB}", "user_id_vocabulary")
+                              if self.uses_user_id else None)
+        self.feedback_table = (_vocabulary_table(f"{vocab}/{schema.FEEDBACK_VOCAB}", "feedback_vocabulary")
+                               if self.uses_feedback else None)
 
         ids = lambda name, rank: tf.TensorSpec([None] * rank, tf.string, name=name)  # noqa: E731
         users = {schema.user_attribute_feature(n): ids(schema.user_attribute_feature(n), 1)
                  for n in self.user_attribute_names}
+        if self.uses_user_id:
+            users[USER_ID] = ids(USER_ID, 1)
         history = {HISTORY_ITEM_IDS: ids(HISTORY_ITEM_IDS, 2), HISTORY_QUERIES: ids(HISTORY_QUERIES, 2)}
+        if self.uses_feedback:
+            history[HISTORY_FEEDBACK] = ids(HISTORY_FEEDBACK, 2)
         candidates = {CANDIDATE_ITEM_IDS: ids(CANDIDATE_ITEM_IDS, 2), CANDIDATE_QUERIES: ids(CANDIDATE_QUERIES, 2)}
         examples = {EXAMPLES: ids(EXAMPLES, 1)}
         self.ctr = _signature(self._ctr, {**history, TARGET_ITEM_ID: ids(TARGET_ITEM_ID, 1),
@@ -175,7 +190,8 @@ class SeminarServingModule(tf.Module):
         self.ctr_examples = _signature(self._ctr_examples, examples)
         self.ctr_classify = _signature(self._ctr_classify, examples)
         self.encode_items = _signature(self._encode_items, {ITEM_IDS: ids(ITEM_IDS, 1)})
-        self.pretrain = _signature(self._pretrain, {**history, **candidates}) if psu is not None else None
+        steps = {HISTORY_ITEM_IDS: history[HISTORY_ITEM_IDS], HISTORY_QUERIES: history[HISTORY_QUERIES]}
+        self.pretrain = _signature(self._pretrain, {**steps, **candidates}) if psu is not None else None
 
     def signatures(self) -> Dict[str, Callable]:
         """{signature key: concrete function} for ``tf.saved_model.save``."""
@@ -242,11 +258,18 @@ class SeminarServingModule(tf.Module):
                 tf.shape(value)[0], batch, message=f"{key}: batch size must equal that of {HISTORY_ITEM_IDS}")
             with tf.control_dependencies([check]):
                 features[key] = self.user_tables[name].lookup(_canonical_ids(value))
+        if self.uses_user_id:  # "" and ids outside the vocabulary → the OOV user
+            value = inputs[USER_ID]
+            check = tf.debugging.assert_equal(
+                tf.shape(value)[0], batch, message=f"{USER_ID}: batch size must equal that of {HISTORY_ITEM_IDS}")
+            with tf.control_dependencies([check]):
+                features[schema.CTX_USER_INDEX] = self.user_id_table.lookup(_canonical_ids(value))
         return features
 
     def _history_features(self, inputs, with_tokens: bool = True) -> Dict[str, tf.Tensor]:
         """Raw history [B, L] → the model's history features (indices, query tokens, history_length)."""
         items, queries = inputs[HISTORY_ITEM_IDS], inputs[HISTORY_QUERIES]
+        feedback = inputs.get(HISTORY_FEEDBACK) if self.uses_feedback else None
         checks = [
             tf.debugging.assert_equal(tf.shape(items), tf.shape(queries), message=(
                 f"{HISTORY_QUERIES} must have the shape of {HISTORY_ITEM_IDS} [batch, L] (\"\" = browsing step)")),
@@ -259,6 +282,12 @@ class SeminarServingModule(tf.Module):
             missing = tf.maximum(1 - tf.shape(items)[1], 0)
             items = tf.pad(items, [[0, 0], [0, missing]])
             queries = tf.pad(queries, [[0, 0], [0, missing]])
+        if feedback is not None:
+            check = tf.debugging.assert_equal(tf.shape(feedback)[:2], tf.shape(inputs[HISTORY_ITEM_IDS])[:2], message=(
+                f"{HISTORY_FEEDBACK} must have the shape of {HISTORY_ITEM_IDS} [batch, L] (one feedback token per "
+                "step, e.g. 'impression:r4'; \"\" = unknown)"))
+            with tf.control_dependencies([check]):
+                feedback = self.feedback_table.lookup(tf.pad(feedback, [[0, 0], [0, missing]]))
         query_index, query_tokens = self._queries(queries, with_tokens)
         batch, length = tf.shape(items)[0], tf.shape(items)[1]
         features = {
@@ -269,6 +298,8 @@ class SeminarServingModule(tf.Module):
         }
         if with_tokens:
             features[schema.HISTORY_QUERY_TOKENS] = query_tokens
+        if feedback is not None:
+            features[schema.SEQ_HISTORY_FEEDBACK] = feedback
         return features
 
     def _candidates(self, items, queries, batch, item_name: str, query_name: str):
@@ -319,13 +350,17 @@ class SeminarServingModule(tf.Module):
         }
         for name in self.user_attribute_names:
             spec[schema.user_attribute_feature(name)] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        if self.uses_user_id:
+            spec[USER_ID] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        lists = [HISTORY_ITEM_IDS, HISTORY_QUERIES] + ([HISTORY_FEEDBACK] if self.uses_feedback else [])
+        for name in lists[2:]:
+            spec[name] = tf.io.RaggedFeature(tf.string)
         parsed = tf.io.parse_example(serialized, spec)
-        items, queries = parsed[HISTORY_ITEM_IDS], parsed[HISTORY_QUERIES]
-        lengths = tf.concat([tf.cast(items.row_lengths(), tf.int64), tf.cast(queries.row_lengths(), tf.int64),
-                             tf.zeros([1], tf.int64)], 0)
+        lengths = tf.concat([tf.cast(parsed[name].row_lengths(), tf.int64) for name in lists]
+                            + [tf.zeros([1], tf.int64)], 0)
         shape = tf.stack([tf.shape(serialized, tf.int64)[0], tf.reduce_max(lengths)])
-        parsed[HISTORY_ITEM_IDS] = items.to_tensor("", shape=shape)
-        parsed[HISTORY_QUERIES] = queries.to_tensor("", shape=shape)
+        for name in lists:
+            parsed[name] = parsed[name].to_tensor("", shape=shape)
         return parsed
 
     def _ctr_examples(self, inputs):
@@ -399,8 +434,12 @@ def _set_method_names(saved_model_dir: str, method_names: Dict[str, str]) -> Non
 
 def _warmup_inputs(module: SeminarServingModule, item: str, query: str) -> Dict[str, Dict[str, np.ndarray]]:
     users = {schema.user_attribute_feature(n): np.array([b""], object) for n in module.user_attribute_names}
+    if module.uses_user_id:
+        users[USER_ID] = np.array([b""], object)
     history = {HISTORY_ITEM_IDS: np.array([[item.encode(), b""]], object),
                HISTORY_QUERIES: np.array([[query.encode(), b""]], object)}
+    if module.uses_feedback:
+        history[HISTORY_FEEDBACK] = np.array([[b"", b""]], object)
     return {
         CTR_SIGNATURE: {**history, TARGET_ITEM_ID: np.array([item.encode()], object),
                         TARGET_QUERY: np.array([query.encode()], object), **users},
@@ -569,6 +608,10 @@ def sample_user(data_dir: str, max_history: int, num_candidates: int = 10, seed:
     length = int(example[schema.CTX_HISTORY_LENGTH][0])
     history = [(items[i], query_text(q)) for i, q in zip(example[schema.SEQ_HISTORY_ITEM][0].numpy()[:length],
                                                           example[schema.SEQ_HISTORY_QUERY][0].numpy()[:length])]
+    if metadata.num_feedback:  # (item, query, feedback token) steps
+        tokens = reader.load_vocabulary(data_dir, schema.FEEDBACK_VOCAB)
+        feedback = example[schema.SEQ_HISTORY_FEEDBACK][0].numpy()[:length]
+        history = [step + (tokens[f],) for step, f in zip(history, feedback)]
     target_item = int(example[schema.CTX_TARGET_ITEM][0])
     target_query = query_text(int(example[schema.CTX_TARGET_QUERY][0]))
     rng = np.random.default_rng(seed)
@@ -578,6 +621,7 @@ def sample_user(data_dir: str, max_history: int, num_candidates: int = 10, seed:
     for name in sorted(metadata.user_attributes):
         vocab = reader.load_vocabulary(data_dir, schema.user_attribute_vocab(name))
         user[name] = vocab[int(example[schema.user_attribute_feature(name)][0])]
+    user["id"] = example[schema.CTX_USER_ID][0].numpy().decode("utf-8")  # the user_id input, where the model has it
     return history, candidates, user
 
 
@@ -598,10 +642,12 @@ def rank_sample_user(export_base: str, data_dir: str, *, model_name: str = "semi
         if progress:
             progress(f"serve: {model_name} version {server.manager.current_version} on 127.0.0.1:{server.grpc_port}")
         with PredictClient(f"127.0.0.1:{server.grpc_port}", model_name) as client:
+            inputs = client.user_inputs()
+            user = {k: v for k, v in user.items() if schema.user_attribute_feature(k) in inputs}
             ranked = client.rank(history, candidates, user)
     finally:
         server.stop()
-    last = "; ".join(f"{i} [{q}]" if q else i for i, q in history[-3:])
+    last = "; ".join(f"{step[0]} [{step[1]}]" if step[1] else step[0] for step in history[-3:])
     lines = [f"sample user: {len(history)} history steps (newest: {last}); attributes {user}",
              "rank  score     item_id  query"]
     for position, (index, score) in enumerate(ranked, 1):

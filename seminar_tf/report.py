@@ -66,6 +66,8 @@ ROWS: Dict[str, Row] = {r.name: r for r in [
     Row("sim_soft", "SIM soft search: top-K by embedding inner product (from scratch)", "sim_soft", pretrained=False),
     Row("eta", "ETA: top-K by SimHash Hamming distance (from scratch)", "eta", pretrained=False),
     Row("twin", "TWIN: consistent GSU/ESU target attention (from scratch)", "twin", pretrained=False),
+    Row("no_history", "the SEMINAR tower without the user history (use_history=False, from scratch)",
+        finetune_changes=(("use_history", False),), pretrained=False),
     Row("seminar_no_alignment", "SEMINAR, PSU pretrained without the alignment loss (align_weight=0)",
         pretrain_changes=(("align_weight", 0.0),)),
     Row("seminar_no_relevance", "SEMINAR, PSU pretrained without the query-item relevance loss "
@@ -277,6 +279,7 @@ class GridConfig:
     note: str = ""  # free text printed under the command (e.g. how the dataset was built)
     runs_dir: Optional[str] = None  # where the cells' run directories go (default: OUT/runs)
     report_only: bool = False  # train nothing: report the finished cells, list the others as not run
+    pq_recall: bool = True  # the PQ top-K recall section (on the seminar run of seed 0)
 
     def runs(self) -> str:
         return self.runs_dir or os.path.join(self.out_dir, RUNS_DIR)
@@ -390,11 +393,14 @@ def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progre
             progress(f"report: finetune {row.name} seed {seed} ({row.architecture}, init from {init_from})")
             train_started = time.time()
             result = experiment.finetune(grid.data_dir, cell_dir, fine, init_from=init_from, progress=progress)
-            trained = {"history": _history(result["history"]), "seconds": time.time() - train_started}
+            trained = {"history": _history(result["history"]), "seconds": time.time() - train_started,
+                       "epochs": len(next(iter(result["history"].values()), []))}
             del result
             _write_json(trained_marker, trained)  # an evaluation failure after this does not retrain
         history = trained["history"]
         extra["finetune_seconds"] = trained["seconds"]
+        if trained.get("epochs"):  # fine-tuning wall time (model build and validation included) per epoch run
+            extra["epoch_seconds"] = trained["seconds"] / trained["epochs"]
         evaluation = _evaluate_run(grid, cell_dir, cell_dir, seen, progress)
     scores = evaluation.pop("scores")
     np.savez_compressed(os.path.join(cell_dir, "scores.npz"), **{k: v for k, v in scores.items() if k != "user"})
@@ -916,9 +922,9 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
                                                                           "warm_target")
          if f"subset:{s}" in tables},
         os.path.join(out, "auc_cold_ids.png"), "Test AUC on cold-id subsets", "AUC")))
-    recall = None
+    recall = None if grid.pq_recall else {"error": "not requested"}
     seminar_cells = [c for c in cells.get("seminar", []) if c["seed"] == 0]
-    if seminar_cells:
+    if seminar_cells and grid.pq_recall:
         try:
             recall = pq_recall(os.path.join(runs_dir, "seminar_s0"), grid, base, progress)
             plots.append(os.path.basename(plot_recall(recall, os.path.join(out, "pq_recall.png"))))

@@ -44,6 +44,10 @@ class TrainConfig:
     batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size (all replicas)"})
     learning_rate: float = 1e-3
     optimizer: str = dataclasses.field(default="adam", metadata={"help": "Keras optimizer name"})
+    weight_decay: float = dataclasses.field(
+        default=0.0, metadata={"help": "decoupled weight decay of the optimizer (AdamW style); 0 = off"})
+    learning_rate_decay: float = dataclasses.field(
+        default=1.0, metadata={"help": "the learning rate is multiplied by this after every epoch; 1 = constant"})
     early_stopping_patience: int = dataclasses.field(
         default=2, metadata={"help": "epochs without improvement of --monitor before stopping"})
     monitor: str = dataclasses.field(
@@ -113,8 +117,15 @@ def make_optimizer(config: TrainConfig) -> tf.keras.optimizers.Optimizer:
     A config dict without ``is_legacy_optimizer`` would give the legacy (v1-style) optimizer, which builds
     its slots lazily so BackupAndRestore could not restore them before the first step.
     """
-    return tf.keras.optimizers.get({"class_name": config.optimizer, "config": {
-        "learning_rate": config.learning_rate, "is_legacy_optimizer": False}})
+    settings = {"learning_rate": config.learning_rate, "is_legacy_optimizer": False}
+    if config.weight_decay:
+        settings["weight_decay"] = config.weight_decay
+    return tf.keras.optimizers.get({"class_name": config.optimizer, "config": settings})
+
+
+def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: ``learning_rate · learning_rate_decay^epoch``."""
+    return float(config.learning_rate * config.learning_rate_decay ** epoch)
 
 
 def fit(
@@ -205,6 +216,8 @@ def fit(
         tf.keras.callbacks.TensorBoard(dirs.tensorboard_dir, profile_batch=0),
         *extra_callbacks,
     ]
+    if config.learning_rate_decay != 1.0:  # per epoch, so a resumed run continues the same schedule
+        callbacks.insert(1, tf.keras.callbacks.LearningRateScheduler(lambda epoch, _: epoch_learning_rate(config, epoch)))
     history = model.fit(
         train_data,
         validation_data=valid_data,

@@ -3,9 +3,10 @@
 File formats of ``query`` (UTF-8 JSON; every id is a string):
 
 ``--user-history FILE``: either one JSON object
-    {"user": {"age_bucket": "25-34", "gender": "f"},          # optional: user attributes by name
+    {"user": {"age_bucket": "25-34", "gender": "f"},          # optional: user attributes by name; "id" (or
+                                                               # "user_id") = the raw user id
      "history": [{"item_id": "i27", "query": "red shoes"},     # oldest first; "query" missing or "" = browse
-                 {"item_id": "i9"}]}
+                 {"item_id": "i9", "feedback": "click"}]}       # optional "feedback" token of the step
   or JSON lines of events in the raw ``events`` format ({"item_id", "query", "timestamp", "event"}; lines
   with an "event" other than "click" are skipped, lines are sorted by "timestamp" when every line has one),
   plus optionally one line {"user": {...}}.
@@ -68,10 +69,11 @@ def read_user_history(path: str) -> Tuple[List[Tuple[str, str]], dict]:
     for i, event in enumerate(events):
         if not isinstance(event, dict) or "item_id" not in event:
             raise SystemExit(f"{path}: history entry {i} needs an \"item_id\": {event!r}")
-        history.append((str(event["item_id"]), str(event.get("query") or "")))
+        step = (str(event["item_id"]), str(event.get("query") or ""))
+        history.append(step + ((str(event["feedback"]),) if "feedback" in event else ()))
     if not isinstance(user, dict):
         raise SystemExit(f"{path}: \"user\" must be an object of attribute name -> value")
-    return history, {str(k): str(v) for k, v in user.items() if k != "user_id"}
+    return history, {("id" if k == "user_id" else str(k)): str(v) for k, v in user.items()}
 
 
 def _timestamp(value):
@@ -206,6 +208,8 @@ def _run_query(args, extra) -> int:
     candidates = read_candidates(args.candidates)
     with PredictClient(args.target, model_name=args.model_name, timeout=args.timeout) as client:
         try:
+            if "id" in user and "user_id" not in client.user_inputs(args.signature):
+                del user["id"]  # a model without a user-id embedding takes no user_id input
             ranked = client.rank(history, candidates, user, signature_name=args.signature)
         except grpc.RpcError as err:
             print(f"query failed: {err.code().name}: {err.details()}", file=sys.stderr)

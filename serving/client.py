@@ -38,6 +38,7 @@ from serving import MODEL_NAME
 
 HISTORY_ITEM_IDS = "history_item_ids"
 HISTORY_QUERIES = "history_queries"
+HISTORY_FEEDBACK = "history_feedback"
 TARGET_ITEM_ID = "target_item_id"
 TARGET_QUERY = "target_query"
 CANDIDATE_ITEM_IDS = "candidate_item_ids"
@@ -51,6 +52,12 @@ CLASSIFY_SIGNATURE = "ctr_classify"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 Pair = Tuple[str, str]  # (item_id, query text; "" = browsing / recommendation)
+# A history step is a Pair, or (item_id, query, feedback token) for models with a history_feedback input
+# (``seminar_tf.schema.feedback_token``, e.g. "impression:r4"); a step without one sends "" (unknown).
+
+
+def _feedback(history) -> List[str]:
+    return [step[2] if len(step) > 2 else "" for step in history]
 
 
 def to_array(value) -> np.ndarray:
@@ -80,8 +87,10 @@ def make_example(features: Mapping[str, object]) -> example_pb2.Example:
 
 def history_example(history: Sequence[Pair], target: Pair, user_attributes: Optional[Mapping[str, str]] = None):
     """The ``ctr_examples``/``ctr_classify`` tf.Example of one (history, target) row."""
-    features = {HISTORY_ITEM_IDS: [i for i, _ in history], HISTORY_QUERIES: [q for _, q in history],
+    features = {HISTORY_ITEM_IDS: [step[0] for step in history], HISTORY_QUERIES: [step[1] for step in history],
                 TARGET_ITEM_ID: target[0], TARGET_QUERY: target[1]}
+    if any(len(step) > 2 for step in history):
+        features[HISTORY_FEEDBACK] = _feedback(history)
     for name, value in (user_attributes or {}).items():
         features[_user_input(name)] = value
     return make_example(features)
@@ -92,18 +101,21 @@ def _user_input(name: str) -> str:
 
 
 def rank_inputs(history: Sequence[Pair], candidates: Sequence[Pair], user_inputs: Iterable[str],
-                user_attributes: Optional[Mapping[str, str]] = None) -> Dict[str, np.ndarray]:
-    """``rank`` signature inputs: history [1, L], candidates [1, N], each user input [1] ("" when unknown)."""
+                user_attributes: Optional[Mapping[str, str]] = None, feedback: bool = False) -> Dict[str, np.ndarray]:
+    """``rank`` signature inputs: history [1, L], candidates [1, N], each user input [1] ("" when unknown);
+    with ``feedback`` also ``history_feedback`` [1, L] from the steps' third elements."""
     given = {_user_input(k): v for k, v in (user_attributes or {}).items()}
     unknown = sorted(set(given) - set(user_inputs))
     if unknown:
         raise ValueError(f"user attributes {unknown} are not inputs of the model (it has {sorted(user_inputs)})")
     inputs = {
-        HISTORY_ITEM_IDS: to_array([[i for i, _ in history]]).reshape(1, len(history)),
-        HISTORY_QUERIES: to_array([[q for _, q in history]]).reshape(1, len(history)),
+        HISTORY_ITEM_IDS: to_array([[step[0] for step in history]]).reshape(1, len(history)),
+        HISTORY_QUERIES: to_array([[step[1] for step in history]]).reshape(1, len(history)),
         CANDIDATE_ITEM_IDS: to_array([[i for i, _ in candidates]]).reshape(1, len(candidates)),
         CANDIDATE_QUERIES: to_array([[q for _, q in candidates]]).reshape(1, len(candidates)),
     }
+    if feedback:
+        inputs[HISTORY_FEEDBACK] = to_array([_feedback(history)]).reshape(1, len(history))
     for name in user_inputs:
         inputs[name] = to_array([str(given.get(name, ""))])
     return inputs
@@ -212,7 +224,9 @@ class PredictClient:
 
         Returns [(candidate position, score)] best first.
         """
-        inputs = rank_inputs(history, candidates, self.user_inputs(signature_name), user_attributes)
+        user_inputs = self.user_inputs(signature_name)  # fetches the signatures once
+        feedback = HISTORY_FEEDBACK in self._signatures[signature_name].inputs
+        inputs = rank_inputs(history, candidates, user_inputs, user_attributes, feedback)
         scores = self.predict(inputs, signature_name, version, output_filter=[SCORES])[SCORES][0]
         order = np.argsort(-scores, kind="stable")
         return [(int(i), float(scores[i])) for i in order]

@@ -89,6 +89,8 @@ def raw_inputs(batch, vocab) -> dict:
     for name in vocab["metadata"].user_attributes:
         key = schema.user_attribute_feature(name)
         out[key] = np.array([vocab[name][i] for i in batch[key].numpy()], object)
+    if vocab["metadata"].num_users:  # the raw user id; the export maps it through vocab/users.txt
+        out[export.USER_ID] = np.array([u.decode() for u in batch[schema.CTX_USER_ID].numpy()], object)
     return out
 
 
@@ -126,8 +128,8 @@ def test_export_is_the_next_version_renamed_into_place(exported, run):
     assert leftovers == [f"{export.TMP_PREFIX}stale"]  # ours was renamed, not left behind
     assets = sorted(os.listdir(os.path.join(exported["path"], "assets")))
     users = reader.load_metadata(run["data"]).user_attributes
-    assert assets == sorted([schema.ITEM_VOCAB, schema.QUERY_VOCAB, schema.TOKEN_VOCAB]
-                            + [schema.user_attribute_vocab(n) for n in users])
+    assert assets == sorted([schema.ITEM_VOCAB, schema.QUERY_VOCAB, schema.TOKEN_VOCAB, schema.USER_VOCAB]
+                            + [schema.user_attribute_vocab(n) for n in users])  # user ids: the model has them
     with open(os.path.join(exported["path"], "assets.extra", export.EXPORT_INFO)) as f:
         info = json.load(f)
     assert info["max_history"] == run["preset"].build.max_history and info["max_candidates"] == MAX_CANDIDATES
@@ -272,6 +274,8 @@ def _rank_inputs(length, n, users=("",)):
     metadata = reader.load_metadata(_DATA[0])
     inputs.update({schema.user_attribute_feature(name): np.array(list(users), object)
                    for name in metadata.user_attributes})
+    if metadata.num_users:
+        inputs[export.USER_ID] = np.array(list(users), object)
     return inputs
 
 

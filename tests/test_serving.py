@@ -84,9 +84,15 @@ def ctr_inputs(setup, rows=3, length=6):
     inputs = {"history_item_ids": np.array(history, object), "history_queries": np.array(history_queries, object),
               "target_item_id": np.array([items[r] for r in range(rows)], object),
               "target_query": np.array([queries[r] if r else "" for r in range(rows)], object)}
-    for name in setup["metadata"].user_attributes:
+    for name in user_names(setup):
         inputs[schema.user_attribute_feature(name)] = np.array([""] * rows, object)
     return inputs
+
+
+def user_names(setup):
+    """Names of the user inputs (``user_<name>``): the dataset's attributes, plus ``id`` (the ``user_id`` input)
+    when the model has a user-id embedding."""
+    return sorted(setup["metadata"].user_attributes) + (["id"] if setup["metadata"].num_users else [])
 
 
 def direct(setup, signature, inputs):
@@ -220,7 +226,7 @@ def test_predict_rank_round_trip(setup, grpc_client):
 def test_regress_and_classify_round_trip(setup, grpc_client):
     inputs = ctr_inputs(setup)
     want = direct(setup, "ctr", inputs)["probability"]
-    users = {name: "" for name in setup["metadata"].user_attributes}
+    users = {name: "" for name in user_names(setup)}
     examples = [client.history_example(list(zip(inputs["history_item_ids"][r], inputs["history_queries"][r])),
                                        (inputs["target_item_id"][r], inputs["target_query"][r]), users)
                 for r in range(len(want))]
@@ -268,7 +274,7 @@ def test_rest_round_trip(setup, rest, grpc_client):
                  "target_item_id": inputs["target_item_id"][r],
                  "target_query": {"b64": base64.b64encode(inputs["target_query"][r].encode()).decode()}}
                 for r in range(3)]
-    context = {schema.user_attribute_feature(n): "" for n in setup["metadata"].user_attributes}
+    context = {schema.user_attribute_feature(n): "" for n in user_names(setup)}
     np.testing.assert_allclose(rest.regress(examples, context=context), want["probability"], rtol=1e-6)
     classes = rest.classify(examples, context=context)
     assert [[label for label, _ in row] for row in classes] == [["0", "1"]] * 3
@@ -306,7 +312,7 @@ def _bad_requests(setup):
     long_history = {**good, "history_item_ids": np.array([[b"x"] * (MAX_HISTORY + 1)] * 3, object),
                     "history_queries": np.array([[b""] * (MAX_HISTORY + 1)] * 3, object)}
     rank = client.rank_inputs([("x", "")], [("y", "")] * (MAX_CANDIDATES + 1),
-                              [schema.user_attribute_feature(n) for n in setup["metadata"].user_attributes])
+                              [schema.user_attribute_feature(n) for n in user_names(setup)])
     return {
         "unknown model": (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
         "unknown version": (dict(version=7), grpc.StatusCode.NOT_FOUND, "7"),
@@ -459,7 +465,7 @@ def test_query_cli_ranks_candidates(setup, grpc_client, tmp_path, capsys):
     inputs = ctr_inputs(setup, rows=1, length=6)
     history = [{"item_id": i, "query": q} for i, q in zip(inputs["history_item_ids"][0], inputs["history_queries"][0])
                if i]
-    user = {name: "" for name in setup["metadata"].user_attributes}
+    user = {name: "" for name in user_names(setup)}
     (tmp_path / "history.json").write_text(json.dumps({"user": user, "history": history}))
     candidates = [{"item_id": setup["items"][i], "query": setup["queries"][3 + i] if i % 3 else ""}
                   for i in range(2, 9)]
@@ -482,7 +488,13 @@ def test_user_history_file_formats(tmp_path):
               {"user": {"gender": "f", "user_id": "u1"}}]
     (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events))
     history, user = serving_cli.read_user_history(str(tmp_path / "events.jsonl"))
-    assert history == [("a", "red shoes"), ("c", "")] and user == {"gender": "f"}
+    assert history == [("a", "red shoes"), ("c", "")] and user == {"gender": "f", "id": "u1"}  # "id": user_id input
+    (tmp_path / "history.json").write_text(json.dumps(
+        {"user": {"id": "u2"}, "history": [{"item_id": "a", "feedback": "impression:r4"}, {"item_id": "b"}]}))
+    history, user = serving_cli.read_user_history(str(tmp_path / "history.json"))
+    assert history == [("a", "", "impression:r4"), ("b", "")] and user == {"id": "u2"}
+    assert client.rank_inputs(history, [("c", "")], [], feedback=True)["history_feedback"].tolist() == [
+        [b"impression:r4", b""]]  # a step without feedback sends "" (unknown)
     (tmp_path / "candidates.json").write_text(json.dumps([{"item_id": 5}, {"item_id": "b", "query": "q"}]))
     assert serving_cli.read_candidates(str(tmp_path / "candidates.json")) == [("5", ""), ("b", "q")]
     (tmp_path / "bad.json").write_text(json.dumps([{"query": "no item"}]))

@@ -97,15 +97,13 @@ class RetrievalBaseline(SeminarModel):
         picked = tf.gather(history, tf.reshape(indices, [batch, -1]), batch_dims=1)  # [B, N*K, C, d]
         picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
         selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
-        lifelong = self.esu(tf.reshape(q_t, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
-                            training=training)
-        lifelong = tf.reshape(lifelong, [batch, n, self.esu.output_dim])
+        lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
         outputs = {"gsu_scores": scores, "top_k": tf.reshape(indices, [batch, n, k]),
                    "top_k_valid": tf.reshape(valid, [batch, n, k])}
         if training and self.aux_task is not None:
             readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
             outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
@@ -405,7 +403,7 @@ def _seminar_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) ->
                 user_attribute_sizes=dict(metadata.user_attributes), user_embedding_dim=config.user_embedding_dim,
                 tower_units=config.tower_units, use_history=config.use_history,
                 freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
-                dropout=config.dropout)
+                dropout=config.dropout, **builders.id_arguments(config, metadata))
 
 
 def build_baseline(

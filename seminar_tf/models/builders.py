@@ -51,6 +51,17 @@ def build_psu(config: ModelConfig, metadata: schema.DatasetMetadata, item_table:
         relevance_weight=config.relevance_weight, seed=config.seed)
 
 
+def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
+    """The id/feedback constructor arguments of ``SeminarModel`` (and every baseline): user ids only when the
+    dataset has a user vocabulary, feedback only when its history steps carry more than one kind of feedback
+    (a feedback that is always "click" says nothing)."""
+    informative_feedback = metadata.num_feedback > len(schema.RESERVED) + 1
+    return dict(num_users=metadata.num_users if config.use_user_id else 0, user_id_dim=config.user_id_dim,
+                use_item_id=config.use_item_id,
+                num_feedback=metadata.num_feedback if config.use_feedback and informative_feedback else 0,
+                embedding_l2=config.embedding_l2)
+
+
 def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
                   query_table: Optional[QueryTable] = None) -> SeminarModel:
     content = build_content_encoder(config, metadata, item_table, query_table)
@@ -60,7 +71,7 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         tower_units=config.tower_units, aux_weight=config.aux_weight, use_history=config.use_history,
         freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
         dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
-        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank)
+        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, **id_arguments(config, metadata))
 
 
 def em3_options(config: ModelConfig) -> List[str]:

@@ -115,6 +115,11 @@ class SeminarModel(tfrs.Model):
         pq_centroids: int = 256,
         pq_jit_compile: bool = False,
         pq_rerank: int = 1,
+        num_users: int = 0,
+        user_id_dim: int = 16,
+        use_item_id: bool = False,
+        num_feedback: int = 0,
+        embedding_l2: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -141,9 +146,28 @@ class SeminarModel(tfrs.Model):
             name: tf.keras.layers.Embedding(size, user_embedding_dim, name=f"user_{name}_embedding")
             for name, size in sorted((user_attribute_sizes or {}).items())
         }
-        self.tower = tf.keras.Sequential(
-            [tf.keras.layers.Dense(u, activation="relu") for u in tower_units] + [tf.keras.layers.Dense(1)],
-            name="tower")
+        # Id and feedback features (beside the content channels): a user-id embedding for the tower, an item-id
+        # embedding added to the ESU's target query and to each kept history step, and a per-step feedback
+        # embedding (what the user did with that item) added to the kept steps; its masked mean over the whole
+        # history also feeds the tower. Index 0 (padding) embeds to zero.
+        regularizer = tf.keras.regularizers.l2(embedding_l2) if embedding_l2 else None
+        self.embedding_l2 = float(embedding_l2)
+
+        def id_table(size, width, name):
+            return tf.keras.layers.Embedding(size, width, embeddings_regularizer=regularizer,
+                                             embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01),
+                                             name=name)
+
+        self.user_id_embedding = id_table(num_users, user_id_dim, "user_id_embedding") if num_users else None
+        self.item_id_embedding = id_table(content.num_items, dim, "item_id_embedding") if use_item_id else None
+        self.feedback_embedding = (id_table(num_feedback, dim, "feedback_embedding")
+                                   if num_feedback and self.use_history else None)
+        hidden = []
+        for units in tower_units:
+            hidden.append(tf.keras.layers.Dense(units, activation="relu"))
+            if dropout:
+                hidden.append(tf.keras.layers.Dropout(dropout))
+        self.tower = tf.keras.Sequential(hidden + [tf.keras.layers.Dense(1)], name="tower")
         self.aux_head = tf.keras.Sequential(
             [tf.keras.layers.Dense(dim, activation="relu"), tf.keras.layers.Dense(1)], name="gsu_aux_head")
         self.aux_head.build([None, None, 2 * dim])  # used only in training; built now so checkpoints always hold it
@@ -446,9 +470,7 @@ class SeminarModel(tfrs.Model):
                 k = tf.shape(indices)[1]
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
             selected = tf.reduce_sum(picked * gamma[:, :, None, :, None], axis=3)  # Σ_c γ_c x^{GSU(c)}: [B, N, K, d]
-            lifelong = self.esu(tf.reshape(q_t, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
-                                training=training)
-            lifelong = tf.reshape(lifelong, [batch, n, self.esu.output_dim])
+            lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
             outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]))
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
@@ -459,11 +481,53 @@ class SeminarModel(tfrs.Model):
                     history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
-    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None):
+    def step_embeddings(self, features, positions):
+        """Id + feedback embeddings of history steps: positions [B, P] into each row's history → [B, P, d], or
+        None when the model has neither."""
+        parts = []
+        if self.item_id_embedding is not None:
+            parts.append(self.item_id_embedding(tf.gather(features[schema.SEQ_HISTORY_ITEM], positions, batch_dims=1)))
+        if self.feedback_embedding is not None:
+            feedback = self._history_feedback(features)
+            parts.append(self.feedback_embedding(tf.gather(feedback, positions, batch_dims=1)))
+        return tf.add_n(parts) if parts else None
+
+    def _history_feedback(self, features):
+        if schema.SEQ_HISTORY_FEEDBACK not in features:
+            raise ValueError(f"missing feature {schema.SEQ_HISTORY_FEEDBACK!r}: this model was built with history "
+                             "feedback (the dataset's metadata.num_feedback); feed the per-step feedback indices")
+        return features[schema.SEQ_HISTORY_FEEDBACK]
+
+    def esu_readout(self, features, items, q_t, selected, indices, valid, training=None):
+        """ESU target attention over the K kept steps: x_lifelong_seq [B, N, d].
+
+        Query q_t (+ the target's item-id embedding), keys/values the kept pairs Σ_c γ_c x^{GSU(c)} [B, N, K, d]
+        (+ each step's item-id and feedback embeddings); ``indices`` [B·N, K] are the kept history positions and
+        ``valid`` [B·N, K] which of them are real.
+        """
+        batch, n, k, dim = tf.shape(selected)[0], tf.shape(selected)[1], tf.shape(selected)[2], self.content.dim
+        query = q_t
+        if self.item_id_embedding is not None:
+            query = query + self.item_id_embedding(items)
+        side = self.step_embeddings(features, tf.reshape(indices, [batch, -1]))
+        if side is not None:
+            selected = selected + tf.reshape(side, tf.shape(selected))
+        lifelong = self.esu(tf.reshape(query, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
+                            training=training)
+        return tf.reshape(lifelong, [batch, n, self.esu.output_dim])
+
+    def history_feedback_mean(self, features):
+        """Masked mean of the feedback embeddings over every real history step: [B, d] (zeros without steps)."""
+        feedback = self._history_feedback(features)
+        real = tf.cast(history_mask(features), tf.float32)[..., None]
+        total = tf.reduce_sum(self.feedback_embedding(feedback) * real, axis=1)
+        return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
+
+    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, items=None):
         """ŷ = f(x_lifelong_seq, x_u2i, x_i, x_u): the CTR tower's logit [B, N].
 
         q_t [B, N, d] is the target (x_i); lifelong [B, N, d] the ESU output; selected [B, N, K, d] the K pairs
@@ -473,7 +537,14 @@ class SeminarModel(tfrs.Model):
         data: test AUC 0.53 vs 0.58 on the planted world in our runs).
         """
         n = tf.shape(q_t)[1]
-        parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in self._user_vectors(features)]
+        users = self._user_vectors(features)
+        if self.user_id_embedding is not None:
+            users.append(self.user_id_embedding(features.get(schema.CTX_USER_INDEX, self._oov_users(q_t))))
+        if self.feedback_embedding is not None:
+            users.append(self.history_feedback_mean(features))
+        parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in users]
+        if self.item_id_embedding is not None and items is not None:
+            parts.append(self.item_id_embedding(items))
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
             cosine = tf.einsum("bnkd,bnd->bnk", tf.math.l2_normalize(selected, -1), tf.math.l2_normalize(q_t, -1))
@@ -481,6 +552,11 @@ class SeminarModel(tfrs.Model):
             best = tf.reduce_max(cosine * valid - 2.0 * (1.0 - valid), -1) * tf.reduce_max(valid, -1)
             parts = [lifelong, lifelong * q_t, tf.stack([mean, best], axis=-1)] + parts
         return tf.squeeze(self.tower(tf.concat(parts, axis=-1), training=training), -1)
+
+    @staticmethod
+    def _oov_users(q_t):
+        """OOV user indices [B] for inputs without ``user_index`` (scored as an unseen user)."""
+        return tf.fill(tf.shape(q_t)[:1], tf.constant(schema.OOV_INDEX, tf.int64))
 
     def call(self, features, training=None) -> Dict[str, tf.Tensor]:
         """Row format: each row's own target against its own history; outputs without the N axis."""
