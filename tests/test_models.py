@@ -12,7 +12,7 @@ from seminar_tf.data import reader
 from seminar_tf.models import builders
 from seminar_tf.models.content import ContentEncoder
 
-from model_fixtures import CONFIG, METADATA
+from model_fixtures import BATCH, CONFIG, METADATA
 from model_fixtures import batch as _batch
 from model_fixtures import tables as _tables
 
@@ -294,3 +294,52 @@ def test_indexed_inference_gsu_scores_equal_the_projected_history_scores(rows):
     # The inference call ranks with these scores.
     outputs = model.score_pairs(batch, queries, items, training=False)
     np.testing.assert_allclose(outputs["gsu_scores"].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- ids, feedback
+ID_METADATA = dataclasses.replace(METADATA, num_users=40, num_feedback=6)
+
+
+@pytest.mark.parametrize("architecture", ["seminar", "din"])
+def test_id_and_feedback_features_follow_the_data(architecture):
+    """User ids reach the tower, feedback reaches the kept steps and the tower's history mean; padded steps'
+    feedback never matters; a batch without user_index scores everyone as the OOV user; a missing
+    history_feedback is named."""
+    config = dataclasses.replace(CONFIG, architecture=architecture)
+    model = builders.build_model(config, ID_METADATA, *_tables(ID_METADATA))
+    assert model.user_id_embedding is not None and model.feedback_embedding is not None
+    batch = dict(_batch(metadata=ID_METADATA))
+    logit = model(batch)["logit"].numpy()
+    # Feedback: every real step's token matters; a padded step's never does.
+    mask = tf.sequence_mask(batch[schema.CTX_HISTORY_LENGTH], ID_METADATA.max_history)
+    feedback = batch[schema.SEQ_HISTORY_FEEDBACK]
+    padded_changed = model({**batch, schema.SEQ_HISTORY_FEEDBACK: tf.where(mask, feedback, 5)})["logit"].numpy()
+    np.testing.assert_allclose(padded_changed, logit, rtol=1e-5, atol=1e-6)
+    real_changed = model({**batch, schema.SEQ_HISTORY_FEEDBACK: tf.where(mask, 2 + (feedback - 1) % 4, 0)})
+    rows = batch[schema.CTX_HISTORY_LENGTH].numpy() > 0
+    assert np.all(np.abs(real_changed["logit"].numpy() - logit)[rows] > 1e-7)
+    # The history mean equals a plain masked mean of the embedding rows.
+    table = model.feedback_embedding.embeddings.numpy()
+    want = np.stack([table[f[:n]].mean(0) if n else np.zeros(table.shape[1]) for f, n in
+                     zip(feedback.numpy(), batch[schema.CTX_HISTORY_LENGTH].numpy())])
+    np.testing.assert_allclose(model.history_feedback_mean(batch), want, rtol=1e-5, atol=1e-6)
+    # User ids: another index changes the logit; no user_index at all = the OOV user.
+    other = model({**batch, schema.CTX_USER_INDEX: (batch[schema.CTX_USER_INDEX] + 1) % 40})["logit"].numpy()
+    assert np.all(np.abs(other - logit) > 1e-7)
+    without = {k: v for k, v in batch.items() if k != schema.CTX_USER_INDEX}
+    oov = {**batch, schema.CTX_USER_INDEX: tf.fill([BATCH], tf.constant(schema.OOV_INDEX, tf.int64))}
+    np.testing.assert_allclose(model(without)["logit"], model(oov)["logit"], rtol=1e-6)
+    with pytest.raises(ValueError, match=schema.SEQ_HISTORY_FEEDBACK):
+        model({k: v for k, v in batch.items() if k != schema.SEQ_HISTORY_FEEDBACK})
+
+
+def test_id_arguments_switch_off_what_the_data_does_not_carry():
+    one_kind = dataclasses.replace(ID_METADATA, num_feedback=len(schema.RESERVED) + 1)  # e.g. only "click"
+    assert builders.id_arguments(CONFIG, one_kind)["num_feedback"] == 0
+    assert builders.id_arguments(CONFIG, ID_METADATA)["num_feedback"] == 6
+    assert builders.id_arguments(CONFIG, METADATA)["num_users"] == 0  # a dataset built before user ids
+    off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
+    assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
+                                                          use_item_id=False, num_feedback=0, embedding_l2=0.0)
+    model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
+    assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
