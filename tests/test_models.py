@@ -340,6 +340,35 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     assert builders.id_arguments(CONFIG, METADATA)["num_users"] == 0  # a dataset built before user ids
     off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
-                                                          use_item_id=False, num_feedback=0, embedding_l2=0.0)
+                                                          use_item_id=False, num_feedback=0, embedding_l2=0.0,
+                                                          recent_history=0)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
     assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
+
+
+@pytest.mark.parametrize("architecture", ["seminar", "twin"])
+def test_recent_branch_attends_over_the_newest_real_steps(architecture):
+    config = dataclasses.replace(CONFIG, architecture=architecture, recent_history=4)
+    model = builders.build_model(config, ID_METADATA, *_tables(ID_METADATA))
+    batch = dict(_batch(metadata=ID_METADATA))
+    logit = model(batch)["logit"].numpy()
+    seen = []
+
+    def pick(positions):
+        seen.append(positions.numpy())
+        return tf.zeros(tf.concat([tf.shape(positions), [len(model.channels), CONFIG.dim]], 0))
+
+    q_t, gamma = model.encode_targets(batch[schema.CTX_TARGET_QUERY][:, None], batch[schema.CTX_TARGET_ITEM][:, None])
+    from seminar_tf.models.psu import history_mask
+
+    model.recent_readout(batch, batch[schema.CTX_TARGET_ITEM][:, None], q_t, gamma, history_mask(batch), pick)
+    for row, length in enumerate(batch[schema.CTX_HISTORY_LENGTH].numpy()):
+        newest = list(range(length - 1, max(length - 4, 0) - 1, -1))
+        assert seen[0][row][:len(newest)].tolist() == newest
+    # The newest real step changes the output through the recent branch (DIN is the branch itself).
+    rows = batch[schema.CTX_HISTORY_LENGTH].numpy() > 0
+    last = tf.equal(tf.range(ID_METADATA.max_history, dtype=tf.int64)[None, :],
+                    batch[schema.CTX_HISTORY_LENGTH][:, None] - 1)
+    changed = model({**batch, schema.SEQ_HISTORY_FEEDBACK: tf.where(last, 5, batch[schema.SEQ_HISTORY_FEEDBACK])})
+    assert np.any(np.abs(changed["logit"].numpy() - logit)[rows] > 1e-7)
+    assert builders.build_model(dataclasses.replace(config, architecture="din"), ID_METADATA).recent is None

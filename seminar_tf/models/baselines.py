@@ -98,12 +98,15 @@ class RetrievalBaseline(SeminarModel):
         picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
         selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
         lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
+        recent = (self.recent_readout(features, items, q_t, gamma, mask,
+                                      lambda positions: tf.gather(history, positions, batch_dims=1), training)
+                  if self.recent is not None else None)
         outputs = {"gsu_scores": scores, "top_k": tf.reshape(indices, [batch, n, k]),
                    "top_k_valid": tf.reshape(valid, [batch, n, k])}
         if training and self.aux_task is not None:
             readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
             outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items, recent=recent)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
@@ -115,6 +118,7 @@ class DIN(RetrievalBaseline):
     """
 
     def __init__(self, content: ContentEncoder, short_history: int = 50, **kwargs):
+        kwargs["recent_history"] = 0  # DIN's attention already is the recent-behaviour branch
         super().__init__(content, top_k=int(short_history), **kwargs)
         self.short_history = int(short_history)
 

@@ -120,6 +120,7 @@ class SeminarModel(tfrs.Model):
         use_item_id: bool = False,
         num_feedback: int = 0,
         embedding_l2: float = 0.0,
+        recent_history: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -141,6 +142,11 @@ class SeminarModel(tfrs.Model):
         self.gate = ChannelGate(len(self.channels), mode="dynamic", name="gate")
         self.gsu = MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, name="gsu")
         self.esu = MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, dropout=dropout, name="esu")
+        # Short-term interest beside the lifelong retrieval (as production SIM / ETA / TWIN run it): target
+        # attention over the newest ``recent_history`` real steps, read by the tower next to the ESU output.
+        self.recent_history = int(recent_history) if self.use_history else 0
+        self.recent = (MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, dropout=dropout,
+                                                name="recent") if self.recent_history else None)
         self.user_attribute_names = sorted(user_attribute_sizes or {})
         self.user_embeddings = {
             name: tf.keras.layers.Embedding(size, user_embedding_dim, name=f"user_{name}_embedding")
@@ -426,7 +432,7 @@ class SeminarModel(tfrs.Model):
         batch, n = tf.shape(q_t)[0], tf.shape(q_t)[1]
         dim = self.content.dim
         outputs = {}
-        lifelong = selected = valid = None
+        lifelong = selected = valid = recent = None
         if self.use_history:
             stored = None
             if self.gsu_mode == "exact" and training:
@@ -454,12 +460,16 @@ class SeminarModel(tfrs.Model):
             valid = tf.logical_and(valid, tf.reshape(tf.gather(mask, flat_indices, batch_dims=1), [-1, k]))
             indices = tf.where(valid, indices, tf.zeros_like(indices))
             flat_indices = tf.reshape(indices, [batch, -1])
-            if history is not None:
-                picked = tf.gather(history, flat_indices, batch_dims=1)  # [B, N*K, C, d]
-            elif stored is not None:  # project each distinct kept position once (the N lists overlap)
-                picked = self._gather_unique(stored, flat_indices, self.projection)
-            else:
-                picked = self._encode_positions(features, flat_indices, training)
+
+            def pick(positions):
+                """History channels after G_j at positions [B, P] → [B, P, C, d]."""
+                if history is not None:
+                    return tf.gather(history, positions, batch_dims=1)
+                if stored is not None:  # project each distinct kept position once (the N lists overlap)
+                    return self._gather_unique(stored, positions, self.projection)
+                return self._encode_positions(features, positions, training)
+
+            picked = pick(flat_indices)  # [B, N*K, C, d]
             if rerank > 1:  # exact GSU scores of the r·K PQ candidates, Σ_j γ_j u·x^{GSU(j)}; keep the K best
                 candidates = tf.reshape(picked, [batch * n, k, len(self.channels), dim])
                 u = tf.reshape(self.gsu.folded_query(q_t), [-1, dim])
@@ -471,6 +481,8 @@ class SeminarModel(tfrs.Model):
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
             selected = tf.reduce_sum(picked * gamma[:, :, None, :, None], axis=3)  # Σ_c γ_c x^{GSU(c)}: [B, N, K, d]
             lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
+            if self.recent is not None:
+                recent = self.recent_readout(features, items, q_t, gamma, mask, pick, training)
             outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]))
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
@@ -481,9 +493,28 @@ class SeminarModel(tfrs.Model):
                     history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items, recent=recent)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
+
+    def recent_readout(self, features, items, q_t, gamma, mask, pick, training=None):
+        """Target attention over the newest ``recent_history`` real steps: [B, N, d].
+
+        ``mask`` [B, L] marks the real steps; ``pick(positions [B, R])`` gives their channels after G_j
+        [B, R, C, d], merged with each target's γ; keys carry the steps' id and feedback embeddings, as the ESU's.
+        """
+        batch, n, dim = tf.shape(q_t)[0], tf.shape(q_t)[1], self.content.dim
+        order = tf.broadcast_to(tf.cast(tf.range(tf.shape(mask)[1]), tf.float32)[None, :], tf.shape(mask))
+        positions, valid = top_k_positions(order, mask, self.recent_history)  # newest first: [B, R]
+        keys = tf.einsum("brcd,bnc->bnrd", pick(positions), gamma)  # Σ_c γ_c x^{GSU(c)}: [B, N, R, d]
+        side = self.step_embeddings(features, positions)
+        if side is not None:
+            keys = keys + side[:, None]
+        query = q_t if self.item_id_embedding is None else q_t + self.item_id_embedding(items)
+        r = tf.shape(positions)[1]
+        out = self.recent(tf.reshape(query, [-1, dim]), tf.reshape(keys, [-1, r, dim]),
+                          mask=tf.repeat(valid, n, axis=0), training=training)
+        return tf.reshape(out, [batch, n, self.recent.output_dim])
 
     def step_embeddings(self, features, positions):
         """Id + feedback embeddings of history steps: positions [B, P] into each row's history → [B, P, d], or
@@ -527,7 +558,8 @@ class SeminarModel(tfrs.Model):
         total = tf.reduce_sum(self.feedback_embedding(feedback) * real, axis=1)
         return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
 
-    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, items=None):
+    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, items=None,
+                    recent=None):
         """ŷ = f(x_lifelong_seq, x_u2i, x_i, x_u): the CTR tower's logit [B, N].
 
         q_t [B, N, d] is the target (x_i); lifelong [B, N, d] the ESU output; selected [B, N, K, d] the K pairs
@@ -545,6 +577,8 @@ class SeminarModel(tfrs.Model):
         parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in users]
         if self.item_id_embedding is not None and items is not None:
             parts.append(self.item_id_embedding(items))
+        if recent is not None:  # [B, N, d], the short-term branch
+            parts.append(recent)
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
             cosine = tf.einsum("bnkd,bnd->bnk", tf.math.l2_normalize(selected, -1), tf.math.l2_normalize(q_t, -1))
