@@ -35,7 +35,7 @@ class ModelConfig:
     user_embedding_dim: int = 8
     # Id and feedback features (fine-tuning; SEMINAR and every baseline)
     use_user_id: bool = True  # user-id embedding in the tower (the dataset's vocab/users.txt; unseen users -> OOV)
-    user_id_dim: int = 16
+    user_id_dim: int = 0  # 0 = dim; then the tower also reads user-id ⊙ item-id (a factorization-machine cross)
     use_item_id: bool = True  # item-id embedding for the target and each kept history step (ESU) and the tower
     use_feedback: bool = True  # per-step feedback embedding (event type + rating/label), when the data has >1 kind
     embedding_l2: float = 0.0  # L2 penalty on the id and feedback embedding tables

@@ -408,3 +408,70 @@ def test_pq_adc_export_serves_the_pq_model_and_its_item_codes(run, batch, vocab,
     assert export.PQ_ITEM_CODES not in call(tf.saved_model.load(
         export.export_model(run["ctr"], str(tmp_path / "exact"), max_candidates=MAX_CANDIDATES)),
         "encode_items", {export.ITEM_IDS: ids})
+
+
+# ---------------------------------------------------------------------------------------------------- ids, feedback
+def test_user_id_and_history_feedback_inputs_equal_the_model(tmp_path):
+    """A MovieLens-shaped dataset (every rating a sample and a later history step, with its rating): the export
+    takes user_id and history_feedback as raw strings and gives the in-memory model's numbers; an unseen user
+    and an unknown feedback token score through OOV; the tf.Example signatures read the same features."""
+    from beam_pipelines import build_dataset
+
+    raw = tmp_path / "raw"
+    os.makedirs(raw)
+    rng = np.random.default_rng(3)
+    with open(raw / "items.jsonl", "w") as f:
+        f.writelines(json.dumps({"item_id": f"m{i}", "title": f"film {i % 7}", "genre": f"g{i % 4}"}) + "\n"
+                     for i in range(30))
+    with open(raw / "events.jsonl", "w") as f:
+        for user in range(12):
+            for step in range(10):
+                rating = int(rng.integers(1, 6))
+                f.write(json.dumps({"user_id": f"u{user}", "timestamp": step, "item_id": f"m{rng.integers(30)}",
+                                    "event": "impression", "label": int(rating >= 4), "rating": rating,
+                                    "split": "train" if step < 8 else "test" if step == 9 else "valid"}) + "\n")
+    data = str(tmp_path / "data")
+    build_dataset.build_dataset(str(raw), data, build_dataset.BuildConfig(
+        max_history=8, min_history=0, history_events=("impression",), sample_events=("impression",), num_shards=1))
+    preset = config.get_preset("test")
+    preset.build = dataclasses.replace(preset.build, max_history=8)
+    preset.model = dataclasses.replace(preset.model, recent_history=3)
+    preset.finetune = dataclasses.replace(preset.finetune, epochs=1, steps_per_epoch=2, validation_steps=1)
+    experiment.finetune(data, str(tmp_path / "ctr"), preset)
+    model = experiment.load_model(str(tmp_path / "ctr"))[0]
+    assert model.user_id_embedding is not None and model.feedback_embedding is not None
+    path = export.export_model(str(tmp_path / "ctr"), str(tmp_path / "export"), max_candidates=4)
+    loaded = tf.saved_model.load(path)
+    batch = next(iter(reader.make_dataset(data, schema.CTR_DIR, "test", 12)))
+    items = reader.load_vocabulary(data, schema.ITEM_VOCAB)
+    feedback = reader.load_vocabulary(data, schema.FEEDBACK_VOCAB)
+    inputs = {
+        export.HISTORY_ITEM_IDS: np.vectorize(lambda i: items[i] if i else "", otypes=[object])(
+            batch[schema.SEQ_HISTORY_ITEM].numpy()),
+        export.HISTORY_QUERIES: np.full(batch[schema.SEQ_HISTORY_ITEM].shape, "", object),
+        export.HISTORY_FEEDBACK: np.vectorize(lambda i: feedback[i] if i else "", otypes=[object])(
+            batch[schema.SEQ_HISTORY_FEEDBACK].numpy()),
+        export.TARGET_ITEM_ID: np.array([items[i] for i in batch[schema.CTX_TARGET_ITEM].numpy()], object),
+        export.TARGET_QUERY: np.full([len(batch[schema.CTX_LABEL])], "", object),
+        export.USER_ID: np.array([u.decode() for u in batch[schema.CTX_USER_ID].numpy()], object),
+    }
+    got = call(loaded, "ctr", inputs)["probability"]
+    np.testing.assert_allclose(got, model(batch)["probability"].numpy(), rtol=1e-5, atol=1e-6)
+    unseen = call(loaded, "ctr", {**inputs, export.USER_ID: np.full_like(inputs[export.USER_ID], "nobody")})
+    oov = {**batch, schema.CTX_USER_INDEX: tf.fill(tf.shape(batch[schema.CTX_USER_INDEX]), tf.constant(1, tf.int64))}
+    np.testing.assert_allclose(unseen["probability"], model(oov)["probability"].numpy(), rtol=1e-5, atol=1e-6)
+    strange = np.where(inputs[export.HISTORY_FEEDBACK] != "", "impression:r9", "")
+    assert np.all(np.isfinite(call(loaded, "ctr", {**inputs, export.HISTORY_FEEDBACK: strange})["probability"]))
+    examples = []
+    for row in range(len(got)):
+        length = int(batch[schema.CTX_HISTORY_LENGTH][row])
+        features = {k: [v.encode() for v in inputs[k][row][:length]] for k in
+                    (export.HISTORY_ITEM_IDS, export.HISTORY_QUERIES, export.HISTORY_FEEDBACK)}
+        features.update({k: [inputs[k][row].encode()] for k in (export.TARGET_ITEM_ID, export.USER_ID)})
+        examples.append(tf.train.Example(features=tf.train.Features(feature={
+            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=v)) for k, v in features.items()}))
+            .SerializeToString())
+    regress = call(loaded, "ctr_examples", {export.EXAMPLES: np.array(examples, object)})["outputs"]
+    np.testing.assert_allclose(regress, got, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match=export.HISTORY_FEEDBACK):
+        call(loaded, "ctr", {**inputs, export.HISTORY_FEEDBACK: inputs[export.HISTORY_FEEDBACK][:, :2]})

@@ -164,7 +164,9 @@ class SeminarModel(tfrs.Model):
                                              embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01),
                                              name=name)
 
-        self.user_id_embedding = id_table(num_users, user_id_dim, "user_id_embedding") if num_users else None
+        # user_id_dim 0 = d: the tower then also reads user-id ⊙ item-id (a factorization-machine cross)
+        self.user_id_embedding = (id_table(num_users, int(user_id_dim) or dim, "user_id_embedding")
+                                  if num_users else None)
         self.item_id_embedding = id_table(content.num_items, dim, "item_id_embedding") if use_item_id else None
         self.feedback_embedding = (id_table(num_feedback, dim, "feedback_embedding")
                                    if num_feedback and self.use_history else None)
@@ -570,13 +572,18 @@ class SeminarModel(tfrs.Model):
         """
         n = tf.shape(q_t)[1]
         users = self._user_vectors(features)
+        user_id = None
         if self.user_id_embedding is not None:
-            users.append(self.user_id_embedding(features.get(schema.CTX_USER_INDEX, self._oov_users(q_t))))
+            user_id = self.user_id_embedding(features.get(schema.CTX_USER_INDEX, self._oov_users(q_t)))  # [B, d_u]
+            users.append(user_id)
         if self.feedback_embedding is not None:
             users.append(self.history_feedback_mean(features))
         parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in users]
         if self.item_id_embedding is not None and items is not None:
-            parts.append(self.item_id_embedding(items))
+            item_id = self.item_id_embedding(items)  # [B, N, d]
+            parts.append(item_id)
+            if user_id is not None and user_id.shape[-1] == item_id.shape[-1]:
+                parts.append(user_id[:, None, :] * item_id)
         if recent is not None:  # [B, N, d], the short-term branch
             parts.append(recent)
         if lifelong is not None:
