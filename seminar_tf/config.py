@@ -42,6 +42,7 @@ class ModelConfig:
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
+    gsu_identity_init: bool = False  # GSU W^Q, W^K start near the identity: retrieval starts as q_t · k_l (SIM soft)
     use_history: bool = True  # False: the no-history baseline
     freeze_content: bool = False  # keep the restored PSU content weights fixed
     freeze_projections: bool = False  # keep G_j fixed (identity unless restored)

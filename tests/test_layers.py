@@ -623,3 +623,17 @@ def test_gated_call_equals_call_on_explicitly_merged_keys():
         np.testing.assert_allclose(scores[0, n, :5], layer.scores(query[:, n], keys, mask)[0, :5], rtol=1e-5,
                                    atol=1e-5)
     np.testing.assert_array_equal(output[1], 0.0)  # no history → zeros
+
+
+def test_identity_init_starts_as_a_dot_product_search():
+    """identity_init: every head's W^Q, W^K start near I, so the head-averaged score ranks keys as q·k does."""
+    rng = np.random.default_rng(6)
+    query = tf.constant(rng.normal(size=[4, 8]), tf.float32)
+    keys = tf.constant(rng.normal(size=[4, 30, 8]), tf.float32)
+    layer = MultiHeadTargetAttention(num_heads=2, key_dim=8, output_dim=8, identity_init=True)
+    scores = layer.scores(query, keys).numpy()
+    dot = tf.einsum("bd,bld->bl", query, keys).numpy() / np.sqrt(8)
+    assert min(np.corrcoef(s, d)[0, 1] for s, d in zip(scores, dot)) > 0.95
+    assert MultiHeadTargetAttention.from_config(layer.get_config()).identity_init
+    with pytest.raises(ValueError, match="identity_init"):
+        MultiHeadTargetAttention(num_heads=2, key_dim=4, output_dim=8, identity_init=True)(query, keys=keys)

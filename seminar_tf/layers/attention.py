@@ -16,6 +16,15 @@ import tensorflow as tf
 _PACKAGE = "seminar_tf"
 
 
+def _near_identity(shape, dtype=None):
+    """[d, H, d] kernels whose every head starts as I_d plus small noise, so α_h starts as q·k / √d (a plain
+    dot-product search, SIM soft) and the heads still differ."""
+    dtype = dtype or tf.float32
+    eye = tf.eye(shape[0], shape[2], dtype=dtype)[:, None, :]
+    noise = tf.keras.initializers.GlorotUniform()(shape, dtype=dtype) * 0.1
+    return eye + noise
+
+
 def _masked_value(dtype: tf.DType) -> float:
     # Half the dtype's minimum: far below any real logit, yet subtracting a logit cannot overflow to -inf.
     return dtype.min / 2
@@ -65,9 +74,11 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         value_dim: Optional[int] = None,
         key_input_dim: Optional[int] = None,
         value_input_dim: Optional[int] = None,
+        identity_init: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.identity_init = bool(identity_init)
         self.num_heads = int(num_heads)
         self.key_dim = int(key_dim)
         self.output_dim = int(output_dim)
@@ -85,12 +96,14 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         key_dim_in = self.key_input_dim or query_dim
         value_dim_in = self.value_input_dim or key_dim_in
         heads = self.num_heads
-        self.query_kernel = self.add_weight(
-            "query_kernel", shape=[query_dim, heads, self.key_dim], initializer="glorot_uniform"
-        )
-        self.key_kernel = self.add_weight(
-            "key_kernel", shape=[key_dim_in, heads, self.key_dim], initializer="glorot_uniform"
-        )
+        scoring = "glorot_uniform"
+        if self.identity_init:
+            if not query_dim == key_dim_in == self.key_dim:
+                raise ValueError(f"identity_init needs query, key input and key_dim of one width, got {query_dim}, "
+                                 f"{key_dim_in} and {self.key_dim}")
+            scoring = _near_identity
+        self.query_kernel = self.add_weight("query_kernel", shape=[query_dim, heads, self.key_dim], initializer=scoring)
+        self.key_kernel = self.add_weight("key_kernel", shape=[key_dim_in, heads, self.key_dim], initializer=scoring)
         self.value_kernel = self.add_weight(
             "value_kernel", shape=[value_dim_in, heads, self.value_dim], initializer="glorot_uniform"
         )
@@ -237,6 +250,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
             value_dim=self.value_dim,
             key_input_dim=self.key_input_dim,
             value_input_dim=self.value_input_dim,
+            identity_init=self.identity_init,
         )
         return config
 

@@ -475,7 +475,8 @@ def build_em3_seminar(
         content, fusion=fusion, content_id_weight=weight, content_id_temperature=temperature,
         aux_weight=model_config.aux_weight, gsu=model_config.gsu, pq_subspaces=model_config.pq_subspaces,
         pq_centroids=model_config.pq_centroids, pq_jit_compile=model_config.pq_jit_compile,
-        pq_rerank=model_config.pq_rerank, **_seminar_arguments(model_config, metadata))
+        pq_rerank=model_config.pq_rerank, gsu_identity_init=model_config.gsu_identity_init,
+        **_seminar_arguments(model_config, metadata))
 
 
 __all__ = ["BASELINES", "DIN", "EM3SeminarModel", "ETA", "MODELS", "QIN", "RetrievalBaseline", "SIMHard", "SIMSoft",

@@ -71,7 +71,8 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         tower_units=config.tower_units, aux_weight=config.aux_weight, use_history=config.use_history,
         freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
         dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
-        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, **id_arguments(config, metadata))
+        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, gsu_identity_init=config.gsu_identity_init,
+        **id_arguments(config, metadata))
 
 
 def em3_options(config: ModelConfig) -> List[str]:

@@ -121,6 +121,7 @@ class SeminarModel(tfrs.Model):
         num_feedback: int = 0,
         embedding_l2: float = 0.0,
         recent_history: int = 0,
+        gsu_identity_init: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -140,7 +141,8 @@ class SeminarModel(tfrs.Model):
         self.projection = ChannelProjection(len(self.channels), dim, name="gsu_projection")
         self.projection.trainable = not freeze_projections
         self.gate = ChannelGate(len(self.channels), mode="dynamic", name="gate")
-        self.gsu = MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, name="gsu")
+        self.gsu = MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, identity_init=gsu_identity_init,
+                                            name="gsu")
         self.esu = MultiHeadTargetAttention(num_heads, key_dim=dim, output_dim=dim, dropout=dropout, name="esu")
         # Short-term interest beside the lifelong retrieval (as production SIM / ETA / TWIN run it): target
         # attention over the newest ``recent_history`` real steps, read by the tower next to the ESU output.
