@@ -97,7 +97,7 @@ class RetrievalBaseline(SeminarModel):
         picked = tf.gather(history, tf.reshape(indices, [batch, -1]), batch_dims=1)  # [B, N*K, C, d]
         picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
         selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
-        lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
+        lifelong, attended = self.esu_readout(features, items, q_t, selected, indices, valid, training)
         recent = (self.recent_readout(features, items, q_t, gamma, mask,
                                       lambda positions: tf.gather(history, positions, batch_dims=1), training)
                   if self.recent is not None else None)
@@ -106,7 +106,8 @@ class RetrievalBaseline(SeminarModel):
         if training and self.aux_task is not None:
             readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
             outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items, recent=recent)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items,
+                                 extra=[recent, attended])
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 

@@ -436,7 +436,7 @@ class SeminarModel(tfrs.Model):
         batch, n = tf.shape(q_t)[0], tf.shape(q_t)[1]
         dim = self.content.dim
         outputs = {}
-        lifelong = selected = valid = recent = None
+        lifelong = selected = valid = recent = attended = None
         if self.use_history:
             stored = None
             if self.gsu_mode == "exact" and training:
@@ -484,7 +484,7 @@ class SeminarModel(tfrs.Model):
                 k = tf.shape(indices)[1]
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
             selected = tf.reduce_sum(picked * gamma[:, :, None, :, None], axis=3)  # Σ_c γ_c x^{GSU(c)}: [B, N, K, d]
-            lifelong = self.esu_readout(features, items, q_t, selected, indices, valid, training)
+            lifelong, attended = self.esu_readout(features, items, q_t, selected, indices, valid, training)
             if self.recent is not None:
                 recent = self.recent_readout(features, items, q_t, gamma, mask, pick, training)
             outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]))
@@ -497,7 +497,8 @@ class SeminarModel(tfrs.Model):
                     history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items, recent=recent)
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items,
+                                 extra=[recent, attended])
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
@@ -538,22 +539,33 @@ class SeminarModel(tfrs.Model):
         return features[schema.SEQ_HISTORY_FEEDBACK]
 
     def esu_readout(self, features, items, q_t, selected, indices, valid, training=None):
-        """ESU target attention over the K kept steps: x_lifelong_seq [B, N, d].
+        """ESU target attention over the K kept steps: (x_lifelong_seq [B, N, d], attended feedback [B, N, d] or
+        None).
 
         Query q_t (+ the target's item-id embedding), keys/values the kept pairs Σ_c γ_c x^{GSU(c)} [B, N, K, d]
         (+ each step's item-id and feedback embeddings); ``indices`` [B·N, K] are the kept history positions and
-        ``valid`` [B·N, K] which of them are real.
+        ``valid`` [B·N, K] which of them are real. With history feedback, the ESU's own attention weights
+        (softmax of α_h, averaged over heads) also pool the kept steps' feedback embeddings: "how did the user
+        rate what resembles the target", a number the tower would otherwise have to disentangle from the mixed
+        values.
         """
         batch, n, k, dim = tf.shape(selected)[0], tf.shape(selected)[1], tf.shape(selected)[2], self.content.dim
         query = q_t
         if self.item_id_embedding is not None:
             query = query + self.item_id_embedding(items)
-        side = self.step_embeddings(features, tf.reshape(indices, [batch, -1]))
+        positions = tf.reshape(indices, [batch, -1])
+        side = self.step_embeddings(features, positions)
         if side is not None:
             selected = selected + tf.reshape(side, tf.shape(selected))
-        lifelong = self.esu(tf.reshape(query, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
-                            training=training)
-        return tf.reshape(lifelong, [batch, n, self.esu.output_dim])
+        lifelong, logits = self.esu(tf.reshape(query, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
+                                    training=training, return_scores=True)  # logits α [B·N, H, K]
+        lifelong = tf.reshape(lifelong, [batch, n, self.esu.output_dim])
+        if self.feedback_embedding is None:
+            return lifelong, None
+        weights = tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1) * tf.cast(valid, logits.dtype)  # [B·N, K]
+        feedback = self.feedback_embedding(tf.gather(self._history_feedback(features), positions, batch_dims=1))
+        attended = tf.einsum("xk,xkd->xd", weights, tf.reshape(feedback, [-1, k, dim]))
+        return lifelong, tf.reshape(attended, [batch, n, dim])
 
     def history_feedback_mean(self, features):
         """Masked mean of the feedback embeddings over every real history step: [B, d] (zeros without steps)."""
@@ -563,7 +575,7 @@ class SeminarModel(tfrs.Model):
         return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
 
     def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, items=None,
-                    recent=None):
+                    extra=()):
         """ŷ = f(x_lifelong_seq, x_u2i, x_i, x_u): the CTR tower's logit [B, N].
 
         q_t [B, N, d] is the target (x_i); lifelong [B, N, d] the ESU output; selected [B, N, K, d] the K pairs
@@ -586,8 +598,7 @@ class SeminarModel(tfrs.Model):
             parts.append(item_id)
             if user_id is not None and user_id.shape[-1] == item_id.shape[-1]:
                 parts.append(user_id[:, None, :] * item_id)
-        if recent is not None:  # [B, N, d], the short-term branch
-            parts.append(recent)
+        parts += [part for part in extra if part is not None]  # [B, N, ·]: recent branch, attended feedback
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
             cosine = tf.einsum("bnkd,bnd->bnk", tf.math.l2_normalize(selected, -1), tf.math.l2_normalize(q_t, -1))
