@@ -554,3 +554,15 @@ def test_task_trains_inside_tfrs_model(name):
     assert expected in metric_names
     assert np.all(np.isfinite(history))
     assert after < 0.8 * before, (before, history, after)
+
+
+def test_alignment_does_not_treat_a_repeated_item_as_a_negative():
+    """Positions 0 and 2 hold the same item (same content): without ids the CLIP loss must split the anchor's
+    probability between them; with ids the repeat is no negative and a perfect alignment costs ~0."""
+    vectors = np.eye(4, dtype=np.float32)[[0, 1, 0, 3]][None]  # [1, L=4, d=4]
+    mask = tf.ones([1, 4], tf.bool)
+    task = AlignmentTask(num_chunks=1, temperature=0.01)
+    channels = {"text": tf.constant(vectors), "attributes": tf.constant(vectors)}
+    without = float(task(channels, mask, compute_metrics=False))
+    with_ids = float(task(channels, mask, compute_metrics=False, ids=tf.constant([[5, 6, 5, 7]])))
+    assert without > 0.3 and with_ids < 1e-3

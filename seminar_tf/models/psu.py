@@ -120,7 +120,7 @@ class PSUModel(tfrs.Model):
         history, mask = outputs["history_channels"], outputs["history_mask"]
         by_channel = {c: history[:, :, i] for i, c in enumerate(self.channels)}
         if weights["alignment"]:
-            loss += weights["alignment"] * self.alignment_task(by_channel, mask)
+            loss += weights["alignment"] * self.alignment_task(by_channel, mask, ids=features[schema.SEQ_HISTORY_ITEM])
         if weights["relevance"] and schema.QUERY_CHANNEL in self.channels:
             item_vectors = merge_channels(history, item_gamma(outputs["gamma"], self.channels))
             searched = mask & (features[schema.SEQ_HISTORY_QUERY] > schema.EMPTY_QUERY_INDEX)

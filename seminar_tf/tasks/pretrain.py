@@ -157,12 +157,16 @@ class NextPairTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
 
 
 def _chunked_clip_terms(
-    x_a: tf.Tensor, x_b: tf.Tensor, mask: tf.Tensor, num_chunks: int, temperature: float
+    x_a: tf.Tensor, x_b: tf.Tensor, mask: tf.Tensor, num_chunks: int, temperature: float,
+    ids: Optional[tf.Tensor] = None,
 ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per-anchor symmetric CLIP loss inside chunks.
 
     Returns (per_anchor_loss, valid, correct), each flat [B·N_ch·L_sub]: loss 0.5·(CE_a→b + CE_b→a) of the
-    anchor, 1.0 where the anchor is a valid position, 1.0 where a→b ranks the true position first.
+    anchor, 1.0 where the anchor is a valid position, 1.0 where a→b ranks the true position first. With ``ids``
+    [B, L] (item indices), another position holding the anchor's own item is no negative (an accidental hit, as
+    the next-pair task masks them): a user who clicked an item twice must not be taught that its text and
+    its attributes disagree.
     """
     if int(num_chunks) < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
@@ -180,6 +184,9 @@ def _chunked_clip_terms(
     x_b = tf.pad(x_b, [[0, 0], [0, pad], [0, 0]])
     valid = tf.pad(valid, [[0, 0], [0, pad]])
     sub_length = (length + pad) // num_chunks  # L_sub
+    if ids is not None:
+        chunk_ids = tf.reshape(tf.pad(tf.cast(ids, tf.int64), [[0, 0], [0, pad]]), [batch_size * num_chunks, sub_length])
+        same_item = tf.equal(chunk_ids[:, :, None], chunk_ids[:, None, :]) & ~tf.eye(sub_length, dtype=tf.bool)[None]
 
     # [B·N_ch, L_sub, d]: each chunk is its own batch entry, so one chunk costs an [L_sub, L_sub] matrix
     # and the whole sequence O(L²/N_ch), never an [L, L] one.
@@ -188,6 +195,8 @@ def _chunked_clip_terms(
     chunk_valid = tf.reshape(valid, [batch_size * num_chunks, sub_length]) > 0
     logits = tf.matmul(chunks_a, chunks_b, transpose_b=True) / temperature  # [B·N_ch, L_sub, L_sub]
     pair_valid = chunk_valid[:, :, None] & chunk_valid[:, None, :]
+    if ids is not None:
+        pair_valid &= ~same_item
     masked = tf.where(pair_valid, logits, MASKED_LOGIT)
     a_to_b = -tf.linalg.diag_part(tf.nn.log_softmax(masked, axis=-1))  # row l of a vs columns of b
     b_to_a = -tf.linalg.diag_part(tf.nn.log_softmax(masked, axis=-2))  # column l of b vs rows of a
@@ -288,14 +297,16 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
         return [(a, b) for n, a in enumerate(ordered) for b in ordered[n + 1:]]
 
     def call(
-        self, channel_embeddings: Mapping[str, tf.Tensor], mask: tf.Tensor, compute_metrics: bool = True
+        self, channel_embeddings: Mapping[str, tf.Tensor], mask: tf.Tensor, compute_metrics: bool = True,
+        ids: Optional[tf.Tensor] = None,
     ) -> tf.Tensor:
+        """``ids`` [B, L] (item indices, optional): positions holding the anchor's own item are no negatives."""
         pairs = self.active_pairs(list(channel_embeddings))
         loss = tf.constant(0.0, tf.float32)
         per_anchor_all, valid_all, correct_all = [], [], []
         for a, b in pairs:
             per_anchor, valid, correct = _chunked_clip_terms(
-                channel_embeddings[a], channel_embeddings[b], mask, self.num_chunks, self.temperature
+                channel_embeddings[a], channel_embeddings[b], mask, self.num_chunks, self.temperature, ids
             )
             loss += _weighted_mean(per_anchor, valid)
             valid_all.append(valid)
