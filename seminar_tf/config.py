@@ -39,6 +39,7 @@ class ModelConfig:
     use_item_id: bool = True  # item-id embedding for the target and each kept history step (ESU) and the tower
     use_feedback: bool = True  # per-step feedback embedding (event type + rating/label), when the data has >1 kind
     embedding_l2: float = 0.0  # L2 penalty on the id and feedback embedding tables
+    id_dropout: float = 0.0  # training replaces each user / item id by OOV with this probability
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss

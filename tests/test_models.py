@@ -341,7 +341,7 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
                                                           use_item_id=False, num_feedback=0, embedding_l2=0.0,
-                                                          recent_history=0)
+                                                          recent_history=0, id_dropout=0.0)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
     assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
 
@@ -372,3 +372,17 @@ def test_recent_branch_attends_over_the_newest_real_steps(architecture):
     changed = model({**batch, schema.SEQ_HISTORY_FEEDBACK: tf.where(last, 5, batch[schema.SEQ_HISTORY_FEEDBACK])})
     assert np.any(np.abs(changed["logit"].numpy() - logit)[rows] > 1e-7)
     assert builders.build_model(dataclasses.replace(config, architecture="din"), ID_METADATA).recent is None
+
+
+def test_id_dropout_replaces_real_ids_by_oov_in_training_only():
+    model = builders.build_seminar(dataclasses.replace(CONFIG, id_dropout=0.5), ID_METADATA, *_tables(ID_METADATA))
+    model(_batch(metadata=ID_METADATA))
+    table = model.item_id_embedding
+    ids = tf.constant(np.arange(2, 42).reshape(4, 10) % ID_METADATA.num_items, tf.int64)
+    rows = model.embed_ids(table, ids, training=True).numpy()
+    oov = table(tf.constant(schema.OOV_INDEX)).numpy()
+    dropped = np.all(np.isclose(rows, oov), axis=-1)
+    assert 0.2 < dropped.mean() < 0.8  # about half, at p = 0.5
+    np.testing.assert_allclose(model.embed_ids(table, ids, training=False), table(ids))  # inference: never
+    pad = tf.zeros([3], tf.int64)
+    np.testing.assert_allclose(model.embed_ids(table, pad, training=True), table(pad))  # padding stays padding

@@ -59,7 +59,7 @@ def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
     return dict(num_users=metadata.num_users if config.use_user_id else 0, user_id_dim=config.user_id_dim,
                 use_item_id=config.use_item_id,
                 num_feedback=metadata.num_feedback if config.use_feedback and informative_feedback else 0,
-                embedding_l2=config.embedding_l2, recent_history=config.recent_history)
+                embedding_l2=config.embedding_l2, recent_history=config.recent_history, id_dropout=config.id_dropout)
 
 
 def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,

@@ -122,6 +122,7 @@ class SeminarModel(tfrs.Model):
         embedding_l2: float = 0.0,
         recent_history: int = 0,
         gsu_identity_init: bool = False,
+        id_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -160,6 +161,7 @@ class SeminarModel(tfrs.Model):
         # history also feeds the tower. Index 0 (padding) embeds to zero.
         regularizer = tf.keras.regularizers.l2(embedding_l2) if embedding_l2 else None
         self.embedding_l2 = float(embedding_l2)
+        self.id_dropout = float(id_dropout)
 
         def id_table(size, width, name):
             return tf.keras.layers.Embedding(size, width, embeddings_regularizer=regularizer,
@@ -512,21 +514,32 @@ class SeminarModel(tfrs.Model):
         order = tf.broadcast_to(tf.cast(tf.range(tf.shape(mask)[1]), tf.float32)[None, :], tf.shape(mask))
         positions, valid = top_k_positions(order, mask, self.recent_history)  # newest first: [B, R]
         keys = tf.einsum("brcd,bnc->bnrd", pick(positions), gamma)  # Σ_c γ_c x^{GSU(c)}: [B, N, R, d]
-        side = self.step_embeddings(features, positions)
+        side = self.step_embeddings(features, positions, training)
         if side is not None:
             keys = keys + side[:, None]
-        query = q_t if self.item_id_embedding is None else q_t + self.item_id_embedding(items)
+        query = q_t if self.item_id_embedding is None else q_t + self.embed_ids(self.item_id_embedding, items, training)
         r = tf.shape(positions)[1]
         out = self.recent(tf.reshape(query, [-1, dim]), tf.reshape(keys, [-1, r, dim]),
                           mask=tf.repeat(valid, n, axis=0), training=training)
         return tf.reshape(out, [batch, n, self.recent.output_dim])
 
-    def step_embeddings(self, features, positions):
+    def embed_ids(self, table, indices, training=None):
+        """``table(indices)``; in training each real id is replaced by OOV with probability ``id_dropout``, so the
+        OOV row (what unseen users and items get at serving) is trained and ids cannot carry the model alone."""
+        if training and self.id_dropout:
+            indices = tf.cast(indices, tf.int64)
+            dropped = tf.random.uniform(tf.shape(indices)) < self.id_dropout
+            indices = tf.where(dropped & (indices >= len(schema.RESERVED)), tf.constant(schema.OOV_INDEX, tf.int64),
+                               indices)
+        return table(indices)
+
+    def step_embeddings(self, features, positions, training=None):
         """Id + feedback embeddings of history steps: positions [B, P] into each row's history → [B, P, d], or
         None when the model has neither."""
         parts = []
         if self.item_id_embedding is not None:
-            parts.append(self.item_id_embedding(tf.gather(features[schema.SEQ_HISTORY_ITEM], positions, batch_dims=1)))
+            steps = tf.gather(features[schema.SEQ_HISTORY_ITEM], positions, batch_dims=1)
+            parts.append(self.embed_ids(self.item_id_embedding, steps, training))
         if self.feedback_embedding is not None:
             feedback = self._history_feedback(features)
             parts.append(self.feedback_embedding(tf.gather(feedback, positions, batch_dims=1)))
@@ -552,9 +565,9 @@ class SeminarModel(tfrs.Model):
         batch, n, k, dim = tf.shape(selected)[0], tf.shape(selected)[1], tf.shape(selected)[2], self.content.dim
         query = q_t
         if self.item_id_embedding is not None:
-            query = query + self.item_id_embedding(items)
+            query = query + self.embed_ids(self.item_id_embedding, items, training)
         positions = tf.reshape(indices, [batch, -1])
-        side = self.step_embeddings(features, positions)
+        side = self.step_embeddings(features, positions, training)
         if side is not None:
             selected = selected + tf.reshape(side, tf.shape(selected))
         lifelong, logits = self.esu(tf.reshape(query, [-1, dim]), tf.reshape(selected, [-1, k, dim]), mask=valid,
@@ -588,13 +601,14 @@ class SeminarModel(tfrs.Model):
         users = self._user_vectors(features)
         user_id = None
         if self.user_id_embedding is not None:
-            user_id = self.user_id_embedding(features.get(schema.CTX_USER_INDEX, self._oov_users(q_t)))  # [B, d_u]
+            user_id = self.embed_ids(self.user_id_embedding, features.get(schema.CTX_USER_INDEX, self._oov_users(q_t)),
+                                     training)  # [B, d_u]
             users.append(user_id)
         if self.feedback_embedding is not None:
             users.append(self.history_feedback_mean(features))
         parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in users]
         if self.item_id_embedding is not None and items is not None:
-            item_id = self.item_id_embedding(items)  # [B, N, d]
+            item_id = self.embed_ids(self.item_id_embedding, items, training)  # [B, N, d]
             parts.append(item_id)
             if user_id is not None and user_id.shape[-1] == item_id.shape[-1]:
                 parts.append(user_id[:, None, :] * item_id)
