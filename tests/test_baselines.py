@@ -200,3 +200,10 @@ def test_build_baseline_options_and_errors():
     assert baselines.build_baseline("sim_hard", CONFIG, METADATA, category_attribute="author_id").category_column == 1
     with pytest.raises(ValueError, match="query"):
         baselines.build_baseline("qin", dataclasses.replace(CONFIG, channels=("text", "attributes")), METADATA)
+
+
+def test_sim_hard_reads_its_category_from_the_config():
+    config = dataclasses.replace(CONFIG, category_attribute="author_id")
+    assert baselines.build_baseline("sim_hard", config, METADATA).category_column == 1
+    with pytest.raises(ValueError, match="no_such"):
+        baselines.build_baseline("sim_hard", dataclasses.replace(CONFIG, category_attribute="no_such"), METADATA)

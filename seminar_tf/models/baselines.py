@@ -440,7 +440,7 @@ def build_baseline(
         return DIN(content, short_history=_option(model_config, "short_history", short_history, model_config.top_k),
                    **arguments)
     if name == "sim_hard":
-        attribute = _option(model_config, "category_attribute", category_attribute, DEFAULT_CATEGORY_ATTRIBUTE)
+        attribute = category_attribute or model_config.category_attribute
         return SIMHard(content, category_column=category_column(metadata, attribute), **arguments)
     if name == "eta":
         return ETA(content, num_bits=_option(model_config, "simhash_bits", simhash_bits, 32),
