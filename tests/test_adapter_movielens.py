@@ -1,7 +1,6 @@
 """MovieLens adapter (DESIGN §2): each release layout's fixture -> raw format rows, splits, labels and counts."""
 
 import array
-import gzip
 import json
 import os
 import random
@@ -13,38 +12,13 @@ import pytest
 
 from beam_pipelines.adapters import STATS_FILE, movielens
 from seminar_tf import schema
+from test_adapters import assert_accounted, gzip_dir, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOVIELENS = os.path.join(ROOT, "tests", "fixtures", "movielens")
 RATINGS_FILE = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-10m": "ratings.dat", "ml-latest": "ratings.csv",
                 "recbole": "ml-tiny.inter"}
 LAYOUT_DIRS = tuple(RATINGS_FILE)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
-
-
-def load(output_dir):
-    tables = {}
-    for table in schema.RAW_TABLES:
-        path = os.path.join(output_dir, f"{table}.jsonl")
-        if os.path.exists(path):
-            tables[table] = read_jsonl(path)
-    return tables
-
-
-def assert_accounted(stats):
-    for name, counts in stats["inputs"].items():
-        assert counts["read"] == counts["converted"] + sum(counts["skipped"].values()), name
-
-
-def gzip_dir(source, target):
-    os.makedirs(target)
-    for name in os.listdir(source):
-        with open(os.path.join(source, name), "rb") as src, gzip.open(os.path.join(target, name + ".gz"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
 
 
 def by_id(rows, key):

@@ -465,11 +465,8 @@ class _Converter:
             if not row["user_id"] or not row["item_id"]:
                 counts.skip("missing_id")
                 continue
-            try:
-                seconds = epoch_seconds(row["timestamp"])
-            except ValueError:
-                seconds = 0
-            if seconds <= 0:
+            seconds = positive_seconds(row["timestamp"])
+            if seconds is None:
                 counts.skip("bad_timestamp")
                 continue
             tag = clean_text(row["tag"])
@@ -503,11 +500,8 @@ class _Converter:
             except ValueError:
                 counts.skip("bad_rating")
                 continue
-            try:
-                seconds = epoch_seconds(row["timestamp"])
-            except ValueError:
-                seconds = 0
-            if seconds <= 0:
+            seconds = positive_seconds(row["timestamp"])
+            if seconds is None:
                 counts.skip("bad_timestamp")
                 continue
             yield user_id, item_id, rating, seconds
@@ -651,6 +645,15 @@ def convert(
         stats["time_cutoffs"] = converter.time_cutoffs
     write_stats(output_dir, stats)
     return stats
+
+
+def positive_seconds(value) -> Optional[int]:
+    """Epoch seconds (``epoch_seconds``) when they are a positive time, else None (a bad_timestamp skip)."""
+    try:
+        seconds = epoch_seconds(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
 
 
 def build_parser() -> argparse.ArgumentParser:
