@@ -361,7 +361,8 @@ def test_recent_branch_attends_over_the_newest_real_steps(architecture):
     q_t, gamma = model.encode_targets(batch[schema.CTX_TARGET_QUERY][:, None], batch[schema.CTX_TARGET_ITEM][:, None])
     from seminar_tf.models.psu import history_mask
 
-    model.recent_readout(batch, batch[schema.CTX_TARGET_ITEM][:, None], q_t, gamma, history_mask(batch), pick)
+    target_id = model.target_id_embedding(batch[schema.CTX_TARGET_ITEM][:, None])
+    model.recent_readout(batch, target_id, q_t, gamma, history_mask(batch), pick)
     for row, length in enumerate(batch[schema.CTX_HISTORY_LENGTH].numpy()):
         newest = list(range(length - 1, max(length - 4, 0) - 1, -1))
         assert seen[0][row][:len(newest)].tolist() == newest

@@ -97,8 +97,9 @@ class RetrievalBaseline(SeminarModel):
         picked = tf.gather(history, tf.reshape(indices, [batch, -1]), batch_dims=1)  # [B, N*K, C, d]
         picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
         selected = tf.einsum("bnkcd,bnc->bnkd", picked, gamma)
-        lifelong, attended = self.esu_readout(features, items, q_t, selected, indices, valid, training)
-        recent = (self.recent_readout(features, items, q_t, gamma, mask,
+        target_id = self.target_id_embedding(items, training)
+        lifelong, attended = self.esu_readout(features, target_id, q_t, selected, indices, valid, training)
+        recent = (self.recent_readout(features, target_id, q_t, gamma, mask,
                                       lambda positions: tf.gather(history, positions, batch_dims=1), training)
                   if self.recent is not None else None)
         outputs = {"gsu_scores": scores, "top_k": tf.reshape(indices, [batch, n, k]),
@@ -106,7 +107,7 @@ class RetrievalBaseline(SeminarModel):
         if training and self.aux_task is not None:
             readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
             outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items,
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
                                  extra=[recent, attended])
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs

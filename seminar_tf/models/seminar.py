@@ -435,6 +435,7 @@ class SeminarModel(tfrs.Model):
         is N = 1; ranking N candidates for one history is the same call with N > 1.
         """
         target, q_t, gamma = self._targets(queries, items, training, features.get(schema.TARGET_QUERY_TOKENS))
+        target_id = self.target_id_embedding(items, training)
         batch, n = tf.shape(q_t)[0], tf.shape(q_t)[1]
         dim = self.content.dim
         outputs = {}
@@ -486,9 +487,9 @@ class SeminarModel(tfrs.Model):
                 k = tf.shape(indices)[1]
             picked = tf.reshape(picked, [batch, n, k, len(self.channels), dim])
             selected = tf.reduce_sum(picked * gamma[:, :, None, :, None], axis=3)  # Σ_c γ_c x^{GSU(c)}: [B, N, K, d]
-            lifelong, attended = self.esu_readout(features, items, q_t, selected, indices, valid, training)
+            lifelong, attended = self.esu_readout(features, target_id, q_t, selected, indices, valid, training)
             if self.recent is not None:
-                recent = self.recent_readout(features, items, q_t, gamma, mask, pick, training)
+                recent = self.recent_readout(features, target_id, q_t, gamma, mask, pick, training)
             outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]))
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
@@ -499,16 +500,22 @@ class SeminarModel(tfrs.Model):
                     history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
-        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, items=items,
+        logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
                                  extra=[recent, attended])
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
-    def recent_readout(self, features, items, q_t, gamma, mask, pick, training=None):
+    def target_id_embedding(self, items, training=None):
+        """The targets' item-id embeddings [B, N, d] (None without them), looked up once per call: the ESU query,
+        the recent branch's query and the tower all read the same vectors."""
+        return None if self.item_id_embedding is None else self.embed_ids(self.item_id_embedding, items, training)
+
+    def recent_readout(self, features, target_id, q_t, gamma, mask, pick, training=None):
         """Target attention over the newest ``recent_history`` real steps: [B, N, d].
 
         ``mask`` [B, L] marks the real steps; ``pick(positions [B, R])`` gives their channels after G_j
-        [B, R, C, d], merged with each target's γ; keys carry the steps' id and feedback embeddings, as the ESU's.
+        [B, R, C, d], merged with each target's γ; keys carry the steps' id and feedback embeddings, as the ESU's;
+        the query is q_t (+ ``target_id`` [B, N, d]).
         """
         batch, n, dim = tf.shape(q_t)[0], tf.shape(q_t)[1], self.content.dim
         order = tf.broadcast_to(tf.cast(tf.range(tf.shape(mask)[1]), tf.float32)[None, :], tf.shape(mask))
@@ -517,7 +524,7 @@ class SeminarModel(tfrs.Model):
         side = self.step_embeddings(features, positions, training)
         if side is not None:
             keys = keys + side[:, None]
-        query = q_t if self.item_id_embedding is None else q_t + self.embed_ids(self.item_id_embedding, items, training)
+        query = q_t if target_id is None else q_t + target_id
         r = tf.shape(positions)[1]
         out = self.recent(tf.reshape(query, [-1, dim]), tf.reshape(keys, [-1, r, dim]),
                           mask=tf.repeat(valid, n, axis=0), training=training)
@@ -551,11 +558,11 @@ class SeminarModel(tfrs.Model):
                              "feedback (the dataset's metadata.num_feedback); feed the per-step feedback indices")
         return features[schema.SEQ_HISTORY_FEEDBACK]
 
-    def esu_readout(self, features, items, q_t, selected, indices, valid, training=None):
+    def esu_readout(self, features, target_id, q_t, selected, indices, valid, training=None):
         """ESU target attention over the K kept steps: (x_lifelong_seq [B, N, d], attended feedback [B, N, d] or
         None).
 
-        Query q_t (+ the target's item-id embedding), keys/values the kept pairs Σ_c γ_c x^{GSU(c)} [B, N, K, d]
+        Query q_t (+ the targets' item-id embeddings ``target_id`` [B, N, d]), keys/values the kept pairs Σ_c γ_c x^{GSU(c)} [B, N, K, d]
         (+ each step's item-id and feedback embeddings); ``indices`` [B·N, K] are the kept history positions and
         ``valid`` [B·N, K] which of them are real. With history feedback, the ESU's own attention weights
         (softmax of α_h, averaged over heads) also pool the kept steps' feedback embeddings: "how did the user
@@ -563,9 +570,7 @@ class SeminarModel(tfrs.Model):
         values.
         """
         batch, n, k, dim = tf.shape(selected)[0], tf.shape(selected)[1], tf.shape(selected)[2], self.content.dim
-        query = q_t
-        if self.item_id_embedding is not None:
-            query = query + self.embed_ids(self.item_id_embedding, items, training)
+        query = q_t if target_id is None else q_t + target_id
         positions = tf.reshape(indices, [batch, -1])
         side = self.step_embeddings(features, positions, training)
         if side is not None:
@@ -587,7 +592,7 @@ class SeminarModel(tfrs.Model):
         total = tf.reduce_sum(self.feedback_embedding(feedback) * real, axis=1)
         return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
 
-    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, items=None,
+    def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, target_id=None,
                     extra=()):
         """ŷ = f(x_lifelong_seq, x_u2i, x_i, x_u): the CTR tower's logit [B, N].
 
@@ -607,11 +612,10 @@ class SeminarModel(tfrs.Model):
         if self.feedback_embedding is not None:
             users.append(self.history_feedback_mean(features))
         parts = [q_t] + [tf.repeat(v[:, None, :], n, axis=1) for v in users]
-        if self.item_id_embedding is not None and items is not None:
-            item_id = self.embed_ids(self.item_id_embedding, items, training)  # [B, N, d]
-            parts.append(item_id)
-            if user_id is not None and user_id.shape[-1] == item_id.shape[-1]:
-                parts.append(user_id[:, None, :] * item_id)
+        if target_id is not None:  # [B, N, d]
+            parts.append(target_id)
+            if user_id is not None and user_id.shape[-1] == target_id.shape[-1]:
+                parts.append(user_id[:, None, :] * target_id)
         parts += [part for part in extra if part is not None]  # [B, N, ·]: recent branch, attended feedback
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
