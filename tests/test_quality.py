@@ -22,11 +22,13 @@ QUALITY = {
     "world": {"num_users": 400, "num_items": 2000, "mean_history": 60, "max_history_events": 150,
               "impressions_per_user": 20, "with_split": True, "seed": 0},
     "build": {"max_history": 160, "pretrain_samples_per_user": 8, "num_shards": 2},
-    "model": {"dim": 32, "token_dim": 32, "top_k": 32, "tower_units": [64, 32]},
+    # ids off as in the demo preset (seminar_tf/config.py: they overfit the synthetic world's planted ids)
+    "model": {"dim": 32, "token_dim": 32, "top_k": 32, "tower_units": [64, 32], "use_user_id": False,
+              "use_item_id": False},
     "pretrain": {"epochs": 1, "batch_size": 128, "learning_rate": 0.003},
     "finetune": {"epochs": 2, "batch_size": 128, "learning_rate": 0.003},
 }
-# Measured (fixed seed, 2 PSU + 3 fine-tuning epochs): SEMINAR 0.671, no history 0.574, popularity 0.581.
+# Measured (fixed seed, this config: 1 PSU + 2 fine-tuning epochs): SEMINAR 0.665, no history 0.547, popularity 0.581.
 MARGIN = 0.03
 
 
