@@ -146,8 +146,8 @@ def test_readme_has_the_docker_run_line():
 
 
 def test_client_contract_names_match_the_export():
-    for name in ["HISTORY_ITEM_IDS", "HISTORY_QUERIES", "TARGET_ITEM_ID", "TARGET_QUERY", "CANDIDATE_ITEM_IDS",
-                 "CANDIDATE_QUERIES", "SCORES"]:
+    for name in ["HISTORY_ITEM_IDS", "HISTORY_QUERIES", "HISTORY_FEEDBACK", "TARGET_ITEM_ID", "TARGET_QUERY",
+                 "CANDIDATE_ITEM_IDS", "CANDIDATE_QUERIES", "SCORES"]:
         assert getattr(client, name) == getattr(export, name)
     assert (client.RANK_SIGNATURE, client.CTR_SIGNATURE, client.EXAMPLES_SIGNATURE, client.CLASSIFY_SIGNATURE) == (
         export.RANK_SIGNATURE, export.CTR_SIGNATURE, export.EXAMPLES_SIGNATURE, export.CLASSIFY_SIGNATURE)
