@@ -217,7 +217,8 @@ def fit(
         *extra_callbacks,
     ]
     if config.learning_rate_decay != 1.0:  # per epoch, so a resumed run continues the same schedule
-        callbacks.insert(1, tf.keras.callbacks.LearningRateScheduler(lambda epoch, _: epoch_learning_rate(config, epoch)))
+        schedule = tf.keras.callbacks.LearningRateScheduler(lambda epoch, _: epoch_learning_rate(config, epoch))
+        callbacks.insert(1, schedule)
     history = model.fit(
         train_data,
         validation_data=valid_data,

@@ -148,6 +148,16 @@ def test_make_optimizer_is_the_current_keras_optimizer():
     assert isinstance(train.make_optimizer(train.TrainConfig(optimizer="sgd")), tf.keras.optimizers.SGD)
 
 
+def test_weight_decay_and_per_epoch_learning_rate_decay(tmp_path):
+    optimizer = train.make_optimizer(train.TrainConfig(optimizer="adam", weight_decay=0.05))
+    assert float(optimizer.weight_decay) == pytest.approx(0.05)
+    assert train.make_optimizer(train.TrainConfig(optimizer="adam")).weight_decay is None
+    config = toy_config(epochs=3, learning_rate=0.1, learning_rate_decay=0.5, early_stopping_patience=5)
+    assert [train.epoch_learning_rate(config, e) for e in range(3)] == pytest.approx([0.1, 0.05, 0.025])
+    result = train.fit(ToyRanker, make_toy_dataset, config, str(tmp_path / "run"))
+    assert float(result["model"].optimizer.learning_rate) == pytest.approx(0.025)  # the last epoch's rate
+
+
 # ------------------------------------------------------------------------------------------------ fit
 def test_fit_trains_and_writes_config_checkpoints_and_tensorboard(tmp_path):
     model_dir = str(tmp_path / "run")
