@@ -250,20 +250,19 @@ class SeminarServingModule(tf.Module):
         return index, tf.reshape(flat, shape)
 
     def _user_features(self, inputs, batch):
+        """Raw user inputs [B] → their vocabulary indices: each user_<attr>, and user_id when the model has a
+        user-id embedding ("" and unknown values → OOV)."""
+        lookups = [(schema.user_attribute_feature(n), self.user_tables[n], schema.user_attribute_feature(n))
+                   for n in self.user_attribute_names]
+        if self.uses_user_id:
+            lookups.append((USER_ID, self.user_id_table, schema.CTX_USER_INDEX))
         features = {}
-        for name in self.user_attribute_names:
-            key = schema.user_attribute_feature(name)
+        for key, table, feature in lookups:
             value = inputs[key]
             check = tf.debugging.assert_equal(
                 tf.shape(value)[0], batch, message=f"{key}: batch size must equal that of {HISTORY_ITEM_IDS}")
             with tf.control_dependencies([check]):
-                features[key] = self.user_tables[name].lookup(_canonical_ids(value))
-        if self.uses_user_id:  # "" and ids outside the vocabulary → the OOV user
-            value = inputs[USER_ID]
-            check = tf.debugging.assert_equal(
-                tf.shape(value)[0], batch, message=f"{USER_ID}: batch size must equal that of {HISTORY_ITEM_IDS}")
-            with tf.control_dependencies([check]):
-                features[schema.CTX_USER_INDEX] = self.user_id_table.lookup(_canonical_ids(value))
+                features[feature] = table.lookup(_canonical_ids(value))
         return features
 
     def _history_features(self, inputs, with_tokens: bool = True) -> Dict[str, tf.Tensor]:
