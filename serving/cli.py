@@ -111,15 +111,32 @@ def add_cli(subparsers) -> None:
                    help="export base holding integer version directories (seminar-tf export --export-base)")
     p.add_argument("--model-config-file", default=None,
                    help="TF Serving models.config with one model (instead of --model-name/--model-base-path)")
-    p.add_argument("--port", type=int, default=8500, help="gRPC port (default: 8500)")
-    p.add_argument("--rest-port", type=int, default=8501, help="REST port; 0 disables REST (default: 8501)")
+    p.add_argument("--port", type=_port, default=8500, help="gRPC port, 0-65535 (default: 8500; 0 = a free one)")
+    p.add_argument("--rest-port", type=_port, default=8501,
+                   help="REST port, 0-65535; 0 disables REST (default: 8501)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--poll-seconds", type=float, default=2.0,
-                   help="how often the base path is polled for new versions (default: 2)")
-    p.add_argument("--max-message-mb", type=float, default=64, help="largest request/response in MiB (default: 64)")
-    p.add_argument("--max-concurrency", type=int, default=8,
+    p.add_argument("--poll-seconds", type=_at_least(1.0, float), default=2.0,
+                   help="how often the base path is polled for new versions, >= 1 (default: 2)")
+    p.add_argument("--max-message-mb", type=_at_least(0.001, float), default=16,
+                   help="largest gRPC message and REST body in MiB; RESOURCE_EXHAUSTED / HTTP 413 beyond "
+                   "(default: 16)")
+    p.add_argument("--max-concurrency", type=_at_least(1), default=8,
                    help="requests run at once; more wait in a bounded queue (default: 8)")
+    p.add_argument("--max-batch-size", type=_at_least(1), default=256,
+                   help="largest batch (dimension 0, or number of tf.Examples) one request may declare "
+                   "(default: 256)")
+    p.add_argument("--max-request-elements", type=_at_least(1), default=1 << 21,
+                   help="most values all inputs of one request may declare together; RESOURCE_EXHAUSTED beyond "
+                   "(default: 2097152)")
+    p.add_argument("--max-connections", type=_at_least(1), default=64,
+                   help="REST connections at once; more are answered 503 and closed (default: 64)")
+    p.add_argument("--rest-request-timeout-seconds", type=_at_least(0.001, float), default=30.0,
+                   help="a REST connection whose next request (line, headers and body) has not arrived within "
+                   "this many seconds is closed; bounds idle and slow clients (default: 30)")
+    p.add_argument("--ssl-config-file", default=None,
+                   help="TF Serving's SSLConfig text proto (server_key, server_cert, custom_ca, client_verify): "
+                   "TLS for gRPC and REST, mutual TLS with client_verify (see serving/README.md)")
     p.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
                    help="threads one TensorFlow op may use, as tensorflow_model_server's "
                    "--tensorflow_intra_op_parallelism (default: 0 = one per core; 1 gives more throughput when "
@@ -149,7 +166,38 @@ def add_cli(subparsers) -> None:
     q.add_argument("--top", type=int, default=0, help="print only the best N (default: 0 = all)")
     q.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     q.add_argument("--timeout", type=float, default=30.0, help="seconds per RPC (default: 30)")
+    q.add_argument("--ssl-config-file", default=None,
+                   help="connect with TLS: an SSLConfig text proto whose custom_ca is the CA of the server's "
+                   "certificate (system CAs when empty) and whose server_key/server_cert, when set, are this "
+                   "client's key and certificate (for a server with client_verify)")
     q.set_defaults(handler=_run_query, takes_extra=False)
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a TCP port is 0-65535")
+    return value
+
+
+def _at_least(least, kind=int):
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= least:
+            raise argparse.ArgumentTypeError(f"must be >= {least:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _raw_formatter():
@@ -169,18 +217,25 @@ def _run_serve(args, extra) -> int:
             raise SystemExit(f"{args.model_config_file}: this server serves one model, the file has {len(models)}")
         name, base_path = models[0]
     if not base_path:
-        raise SystemExit("give --model-base-path (or --model-config-file)")
-    server = server_lib.serve(name, base_path, port=args.port, rest_port=args.rest_port or None, host=args.host,
-                              poll_seconds=args.poll_seconds, max_message_bytes=int(args.max_message_mb * 2 ** 20),
-                              max_concurrency=args.max_concurrency,
-                              intra_op_parallelism=args.tensorflow_intra_op_parallelism,
-                              inter_op_parallelism=args.tensorflow_inter_op_parallelism,
-                              malloc_mmap_threshold_mb=args.malloc_mmap_threshold_mb)
+        print("seminar-tf serve: error: give --model-base-path (or --model-config-file)", file=sys.stderr)
+        return 2
+    try:
+        server = server_lib.serve(
+            name, base_path, port=args.port, rest_port=args.rest_port or None, host=args.host,
+            poll_seconds=args.poll_seconds, max_message_bytes=int(args.max_message_mb * 2 ** 20),
+            max_concurrency=args.max_concurrency, intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+            inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+            malloc_mmap_threshold_mb=args.malloc_mmap_threshold_mb, max_batch_size=args.max_batch_size,
+            max_elements=args.max_request_elements, max_connections=args.max_connections,
+            request_timeout_s=args.rest_request_timeout_seconds, ssl_config_file=args.ssl_config_file)
+    except server_lib.StartupError as err:
+        print(f"seminar-tf serve: error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"model_name": name, "model_base_path": base_path, "grpc": f"{args.host}:{server.grpc_port}",
                       "rest": f"{args.host}:{server.rest_port}" if server.rest_port else None,
                       "version": server.manager.current_version,
                       "tensorflow_parallelism": server_lib.set_tensorflow_parallelism(),
-                      "malloc": server.malloc}), flush=True)
+                      "malloc": server.malloc, "tls": bool(args.ssl_config_file)}), flush=True)
 
     def stop(signum, frame):
         server.stop()
@@ -206,7 +261,13 @@ def _run_query(args, extra) -> int:
     if args.max_history > 0:
         history = history[-args.max_history:]
     candidates = read_candidates(args.candidates)
-    with PredictClient(args.target, model_name=args.model_name, timeout=args.timeout) as client:
+    try:
+        client = PredictClient(args.target, model_name=args.model_name, timeout=args.timeout,
+                               ssl_config_file=args.ssl_config_file)
+    except ValueError as err:  # an unusable SSL config file
+        print(f"seminar-tf query: error: {err}", file=sys.stderr)
+        return 2
+    with client:
         try:
             if "id" in user and "user_id" not in client.user_inputs(args.signature):
                 del user["id"]  # a model without a user-id embedding takes no user_id input

@@ -128,16 +128,25 @@ class PredictClient:
       target: "host:port" of the gRPC endpoint.
       model_name: model name of the server's config.
       timeout: seconds per call.
+      ssl_config_file: connect with TLS: an SSLConfig text proto (``serving.tls``) whose ``custom_ca`` is the
+        CA of the server's certificate and whose ``server_key`` / ``server_cert``, when set, are this client's
+        own key and certificate (for a server with ``client_verify``). None: plaintext.
     """
 
     def __init__(self, target: str = "127.0.0.1:8500", model_name: str = MODEL_NAME, timeout: float = 30.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, ssl_config_file: Optional[str] = None):
         self.target = target
         self.model_name = model_name
         self.timeout = float(timeout)
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", int(max_message_bytes)),
-            ("grpc.max_send_message_length", int(max_message_bytes))])
+        options = [("grpc.max_receive_message_length", int(max_message_bytes)),
+                   ("grpc.max_send_message_length", int(max_message_bytes))]
+        if ssl_config_file:
+            from serving import tls
+
+            credentials = tls.grpc_channel_credentials(tls.read_ssl_config(ssl_config_file, server=False))
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self._signatures = None
@@ -268,13 +277,19 @@ def _json_ready(value):
 
 
 class RestClient:
-    """TF Serving REST API client (``/v1/models/...``) on urllib."""
+    """TF Serving REST API client (``/v1/models/...``) on urllib; ``ssl_config_file`` as ``PredictClient``'s
+    (use an https:// ``base_url``)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8501", model_name: str = MODEL_NAME,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, ssl_config_file: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
         self.timeout = float(timeout)
+        self._ssl_context = None
+        if ssl_config_file:
+            from serving import tls
+
+            self._ssl_context = tls.client_ssl_context(tls.read_ssl_config(ssl_config_file, server=False))
 
     def _url(self, version: Optional[int], suffix: str = "") -> str:
         path = f"{self.base_url}/v1/models/{self.model_name}"
@@ -287,7 +302,7 @@ class RestClient:
         request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl_context) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             text = err.read().decode("utf-8", "replace")

@@ -22,7 +22,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc, re
 from seminar_tf import config, export, schema
 from seminar_tf.data import reader
 from seminar_tf.models import builders
-from serving import MODEL_NAME, client, server
+from serving import MODEL_NAME, client, server, validation
 from serving import cli as serving_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def setup(tmp_path_factory, dataset_dir):
     model, metadata = _build_model(dataset_dir)
     base = str(tmp_path_factory.mktemp("serving") / "seminar")
     path = _export(model, metadata, dataset_dir, base)
-    running = server.serve(MODEL_NAME, base, port=0, rest_port=0, poll_seconds=0.2,
+    running = server.serve(MODEL_NAME, base, port=0, rest_port=0, poll_seconds=1.0,
                            max_message_bytes=MAX_MESSAGE_BYTES, max_concurrency=4)
     try:
         yield {"server": running, "base": base, "path": path, "model": model, "metadata": metadata,
@@ -374,6 +374,184 @@ def test_bad_classify_and_regress_requests(setup, grpc_client):
     assert grpc_client.status() == [(1, "AVAILABLE", 0, "")]
 
 
+# ---------------------------------------------------------------------------------------------------- sizes
+def _rss_bytes(pid="self"):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _predict_request(signature, protos):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = MODEL_NAME, signature
+    for name, proto in protos.items():
+        request.inputs[name].CopyFrom(proto)
+    return request
+
+
+def _declared(shape, values, dtype=tf.string):
+    """A TensorProto declaring ``shape`` that carries ``values`` (e.g. one value for 10^7 elements)."""
+    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
+    for size in shape:
+        proto.tensor_shape.dim.add(size=size)
+    if dtype == tf.string:
+        proto.string_val.extend(values)
+    else:
+        proto.int64_val.extend(values)
+    return proto
+
+
+def _good_protos(setup, rows=1, length=6):
+    return {k: tf.make_tensor_proto(v) for k, v in _bytes(ctr_inputs(setup, rows=rows, length=length)).items()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_declared_shapes_are_checked_before_any_tensor_is_built(setup, grpc_client):
+    """A few hundred bytes declaring 10^7 elements (one broadcast value), a batch beyond max_batch_size, a
+    negative dimension, a wrong value count: each is refused with INVALID_ARGUMENT naming the input and the
+    limit, without allocating (the server's RSS stays put), and the server keeps answering."""
+    good = _good_protos(setup)
+    want = grpc_client.predict(ctr_inputs(setup, rows=1), "ctr")["probability"]
+    cases = {
+        "one value for [1, 10^7]": ({"history_item_ids": _declared([1, 10 ** 7], [b"x"]),
+                                     "history_queries": _declared([1, 10 ** 7], [b""])}, "max_history=64"),
+        "batch beyond the limit": ({"target_item_id": _declared([10 ** 7], [b"x"])}, "max_batch_size=256"),
+        "negative dim with values": ({"history_item_ids": _declared([1, -1], [b"a", b"b", b"c"])},
+                                     "negative dimension"),
+        "negative dims": ({"history_item_ids": _declared([-1, -3], [b"a"])}, "negative dimension"),
+        "fewer strings than elements": ({"history_item_ids": _declared([1, 6], [b"a", b"b"])}, "string_val has 2"),
+        "queries not shaped as items": ({"history_queries": _declared([1, 5], [b""])},
+                                        "history_queries must have the shape of history_item_ids"),
+        "batch sizes differ": ({"target_query": _declared([2], [b"", b""])}, "batch size 2"),
+    }
+    before = _rss_bytes()
+    for case, (changes, text) in cases.items():
+        request = _predict_request("ctr", {**good, **changes})
+        assert len(request.SerializeToString()) < 2000
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.prediction.Predict(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, info.value.details())
+        assert text in info.value.details(), (case, info.value.details())
+    assert _rss_bytes() - before < 100 * 2 ** 20  # 10^7 broadcast strings alone would be 320 MB
+    np.testing.assert_allclose(grpc_client.predict(ctr_inputs(setup, rows=1), "ctr")["probability"], want, rtol=1e-6)
+
+
+def test_the_element_budget_answers_resource_exhausted_and_numeric_values_must_fit():
+    """``max_elements`` bounds what a request declares in total (RESOURCE_EXHAUSTED); tensor_content must hold
+    exactly elements x item size bytes; a numeric value count fits the shape or broadcasts."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    signature = meta_graph_pb2.SignatureDef()
+    for name in ("history_item_ids", "history_queries"):
+        info = signature.inputs[name]
+        info.dtype = tf.string.as_datatype_enum
+        info.tensor_shape.dim.add(size=-1)
+        info.tensor_shape.dim.add(size=-1)
+    limits = server.Limits(max_history=1000, max_batch_size=8, max_elements=100)
+    protos = {"history_item_ids": _declared([2, 30], [b"x"]), "history_queries": _declared([2, 30], [b""])}
+    with pytest.raises(server.ServingError) as info:
+        validation.check_protos("s", signature, protos, limits)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_elements is 100" in info.value.message
+    validation.check_protos("s", signature, {k: _declared([2, 25], [b"x"]) for k in protos}, limits)  # 100: fits
+    numeric = meta_graph_pb2.SignatureDef()
+    numeric.inputs["x"].dtype = tf.int64.as_datatype_enum
+    numeric.inputs["x"].tensor_shape.dim.add(size=-1)
+    short = tf.make_tensor_proto(np.arange(4, dtype=np.int64))
+    short.tensor_content = short.tensor_content[:-3]
+    for proto, text in ((short, "tensor_content has 29 bytes"), (_declared([4], [1, 2], tf.int64), "has 2")):
+        with pytest.raises(server.ServingError) as info:
+            validation.check_protos("s", numeric, {"x": proto}, limits)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.message
+    validation.check_protos("s", numeric, {"x": _declared([4], [7], tf.int64)}, limits)  # one value broadcasts
+
+
+def test_garbage_bytes_to_ctr_examples_are_invalid_argument_naming_the_example(setup, grpc_client, rest):
+    request = _predict_request("ctr_examples", {"inputs": tf.make_tensor_proto(
+        np.array([client.history_example([("x", "")], ("y", "")).SerializeToString(), b"\xff\xfe\x00garbage\x80"],
+                 object))})
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_client.prediction.Predict(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "value 1 (11 bytes) is not a serialized tf.Example" in info.value.details()
+    assert "codec" not in info.value.details()
+    with pytest.raises(client.RestError) as rest_info:
+        rest.predict(inputs={"inputs": [{"b64": base64.b64encode(b"\xff\xfe\x00garbage\x80").decode()}]},
+                     signature_name="ctr_examples")
+    assert rest_info.value.status == 400 and "is not a serialized tf.Example" in rest_info.value.message
+
+
+def test_rest_declared_shapes_are_checked_like_grpc(setup, rest):
+    inputs = {k: v.tolist() for k, v in ctr_inputs(setup, rows=1).items()}
+    long = {**inputs, "history_item_ids": [["x"] * (MAX_HISTORY + 1)], "history_queries": [[""] * (MAX_HISTORY + 1)]}
+    for body, text in ((long, "max_history=64"),
+                       ({**inputs, "target_item_id": ["x"] * 300, "target_query": [""] * 300}, "max_batch_size=256"),
+                       ({**inputs, "history_queries": [[""] * 5]}, "must have the shape of history_item_ids")):
+        with pytest.raises(client.RestError) as info:
+            rest.predict(inputs=body, signature_name="ctr")
+        assert info.value.status == 400 and text in info.value.message, info.value
+
+
+# ---------------------------------------------------------------------------------------------------- tf.Example
+def test_predict_and_the_example_apis_reject_the_same_malformed_rows(setup, grpc_client, rest):
+    """One validation for every signature: a history whose queries (or feedback) do not match its items step
+    for step, or longer than max_history, is INVALID_ARGUMENT through Predict (ctr), Regress, Classify and
+    REST :regress alike, with the same message (the tf.Example parser would pad the short list and score)."""
+    signature_inputs = grpc_client.metadata()[1]["ctr"].inputs
+    users = {schema.user_attribute_feature(n): "" for n in user_names(setup)}
+    items = setup["items"][2:]
+    cases = {"3 items, 2 queries": (items[:3], ["", ""]), "3 items, 4 queries": (items[:3], ["", "", "", ""]),
+             "too long": ([items[0]] * (MAX_HISTORY + 1), [""] * (MAX_HISTORY + 1))}
+    texts = {"3 items, 2 queries": "history_queries must have the shape of history_item_ids",
+             "3 items, 4 queries": "history_queries must have the shape of history_item_ids",
+             "too long": "exceeds this export's max_history=64"}
+    for case, (history_items, history_queries) in cases.items():
+        features = {"history_item_ids": list(history_items), "history_queries": list(history_queries),
+                    "target_item_id": items[5], "target_query": "", **users}
+        if "history_feedback" in signature_inputs:
+            features["history_feedback"] = [""] * len(history_items)
+        predict = {"history_item_ids": np.array([history_items], object), "history_queries":
+                   np.array([history_queries], object), "target_item_id": np.array([items[5]], object),
+                   "target_query": np.array([""], object), **{k: np.array([""], object) for k in users}}
+        if "history_feedback" in signature_inputs:
+            predict["history_feedback"] = np.array([[""] * len(history_items)], object)
+        example = client.make_example(features)
+        for api, call in (("predict", lambda: grpc_client.predict(predict, "ctr")),
+                          ("regress", lambda: grpc_client.regress([example])),
+                          ("classify", lambda: grpc_client.classify([example]))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, api, info.value.details())
+            assert texts[case] in info.value.details(), (case, api, info.value.details())
+        with pytest.raises(client.RestError) as rest_info:
+            rest.regress([features])
+        assert rest_info.value.status == 400 and texts[case] in rest_info.value.message
+    # a well-formed example of the same row still scores, and equals Predict
+    good = {"history_item_ids": list(items[:3]), "history_queries": ["", "", ""], "target_item_id": items[5],
+            "target_query": "", **users}
+    predict = {"history_item_ids": np.array([items[:3]], object), "history_queries": np.array([["", "", ""]], object),
+               "target_item_id": np.array([items[5]], object), "target_query": np.array([""], object),
+               **{k: np.array([""], object) for k in users}}
+    if "history_feedback" in signature_inputs:
+        good["history_feedback"] = ["", "", ""]
+        predict["history_feedback"] = np.array([["", "", ""]], object)
+    np.testing.assert_allclose(grpc_client.regress([client.make_example(good)]),
+                               grpc_client.predict(predict, "ctr")["probability"], rtol=1e-6)
+
+
+def test_example_features_of_the_wrong_kind_or_count_are_invalid_argument(setup, grpc_client):
+    users = {schema.user_attribute_feature(n): "" for n in user_names(setup)}
+    base = {"history_item_ids": ["a", "b"], "history_queries": ["", ""], "target_item_id": "t", **users}
+    cases = {"two targets": ({**base, "target_item_id": ["t", "u"]}, "'target_item_id' needs exactly one value, got 2"),
+             "no target": ({k: v for k, v in base.items() if k != "target_item_id"}, "got 0"),
+             "numbers as items": ({**base, "history_item_ids": [1, 2]}, "must be a bytes_list")}
+    for case, (features, text) in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_client.regress([client.make_example(features)])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details(), case
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_client.regress([client.make_example(base)] * 257)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_size=256" in info.value.details()
+
+
 # ---------------------------------------------------------------------------------------------------- versions
 def test_version_swap_under_load(setup, grpc_client, tmp_path):
     """A client hammers Predict while a new version is exported; no request fails and the new one serves."""
@@ -502,20 +680,22 @@ def test_user_history_file_formats(tmp_path):
         serving_cli.read_candidates(str(tmp_path / "bad.json"))
 
 
-def test_serve_cli_with_models_config_starts_and_stops(capsys):
+def test_serve_cli_with_models_config_fails_fast_when_the_base_path_is_missing(capsys):
+    """models.config names /models/seminar (the container's path): here it does not exist, so serve exits 2
+    naming it instead of serving nothing."""
     assert _cli(["serve", "--model-config-file", os.path.join(REPO, "serving", "models.config"), "--port", "0",
-                 "--rest-port", "0", "--max-seconds", "0.5"]) == 0
-    started = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert started["model_name"] == MODEL_NAME and started["model_base_path"] == "/models/seminar"
-    assert started["grpc"].startswith("127.0.0.1:") and started["rest"] is None and started["version"] is None
+                 "--rest-port", "0", "--max-seconds", "0.5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "model base path /models/seminar does not exist" in captured.err
 
 
-def test_serve_cli_sets_tensorflow_thread_pools_in_a_fresh_process():
+def test_serve_cli_sets_tensorflow_thread_pools_in_a_fresh_process(setup):
     """--tensorflow-intra/inter-op-parallelism (TF Serving's flags) take effect in the server process."""
+    base = setup["base"]
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "serve", "--model-config-file",
-         os.path.join(REPO, "serving", "models.config"), "--port", "0", "--rest-port", "0", "--max-seconds", "0.2",
+        [sys.executable, "-m", "serving.cli", "serve", "--model-base-path", base, "--port", "0", "--rest-port", "0",
+         "--max-seconds", "0.2",
          "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "3"],
         env=env, capture_output=True, text=True, timeout=300, check=True)
     started = json.loads(out.stdout.splitlines()[0])
