@@ -103,6 +103,8 @@ class RestFrontend:
                 frontend._watch(self.connection)
                 try:
                     super().handle_one_request()
+                except OSError:  # timed out, reset, or cut off by the reaper: this connection is done
+                    self.close_connection = True
                 finally:
                     frontend._unwatch(self.connection)
 
@@ -136,6 +138,9 @@ class RestFrontend:
             allow_reuse_address = True
             request_queue_size = 128
             address_family = _address_family(host)
+
+            def handle_error(self, request, client_address):  # not socketserver's traceback on stderr
+                LOG.debug("rest: connection from %s failed", client_address, exc_info=True)
 
             def process_request(self, request, client_address):
                 if not frontend._connections.acquire(blocking=False):
@@ -347,7 +352,10 @@ class RestFrontend:
         if length > self.max_body_bytes:
             self._drain(handler, length)
             raise exhausted(f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}", 413)
-        raw = handler.rfile.read(length)
+        try:
+            raw = handler.rfile.read(length)
+        except OSError:  # timed out or cut off by the reaper
+            raise _Abort() from None
         if len(raw) != length:
             raise _Abort()
         try:
@@ -367,7 +375,10 @@ class RestFrontend:
         if length > 4 * self.max_body_bytes:
             return
         while length > 0:
-            chunk = handler.rfile.read(min(length, 1 << 16))
+            try:
+                chunk = handler.rfile.read(min(length, 1 << 16))
+            except OSError:
+                return
             if not chunk:
                 break
             length -= len(chunk)

@@ -4,6 +4,7 @@ REST, bad requests, a version swap under load, and `seminar-tf query`/`serve`.""
 import argparse
 import base64
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -23,6 +24,7 @@ from seminar_tf import config, export, schema
 from seminar_tf.data import reader
 from seminar_tf.models import builders
 from serving import MODEL_NAME, client, server, validation
+from serving import rest as rest_lib
 from serving import cli as serving_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -490,6 +492,126 @@ def test_rest_declared_shapes_are_checked_like_grpc(setup, rest):
         assert info.value.status == 400 and text in info.value.message, info.value
 
 
+# ---------------------------------------------------------------------------------------------------- REST hardening
+def _raw_http(port, data: bytes, timeout=30.0):
+    """Sends raw bytes to the REST port; returns (status, JSON body) of the answer (None, None when the
+    server closed the connection without one)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return _read_answer(sock)
+
+
+def _read_answer(sock):
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, None
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    assert headers.get("content-type") == "application/json", lines
+    return int(lines[0].split()[1]), json.loads(body[:length]) if length else None
+
+
+@pytest.fixture()
+def strict_rest(setup):
+    """A second REST front end on the module's model: one model slot, 12 connections, 1.5 s per request."""
+    frontend = rest_lib.RestFrontend(setup["server"].manager, "127.0.0.1", 0, MAX_MESSAGE_BYTES, max_concurrency=1,
+                                     max_connections=12, request_timeout_s=1.5, queue_timeout_s=30)
+    frontend.start()
+    try:
+        yield frontend
+    finally:
+        frontend.stop()
+
+
+def test_rest_slow_and_idle_clients_cannot_starve_good_requests(setup, strict_rest):
+    """8 clients that announce 1000 body bytes and send 10 hold no model slot (the body is read first), so a
+    good request is answered at once; they are cut off after the request deadline; connections beyond
+    max_connections get a JSON 503 without a thread; idle ones are closed."""
+    import socket
+
+    port = strict_rest.port
+    good = client.RestClient(f"http://127.0.0.1:{port}", timeout=60)
+    inputs = {k: v.tolist() for k, v in ctr_inputs(setup, rows=1).items()}
+    want = good.predict(inputs=inputs, signature_name="ctr")["outputs"]["probability"]
+    slow = []
+    for _ in range(8):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n{\"inputs\": ".encode())
+        slow.append(sock)
+    started = time.monotonic()
+    answer = good.predict(inputs=inputs, signature_name="ctr")["outputs"]["probability"]
+    assert time.monotonic() - started < 1.4  # before the slow clients' deadline: they held no slot
+    np.testing.assert_allclose(answer, want, rtol=1e-6)
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(20)]
+    time.sleep(0.3)
+    refused = []
+    for sock in idle:
+        sock.settimeout(0.2)
+        try:
+            refused.append(_read_answer(sock))
+        except TimeoutError:
+            pass  # accepted: waits for its request
+    assert len(refused) >= 20 - (12 - 8) and all(r == (503, {"error": "too many connections (max_connections=12)"})
+                                                 for r in refused)
+    assert threading.active_count() - threads_before <= 12
+    time.sleep(2.0)  # past the 1.5 s request deadline: every slow and idle connection was closed
+    for sock in slow + idle:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        sock.close()
+    assert good.predict(inputs=inputs, signature_name="ctr")["outputs"]["probability"] == pytest.approx(want)
+
+
+def test_rest_answers_json_errors_for_every_status(setup, strict_rest):
+    port, path = strict_rest.port, f"/v1/models/{MODEL_NAME}:predict"
+    body = json.dumps({"signature_name": "ctr", "inputs": {k: v.tolist() for k, v in ctr_inputs(setup).items()}})
+
+    def post(headers, data=body.encode()):
+        return _raw_http(port, f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + data)
+
+    cases = {
+        "PUT": (_raw_http(port, f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()), 405, "PUT"),
+        "DELETE": (_raw_http(port, f"DELETE /v1/models/{MODEL_NAME} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 405,
+                   "GET and POST"),
+        "unknown method": (_raw_http(port, b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"), 501, "Unsupported"),
+        "GET a verb": (_raw_http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 405, "needs POST"),
+        "Content-Length not a number": (post("Content-Length: abc\r\n"), 400, "bad Content-Length"),
+        "Content-Length negative": (post("Content-Length: -1\r\n"), 400, "bad Content-Length"),
+        "no Content-Length": (post("", b""), 411, "Content-Length header required"),
+        "wrong Content-Type": (post(f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"), 415,
+                               "text/plain"),
+        "deep JSON": (post("Content-Length: 100000\r\n", b"[" * 100000), 400, "nested too deeply"),
+        "deep JSON in an input": (post(f"Content-Length: {len(json.dumps({'inputs': {'x': [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))}\r\n",
+                                       json.dumps({"inputs": {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}).encode()),
+                                  400, "nested deeper than 32"),
+        "not JSON": (post("Content-Length: 5\r\n", b"\xff\xfe{[x"), 400, "JSON parse error"),
+        "unknown route": (_raw_http(port, b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\n\r\n"), 404, "Malformed request"),
+        "request line too long": (_raw_http(port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"), 414, ""),
+    }
+    for case, ((status, answer), want_status, text) in cases.items():
+        assert status == want_status, (case, status, answer)
+        assert isinstance(answer, dict) and set(answer) == {"error"} and text in answer["error"], (case, answer)
+    # the accepted content types: JSON, none, and curl -d's default form type
+    for headers in ("Content-Type: application/json; charset=utf-8\r\n", "",
+                    "Content-Type: application/x-www-form-urlencoded\r\n"):
+        status, answer = post(f"{headers}Content-Length: {len(body)}\r\n")
+        assert status == 200 and len(answer["outputs"]["probability"]) == 3
+
+
 # ---------------------------------------------------------------------------------------------------- tf.Example
 def test_predict_and_the_example_apis_reject_the_same_malformed_rows(setup, grpc_client, rest):
     """One validation for every signature: a history whose queries (or feedback) do not match its items step
@@ -619,6 +741,61 @@ def test_version_swap_under_load(setup, grpc_client, tmp_path):
     assert grpc_client.predict(inputs, "ctr", version=3)["probability"][0] == pytest.approx(new[-1], rel=1e-6)
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_versions_canonical_names_retry_after_a_failed_load_and_unload_deleted_versions(setup, tmp_path):
+    """Like TF Serving's file-system source: only canonical decimal names are versions (0010 and ² are
+    ignored with a log line); a version caught mid-copy fails, is not retried while its files stay the same,
+    and loads once the copy completes; a deleted serving version is unloaded (END) and the next one serves;
+    with none left, requests answer NOT_FOUND saying why."""
+    import shutil
+
+    source, base = setup["path"], tmp_path / "seminar"
+    shutil.copytree(source, base / "1")
+    for odd in ("0010", "²", "+3", " 4"):
+        (base / odd).mkdir()
+        shutil.copy(os.path.join(source, "saved_model.pb"), base / odd)
+    lines = _Lines()
+    logging.getLogger("serving").addHandler(lines)
+    try:
+        manager = server.ModelManager(MODEL_NAME, str(base), poll_seconds=1.0)
+        assert manager.poll() == 1 and manager.poll() is None
+        assert manager.status(MODEL_NAME) == [(1, "AVAILABLE", 0, "")]
+        for odd in ("0010", "²", "+3", " 4"):
+            assert sum(f"ignoring {odd!r}: not a version" in line for line in lines.lines) == 1, odd  # logged once
+        (base / "2").mkdir()  # a non-atomic copy caught half way: saved_model.pb without its variables
+        shutil.copy(os.path.join(source, "saved_model.pb"), base / "2")
+        assert manager.poll() is None and manager.poll() is None
+        state, code, message = manager.status(MODEL_NAME, 2)[0][1:]
+        assert (state, code) == ("END", 13) and "load failed" in message
+        assert sum("version 2 failed to load" in line for line in lines.lines) == 1  # not retried unchanged
+        assert manager.current_version == 1
+        shutil.copytree(source, base / "2", dirs_exist_ok=True)  # the copy completes
+        assert manager.poll() == 2
+        assert manager.status(MODEL_NAME) == [(2, "AVAILABLE", 0, ""), (1, "END", 0, "")]
+        shutil.rmtree(base / "2")
+        assert manager.poll() == 1  # the served version was deleted: the next highest present one serves
+        assert manager.status(MODEL_NAME) == [(2, "END", 0, ""), (1, "AVAILABLE", 0, "")]
+        shutil.rmtree(base / "1")
+        assert manager.poll() is None and manager.current_version is None
+        assert manager.status(MODEL_NAME) == [(2, "END", 0, ""), (1, "END", 0, "")]
+        with pytest.raises(server.ServingError) as info:
+            manager.servable(MODEL_NAME)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND and "version 1 was deleted" in info.value.message
+    finally:
+        logging.getLogger("serving").removeHandler(lines)
+    assert server.complete_versions(str(base)) == []
+    with pytest.raises(ValueError, match="poll_seconds must be >= 1"):
+        server.ModelManager(MODEL_NAME, str(base), poll_seconds=0)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_rank_sample_user_serves_ranks_and_stops(setup, grpc_client):
     text = export.rank_sample_user(setup["base"], setup["data"], num_candidates=6)
@@ -687,6 +864,43 @@ def test_serve_cli_with_models_config_fails_fast_when_the_base_path_is_missing(c
                  "--rest-port", "0", "--max-seconds", "0.5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "model base path /models/seminar does not exist" in captured.err
+
+
+def test_serve_fails_fast_with_exit_2_and_a_clear_message(setup, tmp_path, capsys):
+    """A missing or empty base path, a port out of range or in use (the message names it), a poll interval
+    under 1 s and a concurrency under 1: exit 2 with a message, before any model is loaded."""
+    import socket
+
+    base = setup["base"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "0010").mkdir()  # not a version name
+    for argv, text in ((["--model-base-path", str(tmp_path / "nothing")], "does not exist"),
+                       (["--model-base-path", str(tmp_path / "empty")], "holds no version")):
+        assert _cli(["serve", *argv, "--port", "0", "--rest-port", "0", "--max-seconds", "0.1"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and text in captured.err and str(tmp_path) in captured.err
+    for flag, value, text in (("--port", "70000", "70000 is out of range: a TCP port is 0-65535"),
+                              ("--rest-port", "-1", "-1 is out of range"),
+                              ("--poll-seconds", "0", "must be >= 1, got 0"),
+                              ("--poll-seconds", "0.5", "must be >= 1, got 0.5"),
+                              ("--max-concurrency", "0", "must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as info:
+            _cli(["serve", "--model-base-path", base, "--port", "0", "--rest-port", "0", flag, value])
+        assert info.value.code == 2
+        assert text in capsys.readouterr().err, flag
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv, text in ((["--port", str(port), "--rest-port", "0"], f"gRPC port {port} on 127.0.0.1 cannot be bound"),
+                           (["--port", "0", "--rest-port", str(port)], f"REST port {port} on 127.0.0.1 cannot be "
+                                                                       "bound: it is in use")):
+            started = time.monotonic()
+            assert _cli(["serve", "--model-base-path", base, *argv, "--max-seconds", "0.1"]) == 2
+            assert text in capsys.readouterr().err
+            assert time.monotonic() - started < 5  # failed before loading the model
+    with pytest.raises(server.StartupError, match="poll_seconds must be >= 1"):
+        server.serve(MODEL_NAME, base, port=0, rest_port=None, poll_seconds=0.2)
 
 
 def test_serve_cli_sets_tensorflow_thread_pools_in_a_fresh_process(setup):
