@@ -26,7 +26,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "cryptography>=41"],  # cryptography: throwaway TLS certificates
         "pq": ["faiss-cpu>=1.9,<2"],
         "report": ["matplotlib>=3.8,<4"],
     },

@@ -674,6 +674,120 @@ def test_example_features_of_the_wrong_kind_or_count_are_invalid_argument(setup,
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_size=256" in info.value.details()
 
 
+# ---------------------------------------------------------------------------------------------------- TLS
+def _certificates(tmp_path):
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate signed by it,
+    and a client certificate from another CA: PEM text by name."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def issue(subject, key, issuer, issuer_key, ca=False, server=False):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+                critical=True)
+        else:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+    def key_pem(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode()
+
+    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("ca", "server", "client", "rogue_ca", "rogue")}
+    return {
+        "ca": issue("test CA", keys["ca"], "test CA", keys["ca"], ca=True),
+        "server_key": key_pem(keys["server"]),
+        "server": issue("127.0.0.1", keys["server"], "test CA", keys["ca"], server=True),
+        "client_key": key_pem(keys["client"]),
+        "client": issue("client", keys["client"], "test CA", keys["ca"]),
+        "rogue_key": key_pem(keys["rogue"]),
+        "rogue": issue("rogue", keys["rogue"], "rogue CA", keys["rogue_ca"]),
+    }
+
+
+def _ssl_config_file(path, **fields):
+    from google.protobuf import text_format
+
+    from serving import tls
+
+    path.write_text(text_format.MessageToString(tls.SSLConfig(**fields)))
+    return str(path)
+
+
+def test_mutual_tls_for_grpc_rest_and_query(setup, grpc_client, tmp_path, capsys):
+    """--ssl-config-file (TF Serving's SSLConfig) with client_verify: a client with a certificate of the CA
+    ranks as over plaintext; a plaintext client, a client without a certificate and one whose certificate
+    another CA signed all fail, over gRPC and REST; seminar-tf query takes the same option."""
+    pem = _certificates(tmp_path)
+    server_config = _ssl_config_file(tmp_path / "server.txt", server_key=pem["server_key"],
+                                     server_cert=pem["server"], custom_ca=pem["ca"], client_verify=True)
+    good = _ssl_config_file(tmp_path / "client.txt", custom_ca=pem["ca"], server_key=pem["client_key"],
+                            server_cert=pem["client"])
+    no_cert = _ssl_config_file(tmp_path / "no_cert.txt", custom_ca=pem["ca"])
+    rogue = _ssl_config_file(tmp_path / "rogue.txt", custom_ca=pem["ca"], server_key=pem["rogue_key"],
+                             server_cert=pem["rogue"])
+    inputs = ctr_inputs(setup, rows=1, length=8)
+    history = list(zip(inputs["history_item_ids"][0], inputs["history_queries"][0]))
+    candidates = [(setup["items"][i], "") for i in range(2, 8)]
+    want = grpc_client.rank(history, candidates)
+    secure = server.serve(MODEL_NAME, setup["base"], port=0, rest_port=0, ssl_config_file=server_config)
+    try:
+        target, url = f"127.0.0.1:{secure.grpc_port}", f"https://127.0.0.1:{secure.rest_port}"
+        with client.PredictClient(target, timeout=30, ssl_config_file=good) as tls_client:
+            got = tls_client.rank(history, candidates)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-6)
+        assert client.RestClient(url, ssl_config_file=good).status()["model_version_status"][0]["state"] == \
+            "AVAILABLE"
+        for config in (None, no_cert, rogue):
+            with client.PredictClient(target, timeout=5, ssl_config_file=config) as refused:
+                with pytest.raises(grpc.RpcError) as info:
+                    refused.status()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, config
+        for base_url, config in ((f"http://127.0.0.1:{secure.rest_port}", None), (url, no_cert), (url, rogue)):
+            with pytest.raises((OSError, client.RestError)):  # URLError, SSLError, reset: no answer
+                client.RestClient(base_url, timeout=5, ssl_config_file=config).status()
+        (tmp_path / "history.json").write_text(json.dumps(
+            {"user": {n: "" for n in user_names(setup)}, "history": [{"item_id": i, "query": q} for i, q in history]}))
+        (tmp_path / "candidates.json").write_text(json.dumps([{"item_id": i} for i, _ in candidates]))
+        query = ["query", "--target", target, "--user-history", str(tmp_path / "history.json"), "--candidates",
+                 str(tmp_path / "candidates.json"), "--json"]
+        capsys.readouterr()
+        assert _cli(query + ["--ssl-config-file", good]) == 0
+        ranked = [json.loads(line)["item_id"] for line in capsys.readouterr().out.splitlines()]
+        assert ranked == [candidates[i][0] for i, _ in want]
+        assert _cli(query + ["--ssl-config-file", rogue, "--timeout", "5"]) == 1
+        assert "query failed: UNAVAILABLE" in capsys.readouterr().err
+    finally:
+        secure.stop()
+    with pytest.raises(server.StartupError, match="a server needs both server_key and server_cert"):
+        server.serve(MODEL_NAME, setup["base"], port=0, rest_port=None, ssl_config_file=no_cert)
+    (tmp_path / "broken.txt").write_text("server_key: not quoted")
+    with pytest.raises(server.StartupError, match="not an SSLConfig text proto"):
+        server.serve(MODEL_NAME, setup["base"], port=0, rest_port=None, ssl_config_file=str(tmp_path / "broken.txt"))
+
+
 # ---------------------------------------------------------------------------------------------------- versions
 def test_version_swap_under_load(setup, grpc_client, tmp_path):
     """A client hammers Predict while a new version is exported; no request fails and the new one serves."""
