@@ -465,9 +465,9 @@ def _write_warmup(path: str, requests: Dict[str, Dict[str, np.ndarray]], model_n
 def _signature_summary(concrete_functions: Dict[str, Callable]) -> Dict[str, dict]:
     summary = {}
     for key, fn in concrete_functions.items():
-        specs = fn.structured_input_signature[1] or {}
-        inputs = next(iter(specs.values())) if len(specs) == 1 and isinstance(next(iter(specs.values())), dict) \
-            else specs
+        # Signature functions take one dict argument (``_signature``): its keys are the SignatureDef's inputs.
+        args, kwargs = fn.structured_input_signature
+        inputs = kwargs or (args[0] if len(args) == 1 and isinstance(args[0], dict) else {})
         outputs = fn.structured_outputs
         summary[key] = {
             "method_name": METHOD_NAMES.get(key, "tensorflow/serving/predict"),

@@ -156,6 +156,25 @@ def test_client_contract_names_match_the_export():
     assert client.USER_INPUT_PREFIX == schema.USER_ATTRIBUTE_PREFIX
 
 
+def test_export_info_records_the_inputs_of_every_signature(setup):
+    """assets.extra/seminar_export.json: every signature's inputs (name, dtype, shape) as its SignatureDef has
+    them, and the limits the server enforces."""
+    with open(os.path.join(setup["path"], "assets.extra", "seminar_export.json")) as f:
+        info = json.load(f)
+    signature_defs = server.read_signature_defs(setup["path"])
+    assert set(info["signatures"]) == set(signature_defs)
+    for name, signature_def in signature_defs.items():
+        want = {key: {"dtype": tf.dtypes.as_dtype(value.dtype).name,
+                      "shape": [None if d.size < 0 else d.size for d in value.tensor_shape.dim]}
+                for key, value in signature_def.inputs.items()}
+        assert info["signatures"][name]["inputs"] == want and want, name
+    assert info["signatures"]["rank"]["inputs"]["candidate_item_ids"] == {"dtype": "string", "shape": [None, None]}
+    assert info["signatures"]["ctr_examples"]["inputs"] == {"inputs": {"dtype": "string", "shape": [None]}}
+    limits = setup["server"].manager.servable(MODEL_NAME).limits
+    assert (limits.max_history, limits.max_candidates) == (info["max_history"], info["max_candidates"]) == (
+        MAX_HISTORY, MAX_CANDIDATES)
+
+
 # ---------------------------------------------------------------------------------------------------- gRPC
 def test_predict_ctr_round_trip_with_the_official_stub(setup, grpc_client):
     inputs = ctr_inputs(setup)
