@@ -40,6 +40,9 @@ class ModelConfig:
     use_feedback: bool = True  # per-step feedback embedding (event type + rating/label), when the data has >1 kind
     embedding_l2: float = 0.0  # L2 penalty on the id and feedback embedding tables
     id_dropout: float = 0.0  # training replaces each user / item id by OOV with this probability
+    category_affinity: bool = False  # tower: share, count and mean feedback of history steps in the target's category
+    item_statistics_folds: int = 0  # tower: smoothed train-split click rate and count of the target item; F folds
+    # (a training row reads the table without its own user's fold); 0 = off
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
@@ -158,14 +161,16 @@ def _movielens() -> Preset:
     """MovieLens (``seminar-tf bench movielens``): every rating is a labelled sample and a later history step
     (``history_events`` impression,click), newest 200 steps, K=50; cold-start samples kept (min_history 0); every
     history event a pretraining target. Chosen on ml-100k's validation split (the notes of issue 14): a recent
-    branch of 20 steps, the learning rate halved after each epoch; SIM hard searches the first genre."""
+    branch of 20 steps, the learning rate halved after each epoch; SIM hard searches the first genre, and every model's
+    tower reads the target genre's affinity (validation AUC +0.002 to +0.003); item statistics stay off (they lifted
+    validation HIT@10 above popularity but cost 0.002 to 0.003 AUC)."""
     preset = _paper_amazon()
     return dataclasses.replace(
         preset, name="movielens",
         build=dataclasses.replace(preset.build, max_history=200, min_history=0, pretrain_samples_per_user=0,
                                   history_events=("impression", "click"), sample_events=("impression",)),
         model=dataclasses.replace(preset.model, dim=32, token_dim=32, num_heads=2, top_k=50, recent_history=20,
-                                  category_attribute="genre"),
+                                  category_attribute="genre", category_affinity=True),
         pretrain=dataclasses.replace(preset.pretrain, batch_size=256, epochs=3),
         finetune=dataclasses.replace(preset.finetune, batch_size=256, epochs=6, learning_rate_decay=0.5))
 

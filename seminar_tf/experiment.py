@@ -187,6 +187,8 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
         if pq_codebooks is not None:
             quantization.apply_codebooks(model, pq_codebooks)
         model(next(iter(make_dataset("valid", None))))  # create the variables, then restore into them
+        if getattr(model, "item_statistics", None) is not None:
+            model.set_item_statistics(item_statistics_table(data_dir, metadata, model.item_statistics_folds))
         if init_from:
             _log(progress, f"finetune: restored PSU content from {restore_content(model, init_from)}")
         _apply_lora(model, preset.model, progress)
@@ -263,6 +265,28 @@ def load_content(model_dir: str, data_dir: Optional[str] = None):
     path = os.path.join(run_model_dir(model_dir), CONTENT_CHECKPOINT)
     tf.train.Checkpoint(content=content).read(path).assert_existing_objects_matched()
     return content, preset, data_dir, "pretrain"
+
+
+def item_statistics_table(data_dir: str, metadata, folds: int, prior_weight: float = 5.0) -> np.ndarray:
+    """The item-statistics table [folds + 1, num_items, 2] of ``SeminarModel.set_item_statistics``: per item the
+    train-split click log-odds, smoothed toward the global rate with ``prior_weight`` pseudo-impressions, and
+    log1p(impressions)/5. Row f < folds counts only the rows whose user is not in fold f (user_index % folds), so a
+    training row's feature never holds its own label; row ``folds`` counts every row (evaluation and serving)."""
+    clicks = np.zeros([folds + 1, metadata.num_items])
+    shown = np.zeros([folds + 1, metadata.num_items])
+    for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "train", 1024, metadata=metadata, max_history=1):
+        items = batch[schema.CTX_TARGET_ITEM].numpy()
+        labels = batch[schema.CTX_LABEL].numpy()
+        fold = batch[schema.CTX_USER_INDEX].numpy() % folds
+        np.add.at(clicks, (fold, items), labels)
+        np.add.at(shown, (fold, items), 1)
+    total_clicks, total_shown = clicks.sum(0), shown.sum(0)
+    clicks[:folds] = total_clicks - clicks[:folds]  # leave each fold out
+    shown[:folds] = total_shown - shown[:folds]
+    clicks[folds], shown[folds] = total_clicks, total_shown
+    prior = total_clicks.sum() / max(total_shown.sum(), 1)
+    rate = (clicks + prior_weight * prior) / (shown + prior_weight)
+    return np.stack([np.log(rate / (1 - rate)), np.log1p(shown) / 5.0], axis=-1).astype(np.float32)
 
 
 def popularity_scores(data_dir: str, metadata) -> np.ndarray:

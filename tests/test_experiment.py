@@ -74,3 +74,43 @@ def test_finetune_a_baseline_by_name_and_reload_it(tmp_path, dataset_dir):
     with pytest.raises(SystemExit, match="contradict"):
         cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--no-pretrain",
                   "--init-from", run])
+
+
+def test_item_statistics_table_leaves_each_users_fold_out(dataset_dir):
+    metadata = experiment.reader.load_metadata(dataset_dir)
+    table = experiment.item_statistics_table(dataset_dir, metadata, folds=3)
+    assert table.shape == (4, metadata.num_items, 2)
+    items, labels, users = [], [], []
+    for batch in experiment.reader.make_dataset(dataset_dir, schema.CTR_DIR, "train", 256, metadata=metadata,
+                                                max_history=1):
+        items.append(batch[schema.CTX_TARGET_ITEM].numpy())
+        labels.append(batch[schema.CTX_LABEL].numpy())
+        users.append(batch[schema.CTX_USER_INDEX].numpy())
+    items, labels, users = map(np.concatenate, (items, labels, users))
+    # The full row is the popularity baseline's smoothed rate, as log-odds.
+    rate = experiment.popularity_scores(dataset_dir, metadata)
+    np.testing.assert_allclose(table[3, :, 0], np.log(rate / (1 - rate)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table[3, :, 1], np.log1p(np.bincount(items, minlength=metadata.num_items)) / 5,
+                               rtol=1e-5)
+    for fold in range(3):
+        kept = users % 3 != fold
+        shown = np.bincount(items[kept], minlength=metadata.num_items)
+        np.testing.assert_allclose(table[fold, :, 1], np.log1p(shown) / 5, rtol=1e-5)
+        # An item shown only to this fold's users is at the prior in its fold row.
+        only_here = (np.bincount(items[~kept], minlength=metadata.num_items) > 0) & (shown == 0)
+        assert only_here.any()
+        prior = labels.mean()
+        np.testing.assert_allclose(table[fold, only_here, 0], np.log(prior / (1 - prior)), rtol=1e-5)
+
+
+def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_path, dataset_dir):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"base": "test", "model": {"item_statistics_folds": 3, "category_affinity": True}}))
+    run = str(tmp_path / "ctr")
+    assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", str(path), "--epochs", "1",
+                     "--no-pretrain"]) == 0
+    model, _, _ = experiment.load_model(run)
+    assert model.affinity_column > 0
+    metadata = experiment.reader.load_metadata(dataset_dir)
+    np.testing.assert_allclose(model.item_statistics.numpy(), experiment.item_statistics_table(dataset_dir, metadata, 3),
+                               rtol=1e-6)

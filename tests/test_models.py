@@ -341,7 +341,8 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
                                                           use_item_id=False, num_feedback=0, embedding_l2=0.0,
-                                                          recent_history=0, id_dropout=0.0)
+                                                          recent_history=0, id_dropout=0.0, affinity_column=0,
+                                                          item_statistics_folds=0)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
     assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
 
@@ -387,3 +388,58 @@ def test_id_dropout_replaces_real_ids_by_oov_in_training_only():
     np.testing.assert_allclose(model.embed_ids(table, ids, training=False), table(ids))  # inference: never
     pad = tf.zeros([3], tf.int64)
     np.testing.assert_allclose(model.embed_ids(table, pad, training=True), table(pad))  # padding stays padding
+
+
+@pytest.mark.parametrize("architecture", ["seminar", "sim_hard"])
+def test_category_affinity_counts_the_real_steps_of_the_targets_category(architecture):
+    """Share and log-count of the real history steps in the target's category, and their mean feedback embedding,
+    equal a plain numpy count; a padded step never counts; the tower reads them."""
+    config = dataclasses.replace(CONFIG, architecture=architecture, category_affinity=True)
+    model = builders.build_model(config, ID_METADATA, *_tables(ID_METADATA))
+    assert model.affinity_column == 2  # sorted attributes: author_id (1), category_id (2)
+    batch = dict(_batch(metadata=ID_METADATA))
+    logit = model(batch)["logit"].numpy()
+    categories = model.content.attributes.numpy()[:, 2]
+    items = batch[schema.CTX_TARGET_ITEM].numpy()
+    stats, feedback = model.affinity_features(batch, batch[schema.CTX_TARGET_ITEM][:, None])
+    table = model.feedback_embedding.embeddings.numpy()
+    for row, length in enumerate(batch[schema.CTX_HISTORY_LENGTH].numpy()):
+        history = batch[schema.SEQ_HISTORY_ITEM].numpy()[row, :length]
+        same = categories[history] == categories[items[row]]
+        if categories[items[row]] < len(schema.RESERVED):
+            same[:] = False
+        want = [same.mean() if length else 0.0, np.log1p(same.sum()) / 5.0]
+        np.testing.assert_allclose(stats[row, 0], want, rtol=1e-5, atol=1e-6)
+        steps = batch[schema.SEQ_HISTORY_FEEDBACK].numpy()[row, :length][same]
+        mean = table[steps].mean(0) if len(steps) else np.zeros(table.shape[1])
+        np.testing.assert_allclose(feedback[row, 0], mean, rtol=1e-5, atol=1e-6)
+    mask = tf.sequence_mask(batch[schema.CTX_HISTORY_LENGTH], ID_METADATA.max_history)
+    padded = model({**batch, schema.SEQ_HISTORY_ITEM: tf.where(mask, batch[schema.SEQ_HISTORY_ITEM], 7)})
+    np.testing.assert_allclose(padded["logit"], logit, rtol=1e-5, atol=1e-6)
+    # The tower reads the statistics: counting another attribute column as the category changes the logit.
+    model.affinity_column = 1
+    assert np.any(np.abs(model(batch)["logit"].numpy() - logit) > 1e-7)
+    with pytest.raises(ValueError, match="category_attribute 'genre'"):
+        builders.build_model(dataclasses.replace(config, category_attribute="genre"), ID_METADATA)
+
+
+def test_item_statistics_read_the_users_fold_in_training_and_the_full_row_otherwise():
+    config = dataclasses.replace(CONFIG, item_statistics_folds=3)
+    model = builders.build_seminar(config, ID_METADATA, *_tables(ID_METADATA))
+    batch = dict(_batch(metadata=ID_METADATA))
+    model(batch)
+    table = np.random.default_rng(0).normal(size=[4, ID_METADATA.num_items, 2]).astype(np.float32)
+    model.set_item_statistics(table)
+    items = batch[schema.CTX_TARGET_ITEM][:, None]
+    users = batch[schema.CTX_USER_INDEX].numpy()
+    np.testing.assert_allclose(model.item_statistics_features(batch, items, training=True)[:, 0],
+                               table[users % 3, items.numpy()[:, 0]])
+    np.testing.assert_allclose(model.item_statistics_features(batch, items, training=False)[:, 0],
+                               table[3, items.numpy()[:, 0]])
+    logit = model(batch)["logit"].numpy()
+    table[3] += 1.0
+    model.set_item_statistics(table)
+    assert np.all(np.abs(model(batch)["logit"].numpy() - logit) > 1e-7)  # the tower reads the serving row
+    assert not model.item_statistics.trainable
+    with pytest.raises(ValueError, match="item_statistics_folds"):
+        builders.build_seminar(CONFIG, ID_METADATA, *_tables(ID_METADATA)).set_item_statistics(table)

@@ -108,7 +108,7 @@ class RetrievalBaseline(SeminarModel):
             readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
             outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
         logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
-                                 extra=[recent, attended])
+                                 extra=[recent, attended], items=items)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 

@@ -59,7 +59,18 @@ def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
     return dict(num_users=metadata.num_users if config.use_user_id else 0, user_id_dim=config.user_id_dim,
                 use_item_id=config.use_item_id,
                 num_feedback=metadata.num_feedback if config.use_feedback and informative_feedback else 0,
-                embedding_l2=config.embedding_l2, recent_history=config.recent_history, id_dropout=config.id_dropout)
+                embedding_l2=config.embedding_l2, recent_history=config.recent_history, id_dropout=config.id_dropout,
+                affinity_column=attribute_column(metadata, config.category_attribute) if config.category_affinity else 0,
+                item_statistics_folds=config.item_statistics_folds)
+
+
+def attribute_column(metadata: schema.DatasetMetadata, attribute: str) -> int:
+    """Column of the item attribute ``attribute`` in the item table / ``ContentEncoder.attributes``."""
+    names = sorted(metadata.item_attributes)
+    if attribute not in names:
+        raise ValueError(f"model.category_attribute {attribute!r} is not an item attribute of the dataset; it has "
+                         f"{names} (set --category-attribute)")
+    return 1 + names.index(attribute)  # column 0 is the item id (ItemTable.attributes)
 
 
 def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,

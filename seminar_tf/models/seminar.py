@@ -123,6 +123,8 @@ class SeminarModel(tfrs.Model):
         recent_history: int = 0,
         gsu_identity_init: bool = False,
         id_dropout: float = 0.0,
+        affinity_column: int = 0,
+        item_statistics_folds: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -174,6 +176,20 @@ class SeminarModel(tfrs.Model):
         self.item_id_embedding = id_table(content.num_items, dim, "item_id_embedding") if use_item_id else None
         self.feedback_embedding = (id_table(num_feedback, dim, "feedback_embedding")
                                    if num_feedback and self.use_history else None)
+        # Category affinity (tower): over the whole history, the share and log-count of steps whose item shares the
+        # target's category (attribute column ``affinity_column`` of the item table), and with feedback the mean
+        # feedback embedding of those steps: "how does this user rate this kind of item", whichever K the GSU kept.
+        self.affinity_column = int(affinity_column)
+        if self.affinity_column and not 0 < self.affinity_column < content.attributes.shape[1]:
+            raise ValueError(f"affinity_column must be in [1, {content.attributes.shape[1]}) (column 0 is the item "
+                             f"id), got {affinity_column}")
+        # Item statistics (tower): each target item's smoothed train-split click log-odds and log shown-count, a
+        # frozen table set by ``set_item_statistics``. Rows 0..F-1 leave one user fold out (a training row reads
+        # the fold of its own user, so its own label never enters its feature); row F (all folds) serves.
+        self.item_statistics_folds = int(item_statistics_folds)
+        self.item_statistics = (self.add_weight(
+            name="item_statistics", shape=[self.item_statistics_folds + 1, content.num_items, 2],
+            initializer="zeros", trainable=False) if self.item_statistics_folds else None)
         hidden = []
         for units in tower_units:
             hidden.append(tf.keras.layers.Dense(units, activation="relu"))
@@ -501,7 +517,7 @@ class SeminarModel(tfrs.Model):
                 readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
         logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
-                                 extra=[recent, attended])
+                                 extra=[recent, attended], items=items)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
 
@@ -592,8 +608,43 @@ class SeminarModel(tfrs.Model):
         total = tf.reduce_sum(self.feedback_embedding(feedback) * real, axis=1)
         return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
 
+    def set_item_statistics(self, table) -> None:
+        """Loads the item-statistics table [F+1, num_items, 2] (``item_statistics_table``)."""
+        if self.item_statistics is None:
+            raise ValueError("this model was built without item statistics (model.item_statistics_folds = 0)")
+        self.item_statistics.assign(tf.cast(table, self.item_statistics.dtype))
+
+    def item_statistics_features(self, features, items, training=None):
+        """[B, N, 2]: the targets' (click log-odds, log1p count) from the fold table (training) or the full row."""
+        folds = self.item_statistics_folds
+        items = tf.cast(items, tf.int64)
+        if training and schema.CTX_USER_INDEX in features:
+            row = tf.cast(features[schema.CTX_USER_INDEX], tf.int64) % folds  # [B]
+        else:
+            row = tf.fill(tf.shape(items)[:1], tf.constant(folds, tf.int64))
+        index = tf.stack([tf.broadcast_to(row[:, None], tf.shape(items)), items], axis=-1)  # [B, N, 2]
+        return tf.gather_nd(self.item_statistics, index)
+
+    def affinity_features(self, features, items):
+        """Category affinity of each target over the whole history: ([B, N, 2] share and log1p count of the real
+        steps whose category equals the target's, their mean feedback embedding [B, N, d] or None)."""
+        categories = self.content.attributes[:, self.affinity_column]
+        history = tf.gather(categories, tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
+        target = tf.gather(categories, tf.cast(items, tf.int32))  # [B, N]
+        real = tf.cast(history_mask(features), tf.float32)  # [B, L]
+        same = tf.cast(tf.equal(history[:, None, :], target[:, :, None]), tf.float32) * real[:, None, :]
+        same *= tf.cast(target >= len(schema.RESERVED), tf.float32)[:, :, None]  # [B, N, L]
+        count = tf.reduce_sum(same, -1)
+        share = tf.math.divide_no_nan(count, tf.reduce_sum(real, -1)[:, None])
+        stats = tf.stack([share, tf.math.log1p(count) / 5.0], axis=-1)
+        if self.feedback_embedding is None:
+            return stats, None
+        feedback = self.feedback_embedding(self._history_feedback(features))  # [B, L, d]
+        mean = tf.math.divide_no_nan(tf.einsum("bnl,bld->bnd", same, feedback), count[..., None])
+        return stats, mean
+
     def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, target_id=None,
-                    extra=()):
+                    extra=(), items=None):
         """ŷ = f(x_lifelong_seq, x_u2i, x_i, x_u): the CTR tower's logit [B, N].
 
         q_t [B, N, d] is the target (x_i); lifelong [B, N, d] the ESU output; selected [B, N, K, d] the K pairs
@@ -617,6 +668,10 @@ class SeminarModel(tfrs.Model):
             if user_id is not None and user_id.shape[-1] == target_id.shape[-1]:
                 parts.append(user_id[:, None, :] * target_id)
         parts += [part for part in extra if part is not None]  # [B, N, ·]: recent branch, attended feedback
+        if self.item_statistics is not None and items is not None:
+            parts.append(self.item_statistics_features(features, items, training))
+        if self.affinity_column and self.use_history and items is not None:
+            parts += [part for part in self.affinity_features(features, items) if part is not None]
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
             cosine = tf.einsum("bnkd,bnd->bnk", tf.math.l2_normalize(selected, -1), tf.math.l2_normalize(q_t, -1))
