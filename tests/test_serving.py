@@ -832,9 +832,11 @@ def test_version_swap_under_load(setup, grpc_client, tmp_path):
             if stop.is_set() or time.time() > deadline:
                 return
             try:
+                started = time.monotonic()
                 response = stub.Predict(request, timeout=60)
                 seen.append((response.model_spec.version.value,
-                             float(tf.make_ndarray(response.outputs["probability"])[0])))
+                             float(tf.make_ndarray(response.outputs["probability"])[0]), started,
+                             time.monotonic()))
             except grpc.RpcError as err:
                 failures.append(f"{err.code()}: {err.details()}")
 
@@ -851,7 +853,7 @@ def test_version_swap_under_load(setup, grpc_client, tmp_path):
             bias.assign_sub(tf.ones_like(bias))
         assert os.path.basename(path) == "3"
         deadline = time.time() + 120
-        while time.time() < deadline and not any(v == 3 for v, _ in seen[-5:]):
+        while time.time() < deadline and not any(v == 3 for v, *_ in seen[-5:]):
             time.sleep(0.1)
         count = len(seen)
         while time.time() < deadline and len(seen) < count + 5:
@@ -861,11 +863,14 @@ def test_version_swap_under_load(setup, grpc_client, tmp_path):
         for t in threads:
             t.join(timeout=120)
     assert failures == []
-    versions = [v for v, _ in seen]
-    assert versions[0] == 1 and versions[-1] == 3 and set(versions) == {1, 3}
-    assert versions.index(3) > 0
-    old = [p for v, p in seen if v == 1]
-    new = [p for v, p in seen if v == 3]
+    versions = [v for v, *_ in seen]
+    assert versions[0] == 1 and set(versions) == {1, 3}
+    # In-flight requests keep the version they started with; every request started after the first answer
+    # of version 3 gets version 3.
+    first_new = min(done for v, _, _, done in seen if v == 3)
+    assert versions.index(3) > 0 and {v for v, _, started, _ in seen if started > first_new} == {3}
+    old = [p for v, p, *_ in seen if v == 1]
+    new = [p for v, p, *_ in seen if v == 3]
     assert old[0] == pytest.approx(before[0], rel=1e-6) and new[0] != pytest.approx(before[0], rel=1e-3)
     assert grpc_client.status() == [(3, "AVAILABLE", 0, ""), (1, "END", 0, "")]
     with pytest.raises(grpc.RpcError) as info:
