@@ -6,7 +6,8 @@ hostile clients:
     becoming ready for it, else the connection is closed: a client trickling bytes, or an idle keep-alive
     connection, holds its thread no longer than that;
   * the body is read before a model slot is taken (``max_concurrency`` requests run the model at once; more
-    wait up to ``queue_timeout_s``, then 503);
+    wait up to ``queue_timeout_s``, then 503); the bodies read and waiting hold at most ``max_buffered_bytes``
+    together (503 beyond), and JSON is parsed only inside a slot;
   * Content-Length is required (411), must be a number (400) and at most ``max_body_bytes`` (413); a POST
     body must be JSON: Content-Type application/json (or curl's default application/x-www-form-urlencoded,
     or none), else 415;
@@ -40,6 +41,7 @@ LOG = logging.getLogger("serving")
 
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 2 ** 20
 JSON_CONTENT_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded")
 _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?"
                     r"(?:(?P<verb>:predict|:classify|:regress)|(?P<metadata>/metadata))?/?$")
@@ -85,6 +87,10 @@ class RestFrontend:
         self.request_timeout_s = float(request_timeout_s)
         self.max_connections = int(max_connections)
         self._slots = threading.BoundedSemaphore(max_concurrency)
+        # request bodies read and waiting for (or in) a model slot, all connections together
+        self.max_buffered_bytes = max(2 * self.max_body_bytes, DEFAULT_MAX_BUFFERED_BYTES)
+        self._buffered = 0
+        self._buffered_lock = threading.Lock()
         self._connections = threading.BoundedSemaphore(self.max_connections)
         self._open = 0
         self._deadlines = {}  # socket -> time by which the request it is reading must be complete
@@ -144,7 +150,8 @@ class RestFrontend:
 
             def process_request(self, request, client_address):
                 if not frontend._connections.acquire(blocking=False):
-                    frontend._refuse(request)
+                    if ssl_context is None:  # a TLS client could not read a plaintext answer
+                        frontend._refuse(request)
                     self.shutdown_request(request)
                     return
                 super().process_request(request, client_address)
@@ -264,25 +271,30 @@ class RestFrontend:
         if not verb:
             handler.close_connection = True
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: POST {handler.path[:200]}")
-        body = self._read_json(handler)  # before a model slot: a slow sender holds only its own thread
-        self._unwatch(handler.connection)
-        if not self._slots.acquire(timeout=self.queue_timeout_s):
-            raise ServingError(grpc.StatusCode.UNAVAILABLE, "server busy: too many concurrent requests", 503)
+        raw = self._read_body(handler)  # before a model slot: a slow sender holds only its own thread
         try:
-            servable = self.manager.servable(name, version)
-            signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
-            if not isinstance(signature_name, str):
-                raise invalid("'signature_name' must be a string")
-            if verb == ":predict":
-                return 200, self._predict(servable, signature_name, body)
-            request_input = rest_input(body)
-            if verb == ":regress":
-                return 200, {"results": [float(v) for v in runtime.run_regress(servable, signature_name,
-                                                                               request_input)]}
-            results = runtime.run_classify(servable, signature_name, request_input)
-            return 200, {"results": [[[label, score] for label, score in row] for row in results]}
+            self._unwatch(handler.connection)
+            if not self._slots.acquire(timeout=self.queue_timeout_s):
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "server busy: too many concurrent requests", 503)
+            try:
+                body = self._parse_json(raw)  # in the slot: parsed JSON takes up to ~15x the body's bytes
+                raw = None
+                servable = self.manager.servable(name, version)
+                signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
+                if not isinstance(signature_name, str):
+                    raise invalid("'signature_name' must be a string")
+                if verb == ":predict":
+                    return 200, self._predict(servable, signature_name, body)
+                request_input = rest_input(body)
+                if verb == ":regress":
+                    return 200, {"results": [float(v) for v in runtime.run_regress(servable, signature_name,
+                                                                                   request_input)]}
+                results = runtime.run_classify(servable, signature_name, request_input)
+                return 200, {"results": [[[label, score] for label, score in row] for row in results]}
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
+            self._release(handler)
 
     def _predict(self, servable: Servable, signature_name: str, body: Mapping):
         signature_def = runtime.signature(servable, signature_name)
@@ -331,7 +343,9 @@ class RestFrontend:
         return {"predictions": [{k: rows[k][i] for k in rows} for i in range(batch.pop())]}
 
     # ------------------------------------------------------------------------------------------ I/O
-    def _read_json(self, handler):
+    def _read_body(self, handler) -> bytes:
+        """The request's body bytes, after the header checks; its length is reserved from the bytes all
+        buffered bodies may hold together (``max_buffered_bytes``; 503 beyond) until ``_release``."""
         if handler.headers.get("Transfer-Encoding"):
             handler.close_connection = True
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -352,12 +366,29 @@ class RestFrontend:
         if length > self.max_body_bytes:
             self._drain(handler, length)
             raise exhausted(f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}", 413)
+        with self._buffered_lock:
+            if self._buffered + length > self.max_buffered_bytes:
+                handler.close_connection = True
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "server busy: too many request bodies in memory", 503)
+            self._buffered += length
+            handler.reserved_bytes = length
         try:
             raw = handler.rfile.read(length)
         except OSError:  # timed out or cut off by the reaper
+            self._release(handler)
             raise _Abort() from None
         if len(raw) != length:
+            self._release(handler)
             raise _Abort()
+        return raw
+
+    def _release(self, handler) -> None:
+        with self._buffered_lock:
+            self._buffered -= getattr(handler, "reserved_bytes", 0)
+            handler.reserved_bytes = 0
+
+    @staticmethod
+    def _parse_json(raw: bytes):
         try:
             body = json.loads(raw or b"{}")
         except RecursionError:

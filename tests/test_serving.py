@@ -595,6 +595,30 @@ def test_rest_slow_and_idle_clients_cannot_starve_good_requests(setup, strict_re
     assert good.predict(inputs=inputs, signature_name="ctr")["outputs"]["probability"] == pytest.approx(want)
 
 
+def test_rest_bodies_waiting_in_memory_have_a_byte_budget(setup, strict_rest):
+    """Bodies read (or being read) and not yet answered hold at most max_buffered_bytes together: beyond it a
+    request gets a JSON 503 at once; the budget comes back when a slow client is cut off."""
+    import socket
+
+    strict_rest.max_buffered_bytes = 3000
+    inputs = {k: v.tolist() for k, v in ctr_inputs(setup, rows=1).items()}
+    body = json.dumps({"signature_name": "ctr", "inputs": inputs}).encode()
+    assert len(body) < 1000
+    request = (f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+               .encode() + body)
+    status, answer = _raw_http(strict_rest.port, request)
+    assert status == 200
+    slow = socket.create_connection(("127.0.0.1", strict_rest.port), timeout=30)
+    slow.sendall(f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2990\r\n\r\n{{"
+                 .encode())
+    time.sleep(0.3)
+    assert _raw_http(strict_rest.port, request) == (503, {"error": "server busy: too many request bodies in memory"})
+    assert slow.recv(1) == b""  # cut off at the 1.5 s request deadline
+    slow.close()
+    status, again = _raw_http(strict_rest.port, request)
+    assert status == 200 and again == answer
+
+
 def test_rest_answers_json_errors_for_every_status(setup, strict_rest):
     port, path = strict_rest.port, f"/v1/models/{MODEL_NAME}:predict"
     body = json.dumps({"signature_name": "ctr", "inputs": {k: v.tolist() for k, v in ctr_inputs(setup).items()}})
