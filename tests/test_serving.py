@@ -622,6 +622,10 @@ def test_rest_bodies_waiting_in_memory_have_a_byte_budget(setup, strict_rest):
 def test_rest_answers_json_errors_for_every_status(setup, strict_rest):
     port, path = strict_rest.port, f"/v1/models/{MODEL_NAME}:predict"
     body = json.dumps({"signature_name": "ctr", "inputs": {k: v.tolist() for k, v in ctr_inputs(setup).items()}})
+    nested = [1]
+    for _ in range(32):
+        nested = [nested]
+    deep_input = json.dumps({"inputs": {"x": nested}}).encode()  # 33 levels
 
     def post(headers, data=body.encode()):
         return _raw_http(port, f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + data)
@@ -638,9 +642,8 @@ def test_rest_answers_json_errors_for_every_status(setup, strict_rest):
         "wrong Content-Type": (post(f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"), 415,
                                "text/plain"),
         "deep JSON": (post("Content-Length: 100000\r\n", b"[" * 100000), 400, "nested too deeply"),
-        "deep JSON in an input": (post(f"Content-Length: {len(json.dumps({'inputs': {'x': [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))}\r\n",
-                                       json.dumps({"inputs": {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}).encode()),
-                                  400, "nested deeper than 32"),
+        "deep JSON in an input": (post(f"Content-Length: {len(deep_input)}\r\n", deep_input), 400,
+                                  "nested deeper than 32"),
         "not JSON": (post("Content-Length: 5\r\n", b"\xff\xfe{[x"), 400, "JSON parse error"),
         "unknown route": (_raw_http(port, b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\n\r\n"), 404, "Malformed request"),
         "request line too long": (_raw_http(port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"), 414, ""),
@@ -803,14 +806,14 @@ def test_mutual_tls_for_grpc_rest_and_query(setup, grpc_client, tmp_path, capsys
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-6)
         assert client.RestClient(url, ssl_config_file=good).status()["model_version_status"][0]["state"] == \
             "AVAILABLE"
-        for config in (None, no_cert, rogue):
-            with client.PredictClient(target, timeout=5, ssl_config_file=config) as refused:
+        for ssl_file in (None, no_cert, rogue):
+            with client.PredictClient(target, timeout=5, ssl_config_file=ssl_file) as refused:
                 with pytest.raises(grpc.RpcError) as info:
                     refused.status()
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, config
-        for base_url, config in ((f"http://127.0.0.1:{secure.rest_port}", None), (url, no_cert), (url, rogue)):
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, ssl_file
+        for base_url, ssl_file in ((f"http://127.0.0.1:{secure.rest_port}", None), (url, no_cert), (url, rogue)):
             with pytest.raises((OSError, client.RestError)):  # URLError, SSLError, reset: no answer
-                client.RestClient(base_url, timeout=5, ssl_config_file=config).status()
+                client.RestClient(base_url, timeout=5, ssl_config_file=ssl_file).status()
         (tmp_path / "history.json").write_text(json.dumps(
             {"user": {n: "" for n in user_names(setup)}, "history": [{"item_id": i, "query": q} for i, q in history]}))
         (tmp_path / "candidates.json").write_text(json.dumps([{"item_id": i} for i, _ in candidates]))
@@ -1054,7 +1057,8 @@ def test_serve_fails_fast_with_exit_2_and_a_clear_message(setup, tmp_path, capsy
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for argv, text in ((["--port", str(port), "--rest-port", "0"], f"gRPC port {port} on 127.0.0.1 cannot be bound"),
+        for argv, text in ((["--port", str(port), "--rest-port", "0"],
+                            f"gRPC port {port} on 127.0.0.1 cannot be bound"),
                            (["--port", "0", "--rest-port", str(port)], f"REST port {port} on 127.0.0.1 cannot be "
                                                                        "bound: it is in use")):
             started = time.monotonic()
