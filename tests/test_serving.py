@@ -705,6 +705,42 @@ def test_predict_and_the_example_apis_reject_the_same_malformed_rows(setup, grpc
                                grpc_client.predict(predict, "ctr")["probability"], rtol=1e-6)
 
 
+def test_example_checks_cover_feedback_and_the_shared_context():
+    """check_examples on an export that reads history_feedback: the feedback list needs one token per step
+    (absent = unknown for every step), wherever the lists come from (an example or the shared context)."""
+    limits = server.Limits(max_history=4, max_batch_size=2, max_elements=50,
+                           example_lists=("history_item_ids", "history_queries", "history_feedback"),
+                           example_scalars=("target_item_id", "target_query", "user_gender"))
+    good = client.make_example({"history_item_ids": ["a", "b"], "history_queries": ["", "q"],
+                                "history_feedback": ["click", ""], "target_item_id": "t"})
+    validation.check_examples([good], limits)
+    validation.check_examples([client.make_example({"history_item_ids": ["a"], "target_item_id": "t"})], limits)
+    context = client.make_example({"history_item_ids": ["a", "b", "c"], "user_gender": "f"})
+    cases = [
+        ([client.make_example({"history_item_ids": ["a", "b"], "history_feedback": ["click"],
+                               "target_item_id": "t"})], None,
+         "example 0: history_feedback must have the shape of history_item_ids [batch, steps]: 1 values for 2 steps"),
+        ([client.make_example({"history_queries": ["", "", ""], "history_feedback": ["", ""], "target_item_id": "t"})],
+         context, "example 0: history_feedback must have the shape of history_item_ids"),
+        ([client.make_example({"target_item_id": "t", "user_gender": ["f", "m"]})], None,
+         "'user_gender' needs at most one value, got 2"),
+        ([client.make_example({"history_item_ids": list("abcde"), "history_queries": [""] * 5,
+                               "target_item_id": "t"})], None, "max_history=4"),
+        ([good] * 3, None, "3 examples exceed this server's max_batch_size=2"),
+    ]
+    for examples, shared, text in cases:
+        with pytest.raises(server.ServingError) as info:
+            validation.check_examples(examples, limits, shared)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.message, info.value.message
+    validation.check_examples([client.make_example({"history_queries": ["", "", ""], "target_item_id": "t"})],
+                              limits, context)  # the context's three steps, the example's three queries
+    many = client.make_example({"history_item_ids": ["a"] * 4, "history_queries": [""] * 4, "target_item_id": "t",
+                                "other": list(range(60))})
+    with pytest.raises(server.ServingError) as info:
+        validation.check_examples([many], limits)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_elements is 50" in info.value.message
+
+
 def test_example_features_of_the_wrong_kind_or_count_are_invalid_argument(setup, grpc_client):
     users = {schema.user_attribute_feature(n): "" for n in user_names(setup)}
     base = {"history_item_ids": ["a", "b"], "history_queries": ["", ""], "target_item_id": "t", **users}
