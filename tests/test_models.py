@@ -341,8 +341,8 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
                                                           use_item_id=False, num_feedback=0, embedding_l2=0.0,
-                                                          recent_history=0, id_dropout=0.0, affinity_column=0,
-                                                          item_statistics_folds=0)
+                                                          recent_history=0, id_dropout=0.0, affinity_column=0, category_affinity=False,
+                                                          gsu_category_prior=False, item_statistics_folds=0)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
     assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
 
@@ -443,3 +443,33 @@ def test_item_statistics_read_the_users_fold_in_training_and_the_full_row_otherw
     assert not model.item_statistics.trainable
     with pytest.raises(ValueError, match="item_statistics_folds"):
         builders.build_seminar(CONFIG, ID_METADATA, *_tables(ID_METADATA)).set_item_statistics(table)
+
+
+def test_gsu_category_prior_keeps_the_targets_category_first():
+    """With the prior, the K kept steps are the target category's real steps (all of them when there are at most
+    K), ordered among themselves by the learned GSU score; without it, the learned score alone decides."""
+    config = dataclasses.replace(CONFIG, gsu_category_prior=True)
+    model = builders.build_seminar(config, ID_METADATA, *_tables(ID_METADATA))
+    assert model.gsu_category_prior and not model.category_affinity
+    batch = dict(_batch(metadata=ID_METADATA))
+    outputs = model(batch)
+    plain = builders.build_seminar(CONFIG, ID_METADATA, *_tables(ID_METADATA))
+    plain(batch)
+    plain.set_weights(model.get_weights())
+    learned = plain(batch)["gsu_scores"].numpy()  # [B, L]
+    categories = model.content.attributes.numpy()[:, 2]
+    items = batch[schema.CTX_TARGET_ITEM].numpy()
+    kept = outputs["top_k"].numpy()  # [B, K]
+    differs = False
+    for row, length in enumerate(batch[schema.CTX_HISTORY_LENGTH].numpy()):
+        history = batch[schema.SEQ_HISTORY_ITEM].numpy()[row, :length]
+        same = np.flatnonzero(categories[history] == categories[items[row]])
+        if categories[items[row]] < len(schema.RESERVED):
+            same = np.array([], int)
+        want = same[np.argsort(-learned[row, same], kind="stable")][:CONFIG.top_k]
+        assert kept[row, :len(want)].tolist() == want.tolist()
+        plain_kept = plain(batch)["top_k"].numpy()[row]
+        differs |= set(plain_kept[:len(want)].tolist()) != set(want.tolist())
+    assert differs  # the prior changed which steps some row keeps
+    with pytest.raises(ValueError, match="category_attribute"):
+        builders.build_seminar(dataclasses.replace(config, category_attribute="genre"), ID_METADATA)

@@ -60,7 +60,9 @@ def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
                 use_item_id=config.use_item_id,
                 num_feedback=metadata.num_feedback if config.use_feedback and informative_feedback else 0,
                 embedding_l2=config.embedding_l2, recent_history=config.recent_history, id_dropout=config.id_dropout,
-                affinity_column=attribute_column(metadata, config.category_attribute) if config.category_affinity else 0,
+                affinity_column=(attribute_column(metadata, config.category_attribute)
+                                 if config.category_affinity or config.gsu_category_prior else 0),
+                category_affinity=config.category_affinity, gsu_category_prior=config.gsu_category_prior,
                 item_statistics_folds=config.item_statistics_folds)
 
 

@@ -124,6 +124,8 @@ class SeminarModel(tfrs.Model):
         gsu_identity_init: bool = False,
         id_dropout: float = 0.0,
         affinity_column: int = 0,
+        category_affinity: bool = False,
+        gsu_category_prior: bool = False,
         item_statistics_folds: int = 0,
         **kwargs,
     ):
@@ -179,10 +181,16 @@ class SeminarModel(tfrs.Model):
         # Category affinity (tower): over the whole history, the share and log-count of steps whose item shares the
         # target's category (attribute column ``affinity_column`` of the item table), and with feedback the mean
         # feedback embedding of those steps: "how does this user rate this kind of item", whichever K the GSU kept.
+        # ``gsu_category_prior``: the GSU ranks the steps of the target's category first (SIM hard's filter), its
+        # learned score ordering the steps within each group.
         self.affinity_column = int(affinity_column)
         if self.affinity_column and not 0 < self.affinity_column < content.attributes.shape[1]:
             raise ValueError(f"affinity_column must be in [1, {content.attributes.shape[1]}) (column 0 is the item "
                              f"id), got {affinity_column}")
+        if (category_affinity or gsu_category_prior) and not self.affinity_column:
+            raise ValueError("category_affinity / gsu_category_prior need affinity_column (the category column)")
+        self.category_affinity = bool(category_affinity)
+        self.gsu_category_prior = bool(gsu_category_prior)
         # Item statistics (tower): each target item's smoothed train-split click log-odds and log shown-count, a
         # frozen table set by ``set_item_statistics``. Rows 0..F-1 leave one user fold out (a training row reads
         # the fold of its own user, so its own label never enters its feature); row F (all folds) serves.
@@ -473,6 +481,8 @@ class SeminarModel(tfrs.Model):
             else:  # PQ: the content encoder runs only on the K kept pairs
                 history, mask = None, history_mask(features)
                 scores = self.gsu_scores(q_t, gamma, None, mask, features=features, target=target)  # [B, N, L]
+            if self.gsu_category_prior:
+                scores = self.category_prior(scores, mask, self.category_match(features, items) > 0)
             length = tf.shape(mask)[1]
             rerank = self.pq_rerank if self.gsu_mode in PQ_MODES else 1
             # Masked positions already score -1e9, below any real score: rank without a second mask, then
@@ -625,15 +635,31 @@ class SeminarModel(tfrs.Model):
         index = tf.stack([tf.broadcast_to(row[:, None], tf.shape(items)), items], axis=-1)  # [B, N, 2]
         return tf.gather_nd(self.item_statistics, index)
 
-    def affinity_features(self, features, items):
-        """Category affinity of each target over the whole history: ([B, N, 2] share and log1p count of the real
-        steps whose category equals the target's, their mean feedback embedding [B, N, d] or None)."""
+    def category_match(self, features, items):
+        """[B, N, L] float: 1 where history step l's item has target n's category (column ``affinity_column``),
+        0 elsewhere and for targets of a reserved (PAD/OOV) category."""
         categories = self.content.attributes[:, self.affinity_column]
         history = tf.gather(categories, tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
         target = tf.gather(categories, tf.cast(items, tf.int32))  # [B, N]
+        same = tf.cast(tf.equal(history[:, None, :], target[:, :, None]), tf.float32)
+        return same * tf.cast(target >= len(schema.RESERVED), tf.float32)[:, :, None]
+
+    @staticmethod
+    def category_prior(scores, mask, same):
+        """GSU scores [B, N, L] with every real step outside the target's category (``same`` [B, N, L] false)
+        moved below the lowest real score of its row, the same-category scores unchanged: top-K then keeps the
+        target's category first and orders each group by the learned score (``mask`` [B, L]: real steps)."""
+        real = tf.broadcast_to(mask[:, None, :], tf.shape(scores))
+        high = tf.reduce_max(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.min)), -1, keepdims=True)
+        low = tf.reduce_min(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.max)), -1, keepdims=True)
+        span = tf.where(high >= low, high - low + 1.0, tf.zeros_like(high))
+        return tf.where(real & ~same, scores - span, scores)
+
+    def affinity_features(self, features, items):
+        """Category affinity of each target over the whole history: ([B, N, 2] share and log1p count of the real
+        steps whose category equals the target's, their mean feedback embedding [B, N, d] or None)."""
         real = tf.cast(history_mask(features), tf.float32)  # [B, L]
-        same = tf.cast(tf.equal(history[:, None, :], target[:, :, None]), tf.float32) * real[:, None, :]
-        same *= tf.cast(target >= len(schema.RESERVED), tf.float32)[:, :, None]  # [B, N, L]
+        same = self.category_match(features, items) * real[:, None, :]  # [B, N, L]
         count = tf.reduce_sum(same, -1)
         share = tf.math.divide_no_nan(count, tf.reduce_sum(real, -1)[:, None])
         stats = tf.stack([share, tf.math.log1p(count) / 5.0], axis=-1)
@@ -670,7 +696,7 @@ class SeminarModel(tfrs.Model):
         parts += [part for part in extra if part is not None]  # [B, N, ·]: recent branch, attended feedback
         if self.item_statistics is not None and items is not None:
             parts.append(self.item_statistics_features(features, items, training))
-        if self.affinity_column and self.use_history and items is not None:
+        if self.category_affinity and self.use_history and items is not None:
             parts += [part for part in self.affinity_features(features, items) if part is not None]
         if lifelong is not None:
             valid = tf.cast(tf.reshape(valid, tf.shape(selected)[:3]), selected.dtype)
