@@ -435,11 +435,14 @@ def test_user_id_and_history_feedback_inputs_equal_the_model(tmp_path):
         max_history=8, min_history=0, history_events=("impression",), sample_events=("impression",), num_shards=1))
     preset = config.get_preset("test")
     preset.build = dataclasses.replace(preset.build, max_history=8)
-    preset.model = dataclasses.replace(preset.model, recent_history=3)
+    # with the movielens preset's genre affinity, GSU category prior and item statistics (a frozen table, no input)
+    preset.model = dataclasses.replace(preset.model, recent_history=3, category_attribute="genre",
+                                       category_affinity=True, gsu_category_prior=True, item_statistics_folds=2)
     preset.finetune = dataclasses.replace(preset.finetune, epochs=1, steps_per_epoch=2, validation_steps=1)
     experiment.finetune(data, str(tmp_path / "ctr"), preset)
     model = experiment.load_model(str(tmp_path / "ctr"))[0]
     assert model.user_id_embedding is not None and model.feedback_embedding is not None
+    assert model.category_affinity and model.gsu_category_prior and np.any(model.item_statistics.numpy() != 0)
     path = export.export_model(str(tmp_path / "ctr"), str(tmp_path / "export"), max_candidates=4)
     loaded = tf.saved_model.load(path)
     batch = next(iter(reader.make_dataset(data, schema.CTR_DIR, "test", 12)))
