@@ -146,17 +146,9 @@ class SIMHard(RetrievalBaseline):
         super().__init__(content, **kwargs)
         self.category_column = int(category_column)
 
-    def categories(self, item_indices):
-        """Category ids of items [...] from the content encoder's item table."""
-        return tf.gather(self.content.attributes[:, self.category_column], tf.cast(item_indices, tf.int32))
-
     def retrieve(self, features, queries, items, q_t, gamma, history, mask):
         n = tf.shape(q_t)[1]
-        history_category = self.categories(features[schema.SEQ_HISTORY_ITEM])  # [B, L]
-        target_category = self.categories(items)  # [B, N]
-        same = tf.equal(history_category[:, None, :], target_category[:, :, None])
-        same &= (target_category >= len(schema.RESERVED))[:, :, None]
-        return self._positions(history, n), same
+        return self._positions(history, n), self.category_match(features, items, self.category_column)
 
 
 class SIMSoft(RetrievalBaseline):
@@ -398,10 +390,7 @@ def _option(config: ModelConfig, name: str, override, default):
 
 def category_column(metadata: schema.DatasetMetadata, attribute: str = DEFAULT_CATEGORY_ATTRIBUTE) -> int:
     """Column of the item attribute ``attribute`` in the item table / ``ContentEncoder.attributes``."""
-    names = sorted(metadata.item_attributes)
-    if attribute not in names:
-        raise ValueError(f"SIM hard search needs the item attribute {attribute!r}; the dataset has {names}")
-    return 1 + names.index(attribute)  # column 0 is the item id (ItemTable.attributes)
+    return builders.attribute_column(metadata, attribute)
 
 
 def _seminar_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> Dict:

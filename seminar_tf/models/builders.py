@@ -71,7 +71,7 @@ def attribute_column(metadata: schema.DatasetMetadata, attribute: str) -> int:
     names = sorted(metadata.item_attributes)
     if attribute not in names:
         raise ValueError(f"model.category_attribute {attribute!r} is not an item attribute of the dataset; it has "
-                         f"{names} (set --category-attribute)")
+                         f"{names} (set model.category_attribute in the --config file)")
     return 1 + names.index(attribute)  # column 0 is the item id (ItemTable.attributes)
 
 

@@ -482,7 +482,7 @@ class SeminarModel(tfrs.Model):
                 history, mask = None, history_mask(features)
                 scores = self.gsu_scores(q_t, gamma, None, mask, features=features, target=target)  # [B, N, L]
             if self.gsu_category_prior:
-                scores = self.category_prior(scores, mask, self.category_match(features, items) > 0)
+                scores = self.category_prior(scores, mask, self.category_match(features, items))
             length = tf.shape(mask)[1]
             rerank = self.pq_rerank if self.gsu_mode in PQ_MODES else 1
             # Masked positions already score -1e9, below any real score: rank without a second mask, then
@@ -635,14 +635,13 @@ class SeminarModel(tfrs.Model):
         index = tf.stack([tf.broadcast_to(row[:, None], tf.shape(items)), items], axis=-1)  # [B, N, 2]
         return tf.gather_nd(self.item_statistics, index)
 
-    def category_match(self, features, items):
-        """[B, N, L] float: 1 where history step l's item has target n's category (column ``affinity_column``),
-        0 elsewhere and for targets of a reserved (PAD/OOV) category."""
-        categories = self.content.attributes[:, self.affinity_column]
+    def category_match(self, features, items, column=None):
+        """[B, N, L] bool: history step l's item has target n's category (attribute column ``column``, default
+        ``affinity_column``); false for targets of a reserved (PAD/OOV) category. SIM hard's filter too."""
+        categories = self.content.attributes[:, self.affinity_column if column is None else column]
         history = tf.gather(categories, tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
         target = tf.gather(categories, tf.cast(items, tf.int32))  # [B, N]
-        same = tf.cast(tf.equal(history[:, None, :], target[:, :, None]), tf.float32)
-        return same * tf.cast(target >= len(schema.RESERVED), tf.float32)[:, :, None]
+        return tf.equal(history[:, None, :], target[:, :, None]) & (target >= len(schema.RESERVED))[:, :, None]
 
     @staticmethod
     def category_prior(scores, mask, same):
@@ -659,7 +658,7 @@ class SeminarModel(tfrs.Model):
         """Category affinity of each target over the whole history: ([B, N, 2] share and log1p count of the real
         steps whose category equals the target's, their mean feedback embedding [B, N, d] or None)."""
         real = tf.cast(history_mask(features), tf.float32)  # [B, L]
-        same = self.category_match(features, items) * real[:, None, :]  # [B, N, L]
+        same = tf.cast(self.category_match(features, items), tf.float32) * real[:, None, :]  # [B, N, L]
         count = tf.reduce_sum(same, -1)
         share = tf.math.divide_no_nan(count, tf.reduce_sum(real, -1)[:, None])
         stats = tf.stack([share, tf.math.log1p(count) / 5.0], axis=-1)
