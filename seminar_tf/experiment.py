@@ -267,38 +267,40 @@ def load_content(model_dir: str, data_dir: Optional[str] = None):
     return content, preset, data_dir, "pretrain"
 
 
-def item_statistics_table(data_dir: str, metadata, folds: int, prior_weight: float = 5.0) -> np.ndarray:
-    """The item-statistics table [folds + 1, num_items, 2] of ``SeminarModel.set_item_statistics``: per item the
-    train-split click log-odds, smoothed toward the global rate with ``prior_weight`` pseudo-impressions, and
-    log1p(impressions)/5. Row f < folds counts only the rows whose user is not in fold f (user_index % folds), so a
-    training row's feature never holds its own label; row ``folds`` counts every row (evaluation and serving)."""
-    clicks = np.zeros([folds + 1, metadata.num_items])
-    shown = np.zeros([folds + 1, metadata.num_items])
+def _train_item_counts(data_dir: str, metadata, folds: int = 1):
+    """Per user fold (user_index % folds) and item: (clicks, impressions) of the ctr/train split, [folds, items]."""
+    clicks = np.zeros([folds, metadata.num_items])
+    shown = np.zeros([folds, metadata.num_items])
     for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "train", 1024, metadata=metadata, max_history=1):
         items = batch[schema.CTX_TARGET_ITEM].numpy()
-        labels = batch[schema.CTX_LABEL].numpy()
         fold = batch[schema.CTX_USER_INDEX].numpy() % folds
-        np.add.at(clicks, (fold, items), labels)
+        np.add.at(clicks, (fold, items), batch[schema.CTX_LABEL].numpy())
         np.add.at(shown, (fold, items), 1)
+    return clicks, shown
+
+
+def _smoothed_rate(clicks, shown, prior: float, prior_weight: float = 5.0):
+    """Click rate smoothed toward ``prior`` with ``prior_weight`` pseudo-impressions."""
+    return (clicks + prior_weight * prior) / (shown + prior_weight)
+
+
+def item_statistics_table(data_dir: str, metadata, folds: int) -> np.ndarray:
+    """The item-statistics table [folds + 1, num_items, 2] of ``SeminarModel.set_item_statistics``: per item the
+    train-split click log-odds, smoothed toward the global rate as ``popularity_scores`` smooths it, and
+    log1p(impressions)/5. Row f < folds counts only the rows whose user is not in fold f (user_index % folds), so a
+    training row's feature never holds its own label; row ``folds`` counts every row (evaluation and serving)."""
+    clicks, shown = _train_item_counts(data_dir, metadata, folds)
     total_clicks, total_shown = clicks.sum(0), shown.sum(0)
-    clicks[:folds] = total_clicks - clicks[:folds]  # leave each fold out
-    shown[:folds] = total_shown - shown[:folds]
-    clicks[folds], shown[folds] = total_clicks, total_shown
-    prior = total_clicks.sum() / max(total_shown.sum(), 1)
-    rate = (clicks + prior_weight * prior) / (shown + prior_weight)
+    clicks = np.concatenate([total_clicks - clicks, total_clicks[None]])  # leave each fold out; then every fold
+    shown = np.concatenate([total_shown - shown, total_shown[None]])
+    rate = _smoothed_rate(clicks, shown, total_clicks.sum() / max(total_shown.sum(), 1))
     return np.stack([np.log(rate / (1 - rate)), np.log1p(shown) / 5.0], axis=-1).astype(np.float32)
 
 
 def popularity_scores(data_dir: str, metadata) -> np.ndarray:
     """Baseline: the train-split click-through rate of each target item (smoothed toward the global rate)."""
-    clicks = np.zeros(metadata.num_items)
-    shown = np.zeros(metadata.num_items)
-    for batch in reader.make_dataset(data_dir, schema.CTR_DIR, "train", 1024, metadata=metadata, max_history=1):
-        items = batch[schema.CTX_TARGET_ITEM].numpy()
-        np.add.at(clicks, items, batch[schema.CTX_LABEL].numpy())
-        np.add.at(shown, items, 1)
-    prior = clicks.sum() / max(shown.sum(), 1)
-    return (clicks + 5 * prior) / (shown + 5)
+    clicks, shown = (counts[0] for counts in _train_item_counts(data_dir, metadata))
+    return _smoothed_rate(clicks, shown, clicks.sum() / max(shown.sum(), 1))
 
 
 def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None,
