@@ -26,6 +26,7 @@ from seminar_tf.models import builders
 from serving import MODEL_NAME, client, server, validation
 from serving import rest as rest_lib
 from serving import cli as serving_cli
+from proto_fixtures import declared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_HISTORY = 64
@@ -409,18 +410,6 @@ def _predict_request(signature, protos):
     return request
 
 
-def _declared(shape, values, dtype=tf.string):
-    """A TensorProto declaring ``shape`` that carries ``values`` (e.g. one value for 10^7 elements)."""
-    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
-    for size in shape:
-        proto.tensor_shape.dim.add(size=size)
-    if dtype == tf.string:
-        proto.string_val.extend(values)
-    else:
-        proto.int64_val.extend(values)
-    return proto
-
-
 def _good_protos(setup, rows=1, length=6):
     return {k: tf.make_tensor_proto(v) for k, v in _bytes(ctr_inputs(setup, rows=rows, length=length)).items()}
 
@@ -433,16 +422,16 @@ def test_declared_shapes_are_checked_before_any_tensor_is_built(setup, grpc_clie
     good = _good_protos(setup)
     want = grpc_client.predict(ctr_inputs(setup, rows=1), "ctr")["probability"]
     cases = {
-        "one value for [1, 10^7]": ({"history_item_ids": _declared([1, 10 ** 7], [b"x"]),
-                                     "history_queries": _declared([1, 10 ** 7], [b""])}, "max_history=64"),
-        "batch beyond the limit": ({"target_item_id": _declared([10 ** 7], [b"x"])}, "max_batch_size=256"),
-        "negative dim with values": ({"history_item_ids": _declared([1, -1], [b"a", b"b", b"c"])},
+        "one value for [1, 10^7]": ({"history_item_ids": declared([1, 10 ** 7], [b"x"]),
+                                     "history_queries": declared([1, 10 ** 7], [b""])}, "max_history=64"),
+        "batch beyond the limit": ({"target_item_id": declared([10 ** 7], [b"x"])}, "max_batch_size=256"),
+        "negative dim with values": ({"history_item_ids": declared([1, -1], [b"a", b"b", b"c"])},
                                      "negative dimension"),
-        "negative dims": ({"history_item_ids": _declared([-1, -3], [b"a"])}, "negative dimension"),
-        "fewer strings than elements": ({"history_item_ids": _declared([1, 6], [b"a", b"b"])}, "string_val has 2"),
-        "queries not shaped as items": ({"history_queries": _declared([1, 5], [b""])},
+        "negative dims": ({"history_item_ids": declared([-1, -3], [b"a"])}, "negative dimension"),
+        "fewer strings than elements": ({"history_item_ids": declared([1, 6], [b"a", b"b"])}, "string_val has 2"),
+        "queries not shaped as items": ({"history_queries": declared([1, 5], [b""])},
                                         "history_queries must have the shape of history_item_ids"),
-        "batch sizes differ": ({"target_query": _declared([2], [b"", b""])}, "batch size 2"),
+        "batch sizes differ": ({"target_query": declared([2], [b"", b""])}, "batch size 2"),
     }
     before = _rss_bytes()
     for case, (changes, text) in cases.items():
@@ -468,21 +457,21 @@ def test_the_element_budget_answers_resource_exhausted_and_numeric_values_must_f
         info.tensor_shape.dim.add(size=-1)
         info.tensor_shape.dim.add(size=-1)
     limits = server.Limits(max_history=1000, max_batch_size=8, max_elements=100)
-    protos = {"history_item_ids": _declared([2, 30], [b"x"]), "history_queries": _declared([2, 30], [b""])}
+    protos = {"history_item_ids": declared([2, 30], [b"x"]), "history_queries": declared([2, 30], [b""])}
     with pytest.raises(server.ServingError) as info:
         validation.check_protos("s", signature, protos, limits)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_elements is 100" in info.value.message
-    validation.check_protos("s", signature, {k: _declared([2, 25], [b"x"]) for k in protos}, limits)  # 100: fits
+    validation.check_protos("s", signature, {k: declared([2, 25], [b"x"]) for k in protos}, limits)  # 100: fits
     numeric = meta_graph_pb2.SignatureDef()
     numeric.inputs["x"].dtype = tf.int64.as_datatype_enum
     numeric.inputs["x"].tensor_shape.dim.add(size=-1)
     short = tf.make_tensor_proto(np.arange(4, dtype=np.int64))
     short.tensor_content = short.tensor_content[:-3]
-    for proto, text in ((short, "tensor_content has 29 bytes"), (_declared([4], [1, 2], tf.int64), "has 2")):
+    for proto, text in ((short, "tensor_content has 29 bytes"), (declared([4], [1, 2], tf.int64), "has 2")):
         with pytest.raises(server.ServingError) as info:
             validation.check_protos("s", numeric, {"x": proto}, limits)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.message
-    validation.check_protos("s", numeric, {"x": _declared([4], [7], tf.int64)}, limits)  # one value broadcasts
+    validation.check_protos("s", numeric, {"x": declared([4], [7], tf.int64)}, limits)  # one value broadcasts
 
 
 def test_garbage_bytes_to_ctr_examples_are_invalid_argument_naming_the_example(setup, grpc_client, rest):

@@ -18,13 +18,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2
 
 from seminar_tf import schema
 from seminar_tf.data import reader
 from serving import MODEL_NAME, client
 from test_serving import MAX_HISTORY, _build_model, _export
+from proto_fixtures import declared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUESTS = 1200
@@ -63,17 +63,6 @@ def served(tmp_path_factory, dataset_dir):
         process.wait(timeout=60)
 
 
-def _proto(shape, values, dtype=tf.string):
-    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
-    for size in shape:
-        proto.tensor_shape.dim.add(size=size)
-    if dtype == tf.string:
-        proto.string_val.extend(values)
-    else:
-        proto.int64_val.extend(values)
-    return proto
-
-
 class Fuzzer:
     """Draws one malformed request at a time from the cases the server must refuse."""
 
@@ -108,30 +97,30 @@ class Fuzzer:
         name = rng.choice(sorted(protos))
         signature = "ctr"
         if kind == 0:  # one value broadcast to a huge declared shape
-            protos[name] = _proto([1, rng.choice([10 ** 6, 10 ** 8, 2 ** 40])], [b"x"])
+            protos[name] = declared([1, rng.choice([10 ** 6, 10 ** 8, 2 ** 40])], [b"x"])
         elif kind == 1:  # negative dimensions
-            protos[name] = _proto(rng.choice([[1, -1], [-1, -3], [-5]]), [b"a", b"b", b"c"][: rng.randint(1, 3)])
+            protos[name] = declared(rng.choice([[1, -1], [-1, -3], [-5]]), [b"a", b"b", b"c"][: rng.randint(1, 3)])
         elif kind == 2:  # value count that fits neither the shape nor a broadcast
-            protos[name] = _proto([1, 6], [b"a"] * rng.choice([0, 2, 5, 7, 40]))
+            protos[name] = declared([1, 6], [b"a"] * rng.choice([0, 2, 5, 7, 40]))
         elif kind == 3:  # wrong dtype
-            protos[name] = _proto([1, 4], [1, 2, 3, 4], tf.int64)
+            protos[name] = declared([1, 4], [1, 2, 3, 4], tf.int64)
         elif kind == 4:  # a batch beyond max_batch_size
-            protos["target_item_id"] = _proto([rng.choice([257, 10 ** 5, 10 ** 9])], [b"x"])
+            protos["target_item_id"] = declared([rng.choice([257, 10 ** 5, 10 ** 9])], [b"x"])
         elif kind == 5 and rng.random() < 0.1:  # beyond the message limit: refused by gRPC itself
-            protos["target_query"] = _proto([1], [b"q" * (MAX_MESSAGE_MB * 2 ** 20 + 10)])
+            protos["target_query"] = declared([1], [b"q" * (MAX_MESSAGE_MB * 2 ** 20 + 10)])
         elif kind == 5:  # history longer than max_history, one value per element (a real allocation)
             length = MAX_HISTORY + rng.randint(1, 200)
-            protos["history_item_ids"] = _proto([1, length], [b"i"] * length)
-            protos["history_queries"] = _proto([1, length], [b""] * length)
+            protos["history_item_ids"] = declared([1, length], [b"i"] * length)
+            protos["history_queries"] = declared([1, length], [b""] * length)
         elif kind == 6:  # garbage bytes as serialized examples
             signature = "ctr_examples"
             garbage = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))) for _ in range(rng.randint(1, 4))]
-            protos = {"inputs": _proto([len(garbage)], garbage)}
+            protos = {"inputs": declared([len(garbage)], garbage)}
         elif kind == 7:  # rank with too many candidates
             signature = "rank"
             protos = {k: v for k, v in protos.items() if not k.startswith("target_")}
-            protos["candidate_item_ids"] = _proto([1, 10 ** 7], [b"c"])
-            protos["candidate_queries"] = _proto([1, 10 ** 7], [b""])
+            protos["candidate_item_ids"] = declared([1, 10 ** 7], [b"c"])
+            protos["candidate_queries"] = declared([1, 10 ** 7], [b""])
         elif kind in (8, 9):  # tf.Examples whose history lists disagree, too long, or too many of them
             features = self.example_features()
             choice = rng.randrange(4)
@@ -161,7 +150,7 @@ class Fuzzer:
             if choice == 0:
                 signature = "no_such_signature"
             elif choice == 1:
-                protos["extra_input"] = _proto([1], [b"x"])
+                protos["extra_input"] = declared([1], [b"x"])
             else:
                 del protos[name]
         request = predict_pb2.PredictRequest()
