@@ -303,6 +303,28 @@ def test_alignment_task_sums_unordered_pairs_of_present_channels():
     np.testing.assert_allclose(float(ordered(channels, mask)), 2 * float(got), rtol=1e-5)
 
 
+def test_alignment_batch_negatives_contrast_other_users_steps_at_the_same_position():
+    """negatives="batch": step l is contrasted with step l of the other users (the CLIP loss of the transposed
+    [L, B] sequences, one chunk). A user whose steps all share one topic makes the paper's in-sequence negatives
+    hard and the other users' steps easy."""
+    rng = np.random.default_rng(9)
+    batch, length, dim = 4, 6, 8
+    topics = rng.normal(size=(batch, 1, dim))
+    text = (topics + 0.05 * rng.normal(size=(batch, length, dim))).astype(np.float32)
+    attrs = (topics + 0.05 * rng.normal(size=(batch, length, dim))).astype(np.float32)
+    mask = np.ones((batch, length), bool)
+    mask[0, 4:] = False
+    by_batch = AlignmentTask(temperature=0.1, negatives="batch")
+    got = float(by_batch({TEXT: text, ATTRS: attrs}, mask))
+    want = np_chunked_clip(text.transpose(1, 0, 2), attrs.transpose(1, 0, 2), mask.T, 1, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    in_sequence = float(AlignmentTask(temperature=0.1)({TEXT: text, ATTRS: attrs}, mask))
+    assert got < 0.1 < 1.0 < in_sequence
+    assert by_batch.get_config()["negatives"] == "batch"
+    with pytest.raises(ValueError, match="negatives"):
+        AlignmentTask(negatives="users")
+
+
 def test_alignment_accuracy_is_one_for_identical_channels():
     rng = np.random.default_rng(7)
     text = rng.normal(size=(2, 8, 16)).astype(np.float32)

@@ -48,7 +48,8 @@ def build_psu(config: ModelConfig, metadata: schema.DatasetMetadata, item_table:
         content, num_heads=config.num_heads, next_pair_temperature=config.next_pair_temperature,
         align_chunks=config.align_chunks, align_temperature=config.align_temperature,
         next_pair_weight=config.next_pair_weight, align_weight=config.align_weight,
-        relevance_weight=config.relevance_weight, seed=config.seed)
+        relevance_weight=config.relevance_weight, align_projection=config.align_projection,
+        align_negatives=config.align_negatives, seed=config.seed)
 
 
 def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
@@ -63,7 +64,8 @@ def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
                 affinity_column=(attribute_column(metadata, config.category_attribute)
                                  if config.category_affinity or config.gsu_category_prior else 0),
                 category_affinity=config.category_affinity, gsu_category_prior=config.gsu_category_prior,
-                item_statistics_folds=config.item_statistics_folds)
+                item_statistics_folds=config.item_statistics_folds,
+                item_statistics_wide=config.item_statistics_wide)
 
 
 def attribute_column(metadata: schema.DatasetMetadata, attribute: str) -> int:

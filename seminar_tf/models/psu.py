@@ -18,6 +18,7 @@ from seminar_tf.layers import ChannelGate, MultiHeadTargetAttention, merge_chann
 from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.inputs import CONTEXT_INPUTS, PRETRAIN_INPUTS, SEQUENCE_INPUTS, check_features
 from seminar_tf.tasks import AlignmentTask, NextPairTask, QueryItemRelevanceTask
+from seminar_tf.tasks.pretrain import ALIGNMENT_CHANNELS
 
 
 def history_mask(features) -> tf.Tensor:
@@ -71,6 +72,8 @@ class PSUModel(tfrs.Model):
         next_pair_weight: float = 1.0,
         align_weight: float = 1.0,
         relevance_weight: float = 1.0,
+        align_projection: bool = False,
+        align_negatives: str = "sequence",
         seed: int = 0,
         **kwargs,
     ):
@@ -83,9 +86,18 @@ class PSUModel(tfrs.Model):
         self.eos = self.add_weight(name="eos", shape=[dim], initializer="random_normal", trainable=True)
         self.sequence_projection = tf.keras.layers.Dense(dim, name="sequence_projection")
         self.next_pair_task = NextPairTask(temperature=next_pair_temperature, name="next_pair")
-        self.alignment_task = AlignmentTask(num_chunks=align_chunks, temperature=align_temperature, name="alignment")
+        self.alignment_task = AlignmentTask(num_chunks=align_chunks, temperature=align_temperature,
+                                            negatives=align_negatives, name="alignment")
         self.relevance_task = QueryItemRelevanceTask(seed=seed, name="query_item")
         self.weights_by_loss = dict(next_pair=next_pair_weight, alignment=align_weight, relevance=relevance_weight)
+        # Projection heads (SimCLR/CLIP): L_align acts on head(x^(i)) instead of x^(i), so its uniformity pressure
+        # (every other step of the chunk pushed away) lands on the PSU-only heads, not on the channel embeddings
+        # the GSU/ESU retrieve with.
+        self.align_heads = ({c: tf.keras.Sequential([tf.keras.layers.Dense(dim, activation="relu"),
+                                                     tf.keras.layers.Dense(dim)], name=f"align_head_{c}")
+                             for c in self.channels if c in ALIGNMENT_CHANNELS} if align_projection else None)
+        for head in (self.align_heads or {}).values():
+            head.build((None, None, dim))  # built with the model, so checkpoints and get_weights see them
 
     def call(self, features, training=None) -> Dict[str, tf.Tensor]:
         check_features(features, SEQUENCE_INPUTS + CONTEXT_INPUTS + PRETRAIN_INPUTS)
@@ -120,7 +132,9 @@ class PSUModel(tfrs.Model):
         history, mask = outputs["history_channels"], outputs["history_mask"]
         by_channel = {c: history[:, :, i] for i, c in enumerate(self.channels)}
         if weights["alignment"]:
-            loss += weights["alignment"] * self.alignment_task(by_channel, mask, ids=features[schema.SEQ_HISTORY_ITEM])
+            aligned = by_channel if self.align_heads is None else {c: head(by_channel[c])
+                                                                   for c, head in self.align_heads.items()}
+            loss += weights["alignment"] * self.alignment_task(aligned, mask, ids=features[schema.SEQ_HISTORY_ITEM])
         if weights["relevance"] and schema.QUERY_CHANNEL in self.channels:
             item_vectors = merge_channels(history, item_gamma(outputs["gamma"], self.channels))
             searched = mask & (features[schema.SEQ_HISTORY_QUERY] > schema.EMPTY_QUERY_INDEX)

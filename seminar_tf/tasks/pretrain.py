@@ -24,6 +24,9 @@ MASKED_LOGIT = -1e9
 
 # Channels aligned by L_align (the paper's (i, j) ∈ {T, I, A}; the query channel is not aligned).
 ALIGNMENT_CHANNELS = (schema.TEXT_CHANNEL, schema.IMAGE_CHANNEL, schema.ATTRIBUTES_CHANNEL)
+# Where L_align's negatives come from: "sequence" = the other steps of the anchor's chunk (the paper's chunked
+# CLIP); "batch" = the steps at the same position in the other users' sequences (a different user's items).
+ALIGN_NEGATIVES = ("sequence", "batch")
 
 
 def _weighted_mean(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
@@ -254,6 +257,10 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
     attributes (in that order); explicit pairs whose channels are missing from the input are skipped, so
     a dataset without images still trains. Fewer than two channels give loss 0.
 
+    ``negatives="batch"`` takes the negatives of step l from the other users' step l instead (no chunks): the
+    sequence's own steps share its topics, so contrasting against them teaches the channels item identity rather
+    than topic (the demo world's retrieval needs topic; the notes of issue 14).
+
     Shapes: channel_embeddings {channel: [B, L, d]}, mask [B, L]; returns a scalar.
     Metrics: ``{prefix}loss`` and ``{prefix}accuracy`` (top-1 of x̂^(i)_l → x̂^(j)_l inside its chunk).
 
@@ -268,10 +275,14 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
         num_chunks: int = 1,
         temperature: float = 0.07,
         metric_prefix: str = "alignment_",
+        negatives: str = "sequence",
         name: Optional[str] = None,
         **kwargs,
     ) -> None:
         super().__init__(name=name, **kwargs)
+        if negatives not in ALIGN_NEGATIVES:
+            raise ValueError(f"negatives must be one of {ALIGN_NEGATIVES}, got {negatives!r}")
+        self.negatives = negatives
         if channel_pairs is not None:
             channel_pairs = tuple((str(a), str(b)) for a, b in channel_pairs)
             for a, b in channel_pairs:
@@ -302,11 +313,17 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
     ) -> tf.Tensor:
         """``ids`` [B, L] (item indices, optional): positions holding the anchor's own item are no negatives."""
         pairs = self.active_pairs(list(channel_embeddings))
+        num_chunks = self.num_chunks
+        if self.negatives == "batch":  # position l of every user is one "sequence": negatives from other users
+            channel_embeddings = {c: tf.transpose(x, [1, 0, 2]) for c, x in channel_embeddings.items()}
+            mask = tf.transpose(mask)
+            ids = None if ids is None else tf.transpose(ids)
+            num_chunks = 1
         loss = tf.constant(0.0, tf.float32)
         per_anchor_all, valid_all, correct_all = [], [], []
         for a, b in pairs:
             per_anchor, valid, correct = _chunked_clip_terms(
-                channel_embeddings[a], channel_embeddings[b], mask, self.num_chunks, self.temperature, ids
+                channel_embeddings[a], channel_embeddings[b], mask, num_chunks, self.temperature, ids
             )
             loss += _weighted_mean(per_anchor, valid)
             valid_all.append(valid)
@@ -329,6 +346,7 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
             num_chunks=self.num_chunks,
             temperature=self.temperature,
             metric_prefix=self.metric_prefix,
+            negatives=self.negatives,
         )
         return config
 
