@@ -510,7 +510,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time noise a user cannot act on, hidden unless --verbose (messages logged on the root logger).
+_QUIET_ROOT_MESSAGES = ("apitools not found",)  # Beam's GCP IO on a machine without the GCP extras
+
+
+def quiet_third_party_logs() -> None:
+    """Hides TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features, CUDA stub) and Beam's apitools warning.
+    Must run before TensorFlow is imported; errors still print. ``--verbose`` skips it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        # TensorFlow's C++ libraries log while they load, before absl's InitializeLog, ignoring
+        # TF_CPP_MIN_LOG_LEVEL: import it with file descriptor 2 on /dev/null (a failed import still raises).
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            sys.stderr.flush()
+            os.dup2(devnull, 2)
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    root = logging.getLogger()
+    if not any(getattr(f, "seminar_quiet", False) for f in root.filters):
+        def keep(record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(_QUIET_ROOT_MESSAGES)
+        keep.seminar_quiet = True
+        root.addFilter(keep)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    if "--verbose" not in (sys.argv[1:] if argv is None else argv):
+        quiet_third_party_logs()  # before build_parser: its defaults import Beam and TensorFlow
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -26,6 +26,11 @@ CONTENT_CHECKPOINT = "content/ckpt"  # PSU content weights, restored by finetune
 EVAL_DIR = "eval"
 
 
+# Report titles of ``evaluate`` by ``model.architecture``.
+ARCHITECTURE_TITLES = {"seminar": "SEMINAR", "din": "DIN", "sim_hard": "SIM (hard search)",
+                       "sim_soft": "SIM (soft search)", "eta": "ETA", "twin": "TWIN", "qin": "QIN"}
+
+
 def _log(progress, message):
     if progress:
         progress(message)
@@ -345,6 +350,7 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     metrics = {"model": {**ctr, **ranking}, "popularity": {**ctr_popularity, **ranking_popularity},
                "run": model_dir, "data": data_dir, "gsu": preset.model.gsu}
     out_dir = out_dir or os.path.join(train.resolve_run_dirs(model_dir).model_dir, EVAL_DIR)
-    evaluate_lib.write_report(metrics, out_dir, title=f"SEMINAR evaluation ({preset.name} preset)")
+    evaluate_lib.write_report(metrics, out_dir, title=f"{ARCHITECTURE_TITLES.get(preset.model.architecture, preset.model.architecture)} evaluation "
+                                    f"({preset.name} preset)")
     _log(progress, f"evaluate: report -> {out_dir}")
     return metrics

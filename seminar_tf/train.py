@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import seminar_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
@@ -55,6 +56,15 @@ class TrainConfig:
     seed: int = 0
     verbose: int = dataclasses.field(
         default=1, metadata={"help": "Keras fit verbosity: 1 progress bar, 2 one line per epoch"})
+
+
+def keras_verbosity(verbose: int, stream=None) -> int:
+    """Keras ``fit`` verbosity: a progress bar (1) only on a terminal; written to a file or a pipe it becomes one
+    line per epoch (2), since a bar there is a single line of carriage returns hundreds of KB long."""
+    stream = sys.stdout if stream is None else stream
+    if verbose == 1 and not (hasattr(stream, "isatty") and stream.isatty()):
+        return 2
+    return verbose
 
 
 @dataclasses.dataclass
@@ -226,7 +236,7 @@ def fit(
         steps_per_epoch=config.steps_per_epoch,
         validation_steps=config.validation_steps,
         callbacks=callbacks,
-        verbose=config.verbose,
+        verbose=keras_verbosity(config.verbose),
     )
     return {
         "history": history.history,

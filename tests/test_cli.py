@@ -28,6 +28,24 @@ def test_every_subcommand_has_help_for_every_flag(capsys):
                 assert action.help and len(action.help) > 8, (name, action.option_strings)
 
 
+def test_cli_hides_tensorflow_load_logs_and_beams_apitools_warning_unless_verbose():
+    """The help of a command whose defaults import Beam and TensorFlow: no C++ INFO/WARNING lines (oneDNN, CPU
+    features, CUDA stub) and no apitools warning on stderr; ``--verbose`` leaves TensorFlow's logging alone."""
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-m", "seminar_tf.cli", "build", "--help"], capture_output=True,
+                           text=True, timeout=180, cwd=root, env=env)
+    assert quiet.returncode == 0 and "usage: seminar-tf build" in quiet.stdout
+    noise = [line for line in quiet.stderr.splitlines()
+             if line.startswith(("I0000", "W0000")) or "apitools" in line or "absl::InitializeLog" in line]
+    assert not noise, noise
+    script = ("import os, sys; from seminar_tf import cli; cli.quiet_third_party_logs(); "
+              "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=root,
+                           env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert shown.stdout.split() == ["0", "True"]  # a level the user set is kept
+
+
 def test_unknown_flag_is_rejected_outside_build():
     with pytest.raises(SystemExit):
         cli.main(["world", "--out", "x", "--no-such-flag", "1"])

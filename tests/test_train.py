@@ -113,6 +113,19 @@ def event_files(directory):
 
 
 # ------------------------------------------------------------------------------------------------ dirs, strategy
+def test_keras_progress_bar_only_on_a_terminal():
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    assert train.keras_verbosity(1, Stream(True)) == 1
+    assert train.keras_verbosity(1, Stream(False)) == 2  # a log file gets one line per epoch
+    assert train.keras_verbosity(0, Stream(False)) == 0 and train.keras_verbosity(2, Stream(True)) == 2
+
+
 def test_resolve_run_dirs_defaults_and_gcs_paths():
     dirs = train.resolve_run_dirs("gs://bucket/runs/ctr")
     assert dirs == train.RunDirs("gs://bucket/runs/ctr", "gs://bucket/runs/ctr/checkpoints",
