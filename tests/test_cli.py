@@ -63,7 +63,10 @@ def test_world_then_build_end_to_end(tmp_path, capsys):
     assert cli.main(["world", "--out", str(raw), "--num-users", "12", "--num-items", "80", "--mean-history", "15",
                      "--max-history-events", "40", "--impressions-per-user", "3", "--seed", "3"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary
+    assert summary["num_users"] == 12 and summary["num_items"] == 80  # the flags reached the world
+    with open(raw / "events.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    assert len(events) == summary["num_events"] and len({e["user_id"] for e in events}) == 12
     assert cli.main(["build", "--input", str(raw), "--output", str(data), "--max-history", "16",
                      "--num-shards", "1", "--runner=FnApiRunner"]) == 0
     stats = json.loads((data / schema.STATS_FILE).read_text())

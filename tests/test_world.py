@@ -383,4 +383,3 @@ def test_default_world_rates_and_sizes(tmp_path):
     assert abs(summary["history_length_mean"] - 300) < 30
     assert summary["num_impressions"] == 20000
     assert summary["num_history_only_items_clicked"] > 0.9 * summary["num_history_only_items"]
-    assert summary["seconds"] < 60
