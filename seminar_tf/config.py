@@ -46,7 +46,6 @@ class ModelConfig:
     gsu_category_prior: bool = False  # SEMINAR's GSU ranks the steps of the target's category first
     item_statistics_folds: int = 0  # tower: smoothed train-split click rate and count of the target item; F folds
     # (a training row reads the table without its own user's fold); 0 = off
-    item_statistics_wide: bool = False  # add w·statistics to the tower's logit (w starts at (1, 0): popularity)
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss

@@ -350,7 +350,7 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     metrics = {"model": {**ctr, **ranking}, "popularity": {**ctr_popularity, **ranking_popularity},
                "run": model_dir, "data": data_dir, "gsu": preset.model.gsu}
     out_dir = out_dir or os.path.join(train.resolve_run_dirs(model_dir).model_dir, EVAL_DIR)
-    evaluate_lib.write_report(metrics, out_dir, title=f"{ARCHITECTURE_TITLES.get(preset.model.architecture, preset.model.architecture)} evaluation "
-                                    f"({preset.name} preset)")
+    architecture = ARCHITECTURE_TITLES.get(preset.model.architecture, preset.model.architecture)
+    evaluate_lib.write_report(metrics, out_dir, title=f"{architecture} evaluation ({preset.name} preset)")
     _log(progress, f"evaluate: report -> {out_dir}")
     return metrics

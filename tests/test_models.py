@@ -364,8 +364,7 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
                                                           use_item_id=False, num_feedback=0, embedding_l2=0.0,
                                                           recent_history=0, id_dropout=0.0, affinity_column=0, category_affinity=False,
-                                                          gsu_category_prior=False, item_statistics_folds=0,
-                                                          item_statistics_wide=False)
+                                                          gsu_category_prior=False, item_statistics_folds=0)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))
     assert model.user_id_embedding is None and model.item_id_embedding is None and model.feedback_embedding is None
 
@@ -466,26 +465,6 @@ def test_item_statistics_read_the_users_fold_in_training_and_the_full_row_otherw
     assert not model.item_statistics.trainable
     with pytest.raises(ValueError, match="item_statistics_folds"):
         builders.build_seminar(CONFIG, ID_METADATA, *_tables(ID_METADATA)).set_item_statistics(table)
-
-
-def test_item_statistics_wide_term_adds_the_log_odds_to_the_logit():
-    """With ``item_statistics_wide`` the logit is the tower's plus w·(log-odds, log count), w trainable and starting
-    at (1, 0): setting w to 0 takes exactly the target's serving-row log-odds off the logit."""
-    config = dataclasses.replace(CONFIG, item_statistics_folds=2, item_statistics_wide=True)
-    model = builders.build_seminar(config, ID_METADATA, *_tables(ID_METADATA))
-    batch = dict(_batch(metadata=ID_METADATA))
-    model(batch)
-    np.testing.assert_allclose(model.statistics_wide.kernel.numpy(), [[1.0], [0.0]])
-    assert model.statistics_wide.kernel.trainable
-    table = np.random.default_rng(1).normal(size=[3, ID_METADATA.num_items, 2]).astype(np.float32)
-    model.set_item_statistics(table)
-    items = batch[schema.CTX_TARGET_ITEM].numpy()
-    with_wide = model(batch)["logit"].numpy()
-    model.statistics_wide.kernel.assign([[0.0], [0.0]])
-    np.testing.assert_allclose(with_wide - model(batch)["logit"].numpy(), table[2, items, 0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="item_statistics_folds"):
-        builders.build_seminar(dataclasses.replace(CONFIG, item_statistics_wide=True), ID_METADATA,
-                               *_tables(ID_METADATA))
 
 
 def test_gsu_category_prior_keeps_the_targets_category_first():

@@ -127,7 +127,6 @@ class SeminarModel(tfrs.Model):
         category_affinity: bool = False,
         gsu_category_prior: bool = False,
         item_statistics_folds: int = 0,
-        item_statistics_wide: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -199,13 +198,6 @@ class SeminarModel(tfrs.Model):
         self.item_statistics = (self.add_weight(
             name="item_statistics", shape=[self.item_statistics_folds + 1, content.num_items, 2],
             initializer="zeros", trainable=False) if self.item_statistics_folds else None)
-        if item_statistics_wide and not self.item_statistics_folds:
-            raise ValueError("item_statistics_wide needs item statistics (model.item_statistics_folds > 0)")
-        # Wide term (Wide & Deep): logit += w · (log-odds, log count), w starting at (1, 0), so the tower starts
-        # from the popularity ranking and learns the residual of each user.
-        self.statistics_wide = (tf.keras.layers.Dense(
-            1, use_bias=False, kernel_initializer=tf.keras.initializers.Constant([[1.0], [0.0]]),
-            name="statistics_wide") if item_statistics_wide else None)
         hidden = []
         for units in tower_units:
             hidden.append(tf.keras.layers.Dense(units, activation="relu"))
@@ -701,12 +693,8 @@ class SeminarModel(tfrs.Model):
             if user_id is not None and user_id.shape[-1] == target_id.shape[-1]:
                 parts.append(user_id[:, None, :] * target_id)
         parts += [part for part in extra if part is not None]  # [B, N, ·]: recent branch, attended feedback
-        wide = None
         if self.item_statistics is not None and items is not None:
-            statistics = self.item_statistics_features(features, items, training)  # [B, N, 2]
-            parts.append(statistics)
-            if self.statistics_wide is not None:
-                wide = tf.squeeze(self.statistics_wide(statistics), -1)
+            parts.append(self.item_statistics_features(features, items, training))
         if self.category_affinity and self.use_history and items is not None:
             parts += [part for part in self.affinity_features(features, items) if part is not None]
         if lifelong is not None:
@@ -715,8 +703,7 @@ class SeminarModel(tfrs.Model):
             mean = tf.math.divide_no_nan(tf.reduce_sum(cosine * valid, -1), tf.reduce_sum(valid, -1))
             best = tf.reduce_max(cosine * valid - 2.0 * (1.0 - valid), -1) * tf.reduce_max(valid, -1)
             parts = [lifelong, lifelong * q_t, tf.stack([mean, best], axis=-1)] + parts
-        logit = tf.squeeze(self.tower(tf.concat(parts, axis=-1), training=training), -1)
-        return logit if wide is None else logit + wide
+        return tf.squeeze(self.tower(tf.concat(parts, axis=-1), training=training), -1)
 
     @staticmethod
     def _oov_users(q_t):
