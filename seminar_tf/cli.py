@@ -531,12 +531,13 @@ def quiet_third_party_logs() -> None:
             os.dup2(saved, 2)
             os.close(saved)
             os.close(devnull)
-    root = logging.getLogger()
-    if not any(getattr(f, "seminar_quiet", False) for f in root.filters):
-        def keep(record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith(_QUIET_ROOT_MESSAGES)
-        keep.seminar_quiet = True
-        root.addFilter(keep)
+    if _keep_actionable not in logging.getLogger().filters:
+        logging.getLogger().addFilter(_keep_actionable)
+
+
+def _keep_actionable(record: logging.LogRecord) -> bool:
+    """Root-logger filter of ``quiet_third_party_logs``: drops the ``_QUIET_ROOT_MESSAGES``."""
+    return not str(record.msg).startswith(_QUIET_ROOT_MESSAGES)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
