@@ -137,6 +137,18 @@ def _check_em3(model_config: config_lib.ModelConfig) -> None:
                          "inside them, which a frozen content encoder would hide; drop one of them")
 
 
+def _freeze_if_pretrained(preset: config_lib.Preset, init_from: Optional[str], progress=None) -> config_lib.Preset:
+    """``model.freeze_pretrained_content``: a PSU-initialised run keeps its restored content fixed (a copy of the
+    preset with ``freeze_content`` set, so the run's config.json records what trained); a run from scratch, or one
+    with LoRA adapters, is left as it is."""
+    model_config = preset.model
+    if not (model_config.freeze_pretrained_content and init_from) or model_config.lora_rank \
+            or model_config.freeze_content:
+        return preset
+    _log(progress, "finetune: the restored PSU content stays fixed (model.freeze_pretrained_content)")
+    return dataclasses.replace(preset, model=dataclasses.replace(model_config, freeze_content=True))
+
+
 def _apply_lora(model, model_config: config_lib.ModelConfig, progress=None) -> list:
     """LoRA adapters on the content encoders of a built (called) model when ``model_config.lora_rank`` > 0:
     ``layers.em3.apply_lora(model.content, rank, alpha or None, targets or None)``, base weights frozen.
@@ -172,6 +184,7 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
     on the content encoders after the PSU restore and only they train there (``_apply_lora``).
     """
     _check_em3(preset.model)
+    preset = _freeze_if_pretrained(preset, init_from, progress)
     metadata = reader.load_metadata(data_dir)
     item_table = reader.load_item_table(data_dir, metadata)
     query_table = reader.load_query_table(data_dir, metadata)

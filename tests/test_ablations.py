@@ -181,6 +181,29 @@ def test_lora_finetune_from_the_ablated_psu_trains_only_adapters_and_reloads(
     assert sum(isinstance(m, LoRADense) for m in loaded.content.submodules) == 4
 
 
+def test_freeze_pretrained_content_freezes_only_a_psu_initialised_run(
+        psu_ablated, dataset_dir, test_preset, tmp_path):
+    psu_ablated, _ = psu_ablated
+    preset = _fast(test_preset, channels=NO_QUERY, freeze_pretrained_content=True)
+    restored = experiment.finetune(dataset_dir, str(tmp_path / "restored"), preset, init_from=psu_ablated)
+    model = restored["model"]
+    assert not model.content.trainable and not model.content.trainable_variables
+    saved = json.load(open(tmp_path / "restored" / "config.json"))["model"]
+    assert saved["freeze_content"] is True and saved["freeze_pretrained_content"] is True
+    assert preset.model.freeze_content is False  # the caller's preset is not changed
+    psu = tf.train.load_checkpoint(os.path.join(psu_ablated, experiment.CONTENT_CHECKPOINT))
+    trained_path = tf.train.Checkpoint(content=model.content).write(str(tmp_path / "trained"))
+    trained = tf.train.load_checkpoint(trained_path)
+    keys = [key for key, _ in tf.train.list_variables(trained_path) if "VARIABLE_VALUE" in key]
+    assert keys
+    for key in keys:  # the PSU content is unchanged after training
+        np.testing.assert_array_equal(trained.get_tensor(key), psu.get_tensor(key), err_msg=key)
+
+    scratch = experiment.finetune(dataset_dir, str(tmp_path / "scratch"), preset)["model"]
+    assert scratch.content.trainable and scratch.content.trainable_variables  # nothing restored: it trains
+    assert json.load(open(tmp_path / "scratch" / "config.json"))["model"]["freeze_content"] is False
+
+
 def test_preset_from_yaml_reads_the_em3_fields(tmp_path):
     path = tmp_path / "em3.yaml"
     path.write_text(yaml.safe_dump({"base": "test", "model": {
@@ -192,3 +215,13 @@ def test_preset_from_yaml_reads_the_em3_fields(tmp_path):
     assert (preset.model.lora_rank, preset.model.fusion_queries, preset.model.content_id_weight) == (4, 3, 0.2)
     assert preset.model.lora_alpha == 0.0 and preset.model.fusion_layers == 1
     assert config_lib.Preset.from_dict(preset.to_dict()) == preset
+
+
+@pytest.mark.parametrize("name", ["paper_kuaisar", "paper_amazon"])
+def test_paper_presets_do_not_inherit_the_demo_worlds_choices(name):
+    """The paper presets derive from `demo`; the choices made on the demo world's validation split must not leak."""
+    assert config_lib.get_preset("demo").model.freeze_pretrained_content
+    model = config_lib.get_preset(name).model
+    assert (model.align_negatives, model.align_projection) == ("sequence", False)
+    assert not (model.category_affinity or model.gsu_category_prior or model.freeze_pretrained_content
+                or model.freeze_content)
