@@ -50,6 +50,8 @@ class ModelConfig:
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
     category_attribute: str = "category_id"  # SIM hard search: the item attribute that is the category
+    short_history: int = 0  # DIN: the newest steps it attends over; 0 = top_k
+    simhash_bits: int = 32  # ETA: SimHash signature bits
     gsu_identity_init: bool = False  # GSU W^Q, W^K start near the identity: retrieval starts as q_t · k_l (SIM soft)
     use_history: bool = True  # False: the no-history baseline
     freeze_content: bool = False  # keep the content weights fixed (restored from a PSU run or not)

@@ -198,6 +198,12 @@ def test_build_baseline_options_and_errors():
     with pytest.raises(ValueError, match="category_id"):
         baselines.build_baseline("sim_hard", CONFIG, no_category)
     assert baselines.build_baseline("sim_hard", CONFIG, METADATA, category_attribute="author_id").category_column == 1
+    # Every retriever option is a ModelConfig field that reaches the model (an argument still wins).
+    configured = dataclasses.replace(CONFIG, short_history=3, simhash_bits=12, category_attribute="author_id")
+    assert baselines.build_baseline("din", configured, METADATA).short_history == 3
+    assert baselines.build_baseline("din", configured, METADATA, short_history=5).short_history == 5
+    assert baselines.build_baseline("eta", configured, METADATA).num_bits == 12
+    assert baselines.build_baseline("sim_hard", configured, METADATA).category_column == 1
     with pytest.raises(ValueError, match="query"):
         baselines.build_baseline("qin", dataclasses.replace(CONFIG, channels=("text", "attributes")), METADATA)
 

@@ -380,12 +380,9 @@ class EM3SeminarModel(SeminarModel):
 
 # ----------------------------------------------------------------------------------------------------------
 # Builders (configs meet the classes here, as in ``builders``)
-def _option(config: ModelConfig, name: str, override, default):
-    """An explicit argument, else the ModelConfig field ``name`` when the config has it, else ``default``."""
-    if override is not None:
-        return override
-    value = getattr(config, name, None)
-    return default if value in (None, "", 0) else value
+def _given(argument, field):
+    """An explicit builder argument, else the ModelConfig field."""
+    return field if argument is None else argument
 
 
 def category_column(metadata: schema.DatasetMetadata, attribute: str = DEFAULT_CATEGORY_ATTRIBUTE) -> int:
@@ -414,9 +411,8 @@ def build_baseline(
 ) -> SeminarModel:
     """``name`` in ``MODELS`` → an uncompiled model; "seminar" is ``builders.build_seminar``.
 
-    Baseline options: an explicit argument, else the ``ModelConfig`` field of the same name when the config
-    has one, else the default: ``short_history`` (DIN) = ``top_k``; ``category_attribute`` (SIM hard) =
-    "category_id"; ``simhash_bits`` (ETA) = 32. The baselines share the content encoder (so ``--init-from``
+    Baseline options: an explicit argument, else the ``ModelConfig`` field of the same name:
+    ``short_history`` (DIN; 0 = ``top_k``), ``category_attribute`` (SIM hard), ``simhash_bits`` (ETA). The baselines share the content encoder (so ``--init-from``
     restores PSU weights into ``model.content`` for them too), heads, K, tower and freezing switches.
     """
     if name not in MODELS:
@@ -427,13 +423,13 @@ def build_baseline(
     arguments = _seminar_arguments(model_config, metadata)
     if name == "din":
         arguments.pop("top_k")
-        return DIN(content, short_history=_option(model_config, "short_history", short_history, model_config.top_k),
+        return DIN(content, short_history=_given(short_history, model_config.short_history) or model_config.top_k,
                    **arguments)
     if name == "sim_hard":
-        attribute = category_attribute or model_config.category_attribute
+        attribute = _given(category_attribute, model_config.category_attribute)
         return SIMHard(content, category_column=category_column(metadata, attribute), **arguments)
     if name == "eta":
-        return ETA(content, num_bits=_option(model_config, "simhash_bits", simhash_bits, 32),
+        return ETA(content, num_bits=_given(simhash_bits, model_config.simhash_bits),
                    hash_seed=model_config.seed, **arguments)
     classes = {"sim_soft": SIMSoft, "twin": TWIN, "qin": QIN}
     return classes[name](content, **arguments)
@@ -452,16 +448,15 @@ def build_em3_seminar(
 ) -> EM3SeminarModel:
     """SEMINAR with EM3 options: ``fusion_queries`` > 0 adds a Fusion-Q-Former of that many queries and
     ``fusion_layers`` layers (default 1); ``content_id_weight`` > 0 adds the content-ID contrastive loss
-    (temperature default 0.1). Each option: the argument, else the ``ModelConfig`` field of the same name when
-    the config has one, else the default (off). LoRA is applied after restoring PSU weights:
+    (temperature default 0.1). Each option: the argument, else the ``ModelConfig`` field of the same name. LoRA is applied after restoring PSU weights:
     ``apply_lora(model.content, rank, alpha, targets)``."""
-    fusion_queries = int(_option(model_config, "fusion_queries", fusion_queries, 0))
-    fusion_layers = int(_option(model_config, "fusion_layers", fusion_layers, 1))
+    fusion_queries = int(_given(fusion_queries, model_config.fusion_queries))
+    fusion_layers = int(_given(fusion_layers, model_config.fusion_layers))
     content = builders.build_content_encoder(model_config, metadata, item_table, query_table)
     fusion = (FusionQFormer(fusion_queries, fusion_layers, model_config.num_heads, model_config.dim,
                             dropout=model_config.dropout, name="fusion_qformer") if fusion_queries else None)
-    weight = float(_option(model_config, "content_id_weight", content_id_weight, 0.0))
-    temperature = float(_option(model_config, "content_id_temperature", content_id_temperature, 0.1))
+    weight = float(_given(content_id_weight, model_config.content_id_weight))
+    temperature = float(_given(content_id_temperature, model_config.content_id_temperature))
     return EM3SeminarModel(
         content, fusion=fusion, content_id_weight=weight, content_id_temperature=temperature,
         aux_weight=model_config.aux_weight, gsu=model_config.gsu, pq_subspaces=model_config.pq_subspaces,
