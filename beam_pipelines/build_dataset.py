@@ -1,4 +1,4 @@
-"""Raw tables -> dataset directory (DESIGN §1-§3): vocabularies, item/query tables, pretrain and CTR
+"""Raw tables -> dataset directory (docs/design.md §1-§3): vocabularies, item/query tables, pretrain and CTR
 SequenceExamples per split, dead letters, stats.json and metadata.json.
 
 Usage:

@@ -1,4 +1,4 @@
-"""Reading the raw tables (DESIGN §2) with Beam IO, on any filesystem Beam supports.
+"""Reading the raw tables (docs/design.md §2) with Beam IO, on any filesystem Beam supports.
 
 A table is one file ``<table>.<ext>`` or shards ``<table>-*.<ext>`` in the input directory; the formats are
 JSONL (``.jsonl``, ``.jsonl.gz``), CSV (``.csv``, ``.csv.gz``; one header row per file, lists as JSON array

@@ -551,7 +551,7 @@ def compact_event(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Per-user samples (DESIGN §3)
+# Per-user samples (docs/design.md §3)
 Sample = collections.namedtuple(
     "Sample",
     "kind split timestamp target_item target_query label history_start history_end negative_items negative_queries",

@@ -72,7 +72,7 @@ def _add_world(sub) -> None:
     p = sub.add_parser(
         "world",
         help="generate the synthetic world (raw items/events/users files with planted structure)",
-        description="Writes the raw format (DESIGN §2) of a synthetic world with planted topics, misaligned "
+        description="Writes the raw format (docs/design.md §2) of a synthetic world with planted topics, misaligned "
         "image/text channels, long-term interests visible only far back, search and browse events and "
         "impression labels from a known click model. Deterministic for a seed.",
     )

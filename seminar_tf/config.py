@@ -64,7 +64,7 @@ class ModelConfig:
     pq_centroids: int = 256  # C centroids per (channel, sub-space); <= 256 (8-bit codes), <= 16 gives 4-bit
     pq_jit_compile: bool = False  # ADC lookups as one XLA cluster (faster on CPU; the runtime needs XLA)
     pq_rerank: int = 1  # PQ GSU keeps pq_rerank x top_k candidates, re-scores them exactly, keeps top_k
-    # EM3 options (DESIGN §4); SEMINAR only (architecture "seminar").
+    # EM3 options (docs/design.md §4); SEMINAR only (architecture "seminar").
     fusion_queries: int = 0  # Fusion-Q-Former query tokens = fused item channels replacing text/image; 0 = off
     fusion_layers: int = 1  # Fusion-Q-Former layers (cross-attention + transformer block each)
     content_id_weight: float = 0.0  # weight of the content-ID contrastive loss (InfoNCE both ways); 0 = off

@@ -1,4 +1,4 @@
-"""SavedModel export for TF Serving (DESIGN §6): a ``tf.Module`` of ``tf.function`` signatures, versioned
+"""SavedModel export for TF Serving (docs/design.md §6): a ``tf.Module`` of ``tf.function`` signatures, versioned
 and atomic.
 
 ``export_model(RUN/ctr, RUN/export/seminar)`` writes ``RUN/export/seminar/<version>/`` (the next integer

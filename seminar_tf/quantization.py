@@ -1,6 +1,6 @@
 """PQ codebooks for the GSU: k-means per channel and sub-space on a run's final content embeddings.
 
-DESIGN §5. The vectors quantized are the stored channel embeddings x^{PSU(j)} of every item and query of the
+docs/design.md §5. The vectors quantized are the stored channel embeddings x^{PSU(j)} of every item and query of the
 vocabulary (the content encoder's outputs, before G_j): every trained map after them folds into the ADC
 target side, so the codes stay valid while G_j, the gate and the attention heads are fine-tuned.
 

@@ -30,7 +30,7 @@ RESERVED = (PAD_TOKEN, OOV_TOKEN)
 QUERY_RESERVED = (PAD_TOKEN, OOV_TOKEN, EMPTY_QUERY_TOKEN)
 
 # --------------------------------------------------------------------------------------------------------
-# Raw input format (DESIGN §2). Tables are files named <table>.<ext> or <table>-*.<ext> in one directory.
+# Raw input format (docs/design.md §2). Tables are files named <table>.<ext> or <table>-*.<ext> in one directory.
 RAW_TABLES = ("items", "events", "users")
 RAW_FORMATS = ("jsonl", "csv", "parquet")
 
@@ -55,7 +55,7 @@ DEFAULT_HISTORY_EVENTS = ("click",)
 DEFAULT_SAMPLE_EVENTS = ("impression",)
 
 # --------------------------------------------------------------------------------------------------------
-# Channels (DESIGN §4): the query channel plus the item's modalities.
+# Channels (docs/design.md §4): the query channel plus the item's modalities.
 QUERY_CHANNEL = "query"
 TEXT_CHANNEL = "text"
 IMAGE_CHANNEL = "image"
@@ -63,7 +63,7 @@ ATTRIBUTES_CHANNEL = "attributes"
 CHANNELS = (QUERY_CHANNEL, TEXT_CHANNEL, IMAGE_CHANNEL, ATTRIBUTES_CHANNEL)
 
 # --------------------------------------------------------------------------------------------------------
-# Dataset directory layout (DESIGN §1)
+# Dataset directory layout (docs/design.md §1)
 VOCAB_DIR = "vocab"
 ITEM_VOCAB = "items.txt"
 QUERY_VOCAB = "queries.txt"
@@ -212,7 +212,7 @@ def parse_float_list(value) -> List[float]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Example features (DESIGN §3): tf.train.SequenceExample, context + feature lists.
+# Example features (docs/design.md §3): tf.train.SequenceExample, context + feature lists.
 # Context
 CTX_USER_ID = "user_id"  # bytes, raw user id (GAUC groups by it)
 CTX_USER_INDEX = "user_index"  # int64 user-vocabulary index (OOV for users below user_min_count)

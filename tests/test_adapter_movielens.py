@@ -1,4 +1,4 @@
-"""MovieLens adapter (DESIGN §2): each release layout's fixture -> raw format rows, splits, labels and counts."""
+"""MovieLens adapter (docs/design.md §2): each release layout's fixture -> raw format rows, splits, labels, counts."""
 
 import array
 import json

@@ -1,4 +1,4 @@
-"""Public-dataset adapters (DESIGN §2): KuaiSAR and Amazon reviews fixtures -> raw format rows and counts."""
+"""Public-dataset adapters (docs/design.md §2): KuaiSAR and Amazon reviews fixtures -> raw format rows and counts."""
 
 import gzip
 import json

@@ -1,4 +1,4 @@
-"""Synthetic world generator (DESIGN §7): formats, determinism and every planted structure, on tiny worlds."""
+"""Synthetic world generator (docs/design.md §7): formats, determinism and every planted structure, on tiny worlds."""
 
 import collections
 import csv

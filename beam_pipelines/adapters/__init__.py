@@ -1,4 +1,4 @@
-"""Adapters: a public dataset's own files -> the project's raw format directory (DESIGN §2).
+"""Adapters: a public dataset's own files -> the project's raw format directory (docs/design.md §2).
 
 Each adapter module (``kuaisar``, ``amazon``) has ``convert(input_dir, output_dir, *, max_rows=None, ...)``
 returning counts, and ``main(argv=None)`` for ``python -m beam_pipelines.adapters.<name>``. They are plain

@@ -18,7 +18,7 @@ releases, recognised per line, so they can even be mixed:
   rating_number, features, description, price, images, videos, store, categories, details, parent_asin,
   bought_together}``. The item id is ``parent_asin`` (what the metadata is keyed by).
 
-Mapping (DESIGN §2):
+Mapping (docs/design.md §2):
 
 - Splits follow the paper's leave-one-out protocol: each user's interactions sorted by time (ties in read
   order); the last is ``test``, the second last ``valid``, the others ``train``. Every event carries its

@@ -18,7 +18,7 @@ does not matter:
   copies), onehot_feat1, onehot_feat2 (every column other than user_id becomes a user attribute).
 - ``social_network.csv`` is not used.
 
-Mapping (DESIGN §2):
+Mapping (docs/design.md §2):
 
 - Every rec_inter row is an exposure: one ``impression`` event, query ``""``, ``label`` = the positive rule;
   a positive row is also a ``click`` event (a history behaviour). Positive rule ``click`` (default; the

@@ -26,7 +26,7 @@ Text: every file is read as bytes and decoded per line, UTF-8 first and latin-1 
 ml-1m are latin-1, ml-10m and later UTF-8, a few ml-10m lines are not), so ``open_text`` (strict UTF-8) is
 not used.
 
-Mapping (DESIGN §2):
+Mapping (docs/design.md §2):
 
 - Items (``items.jsonl``): one row per movie of the movies file, ``{item_id, title, genres, genre, year}``:
   the title without its trailing year (``"Toy Story (1995)"`` -> ``"Toy Story"``), ``genres`` every genre

@@ -1,4 +1,4 @@
-"""`seminar-tf bench pq`: recall, speed and model quality of the product-quantized GSU (issue 4, DESIGN §5).
+"""`seminar-tf bench pq`: recall, speed and model quality of the product-quantized GSU (issue 4, docs/design.md §5).
 
 Three parts, one report (``benchmarks/pq.md`` + ``pq.json``):
 
@@ -470,7 +470,8 @@ def _markdown(report: Dict) -> str:
         "# Product-quantized GSU: recall, speed, model quality",
         "",
         f"Command: `{report['command']}` ({report['machine']}; TF {report['tensorflow']}, faiss "
-        f"{report['faiss']}). Wall time {report['wall_s']:.0f} s. DESIGN §5 has the math; issue 4 the targets.",
+        f"{report['faiss']}). Wall time {report['wall_s']:.0f} s. docs/design.md §5 has the math; issue 4 the "
+        "targets.",
         "",
     ]
     targets = report["targets"]

@@ -60,7 +60,7 @@ class ItemTable:
 
     title_tokens [num_items, max_title_tokens] int32; image_embedding [num_items, image_dim] float32 or
     None; attributes [num_items, 1 + A] int32 whose column 0 is the item index itself (the item id is an
-    attribute, DESIGN §4) and columns 1.. follow ``attribute_names``; item_ids [num_items] str.
+    attribute, docs/design.md §4) and columns 1.. follow ``attribute_names``; item_ids [num_items] str.
     """
 
     title_tokens: np.ndarray

@@ -1,4 +1,4 @@
-"""Synthetic world generator (DESIGN §7): raw items/events/users files with planted, known structure.
+"""Synthetic world generator (docs/design.md §7): raw items/events/users files with planted, known structure.
 
 Numpy only (no TensorFlow), deterministic for a seed: the same config writes the same bytes. The world is
 built so that the paper's claims can be checked on it:

@@ -36,7 +36,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
 
     head_h = softmax_L(α_h) (V W_h^V) and output = Concat(head_1..head_H) W^O. The projections have no
     bias, as in the paper, so the head-averaged score is linear in each key: ``scores(q, K) = K u`` with
-    ``u = folded_query(q)`` (what product quantization folds into the target side, DESIGN §5).
+    ``u = folded_query(q)`` (what product quantization folds into the target side, docs/design.md §5).
 
     Masking: positions with ``mask`` False get the logit ``dtype.min / 2`` and softmax weight exactly 0,
     so padding never changes an output (padded positions must hold finite values). A row with no valid
@@ -232,7 +232,7 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         """u = (1/H) Σ_h W_h^K (q W_h^Q)^T / √key_dim, so that ``scores(q, K) == K u`` (before masking).
 
         query [B, d_q] or [B, N, d_q] → u [B, d_k] or [B, N, d_k]. The target-side vector that product
-        quantization scores stored key embeddings against (DESIGN §5).
+        quantization scores stored key embeddings against (docs/design.md §5).
         """
         self._ensure_built(query)
         query = tf.cast(query, self.compute_dtype)

@@ -1,4 +1,4 @@
-"""EM3 components (DESIGN §4): Fusion-Q-Former item embedding and LoRA adapters for the content encoders.
+"""EM3 components (docs/design.md §4): Fusion-Q-Former item embedding and LoRA adapters for the content encoders.
 
 - ``FusionQFormer``: learnable query tokens read the modality tokens of an item by cross-attention, then
   attend to each other (transformer block); the output is a fixed-length item embedding whatever the

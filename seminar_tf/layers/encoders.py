@@ -1,4 +1,4 @@
-"""Channel encoders of SEMINAR (paper §PSU; DESIGN §4): text/query, image and attribute encoders.
+"""Channel encoders of SEMINAR (paper §PSU; docs/design.md §4): text/query, image and attribute encoders.
 
 Each encoder maps one channel's raw features to a d-dimensional vector; the final projection is the
 paper's per-channel matrix W_m in x = [Q W_q, T W_t, I W_i, A W_a] ∈ R^{(M+1)×L×d}.

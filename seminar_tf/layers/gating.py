@@ -2,7 +2,7 @@
 
 The gate is computed from the target pair's channels and applied to the target and to every history
 position with the same γ, so the attention score stays linear in each history channel:
-score_l = Σ_j γ_j u_j · x_l^(j), which the product-quantization path (DESIGN §5) relies on.
+score_l = Σ_j γ_j u_j · x_l^(j), which the product-quantization path (docs/design.md §5) relies on.
 """
 
 from __future__ import annotations

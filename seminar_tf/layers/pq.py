@@ -1,4 +1,4 @@
-"""Multi-modal product quantization of the GSU (paper "Multi-modal product quantization"; DESIGN §5).
+"""Multi-modal product quantization of the GSU (paper "Multi-modal product quantization"; docs/design.md §5).
 
 Each stored channel embedding x^(j) ∈ R^d (the content encoder's output, before any fine-tuned map) is split
 into S = N_bit sub-vectors of width d/S, and each sub-vector is replaced by the id of its nearest centroid

@@ -1,4 +1,4 @@
-"""The paper's baselines in SEMINAR's framework (DESIGN §4), and SEMINAR with the EM3 options.
+"""The paper's baselines in SEMINAR's framework (docs/design.md §4), and SEMINAR with the EM3 options.
 
 Every baseline is a ``SeminarModel`` whose retrieval step (the GSU) is replaced; the content encoder, the
 gate γ, G_j, the ESU attention, the tower and ``CTRTask`` are shared, so the comparison isolates retrieval:

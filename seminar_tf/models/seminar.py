@@ -7,7 +7,7 @@ Paper ("Fine-tuning the projection weight"):
   x_lifelong_seq = Concat(head^{ESU_1..H}) W^{ESU};  ŷ = f(x_lifelong_seq, x_u, x_i, x_context)
 with q_t = Σ_j γ_j x_t^{GSU(j)} and k_l = Σ_j γ_j x_l^{GSU(j)}, γ from the gate on the target pair.
 
-GSU modes (DESIGN §5): "exact" scores every history pair from its content embeddings; "pq_adc" and "pq_sdc"
+GSU modes (docs/design.md §5): "exact" scores every history pair from its content embeddings; "pq_adc" and "pq_sdc"
 score it from the product-quantization codes of the stored embeddings x^{PSU(j)} (``PQLookup``), looked up by
 the history's item and query ids, so the content encoder runs only on the K pairs the GSU keeps (ESU exact).
 ADC folds every trained map into the target, score_l = Σ_j (γ_j G_j u)·x̂_l^{PSU(j)}, exact on the target
@@ -275,7 +275,7 @@ class SeminarModel(tfrs.Model):
     # -------------------------------------------------------------------------------------- PQ GSU
     def pq_targets(self, q_t, gamma):
         """ADC target vectors v_j = γ_j G_j u, u = folded_query(q_t): [B, N, C, d], so that the exact GSU score
-        is score_l = Σ_j v_j·x_l^{PSU(j)} (every trained map folded into the target side, DESIGN §5)."""
+        is score_l = Σ_j v_j·x_l^{PSU(j)} (every trained map folded into the target side, docs/design.md §5)."""
         u = self.gsu.folded_query(q_t)  # [B, N, d]
         return tf.einsum("cde,bne->bncd", self.projection.kernel, u) * gamma[..., None]
 

@@ -1,4 +1,4 @@
-"""PSU pretraining tasks (DESIGN §4): L_PSU = L_next^pair + L_align + L_query-item, plus EM3's content-ID
+"""PSU pretraining tasks (docs/design.md §4): L_PSU = L_next^pair + L_align + L_query-item, plus EM3's content-ID
 contrastive loss.
 
 Each task is a Keras layer that owns its loss *and* its metrics (TFRS style): a model's ``compute_loss`` is
@@ -48,7 +48,7 @@ def _finish(loss: tf.Tensor, update_ops: List) -> tf.Tensor:
 
 
 class NextPairTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
-    """Next query-item pair prediction, L_next^pair (SEMINAR PSU; DESIGN §4).
+    """Next query-item pair prediction, L_next^pair (SEMINAR PSU; docs/design.md §4).
 
     The PSU reads x_{1:L-1} followed by <EOS>; the representation at the EOS slot must pick the true next
     pair x_L among negatives: softmax cross-entropy with the positive at index 0 against
@@ -245,7 +245,7 @@ def chunked_clip_loss(
 
 
 class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
-    """Multi-modal alignment along the sequence, L_align (SEMINAR PSU; DESIGN §4).
+    """Multi-modal alignment along the sequence, L_align (SEMINAR PSU; docs/design.md §4).
 
     L_align = Σ_{(i,j)} L_CLIP(x̂^(i), x̂^(j)) with L_CLIP the chunked, symmetric CLIP loss of
     ``chunked_clip_loss`` (N_ch chunks, O(L²/N_ch)). The paper writes Σ_i Σ_{j≠i} over ordered pairs of

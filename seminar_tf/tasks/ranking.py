@@ -1,4 +1,4 @@
-"""Fine-tuning tasks (DESIGN §4): the CTR / PSR loss L_ctr and the GSU auxiliary loss of SIM / TWIN.
+"""Fine-tuning tasks (docs/design.md §4): the CTR / PSR loss L_ctr and the GSU auxiliary loss of SIM / TWIN.
 
 Both wrap ``tfrs.tasks.Ranking`` with a from-logits binary cross-entropy and AUC / logloss metrics. The
 Ranking loss is sum-reduced and divided here by Σ sample_weight, so the loss is the sample-weighted mean
@@ -52,7 +52,7 @@ class _BinaryLogitTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
 
 
 class CTRTask(_BinaryLogitTask):
-    """CTR / PSR loss, L_ctr = Σ_i L_ce(y_i, ŷ_i) (SEMINAR fine-tuning; DESIGN §4).
+    """CTR / PSR loss, L_ctr = Σ_i L_ce(y_i, ŷ_i) (SEMINAR fine-tuning; docs/design.md §4).
 
     Sample-weighted mean binary cross-entropy of the tower's logit, through
     ``tfrs.tasks.Ranking(loss=BinaryCrossentropy(from_logits=True), metrics=[AUC, logloss])``.
@@ -79,7 +79,7 @@ class CTRTask(_BinaryLogitTask):
 
 
 class GSUAuxiliaryTask(_BinaryLogitTask):
-    """Auxiliary CTR loss that trains the GSU's scores (SIM soft search / TWIN; DESIGN §4).
+    """Auxiliary CTR loss that trains the GSU's scores (SIM soft search / TWIN; docs/design.md §4).
 
     The GSU's relevance scores over the whole history are otherwise trained only through the hard top-K,
     which passes no gradient to them. As in SIM's soft-search unit, the model forms a soft retrieval
