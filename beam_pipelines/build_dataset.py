@@ -31,6 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from seminar_tf import schema
+from seminar_tf.config import BuildConfig  # noqa: F401  (defined in the leaf config module)
 
 from beam_pipelines import raw_io
 from beam_pipelines import transforms as tx
@@ -39,60 +40,6 @@ logger = logging.getLogger("beam_pipelines.build_dataset")  # not "__main__" und
 
 DEFAULT_RUNNER = "FnApiRunner"
 DEAD = raw_io.DEAD_LETTER_TAG
-
-
-@dataclasses.dataclass
-class BuildConfig:
-    """What the pipeline builds; every field is also a command-line flag (``add_arguments``)."""
-
-    max_history: int = 512  # newest N history steps kept per sample
-    min_history: int = 1  # shorter histories are not written (stats: too_short_history)
-    history_events: tuple = schema.DEFAULT_HISTORY_EVENTS  # event types entering histories
-    sample_events: tuple = schema.DEFAULT_SAMPLE_EVENTS  # event types producing labelled CTR samples
-    num_negatives: int = 4  # sampled negative (query, item) pairs per pretrain example
-    pretrain_samples_per_user: int = 8  # per user and split, evenly spaced over its history events; 0 = all
-    valid_fraction: float = 0.1  # time split when events carry no split column
-    test_fraction: float = 0.1
-    item_min_count: int = 0
-    query_min_count: int = 1
-    token_min_count: int = 1
-    attribute_min_count: int = 1
-    user_min_count: int = 1
-    num_shards: int = 0  # 0 = the runner decides
-    image_dim: int = 0  # 0 = infer (most common image_embedding length)
-    seed: int = 0
-
-    def __post_init__(self):
-        self.history_events = _event_types(self.history_events)
-        self.sample_events = _event_types(self.sample_events)
-        if not self.history_events:
-            raise ValueError("history_events must name at least one event type")
-        if self.max_history < 1 or self.min_history < 0 or self.min_history > self.max_history:
-            raise ValueError(
-                f"need 0 <= min_history <= max_history >= 1, got {self.min_history} and {self.max_history}"
-            )
-        fractions = (self.valid_fraction, self.test_fraction)
-        if not (min(fractions) >= 0 and sum(fractions) < 1):
-            raise ValueError(f"valid_fraction + test_fraction must be in [0, 1), got {fractions}")
-        for name in (
-            "num_negatives",
-            "pretrain_samples_per_user",
-            "item_min_count",
-            "query_min_count",
-            "token_min_count",
-            "attribute_min_count",
-            "user_min_count",
-            "num_shards",
-            "image_dim",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
-def _event_types(value) -> tuple:
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(dict.fromkeys(v.strip().lower() for v in value if v.strip()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import seminar_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
 import tensorflow as tf
 
+from seminar_tf.config import TrainConfig  # noqa: F401  (defined in the leaf config module)
+
 LOG = logging.getLogger("seminar_tf")
 
 CONFIG_FILE = "config.json"
@@ -31,31 +33,6 @@ LAST_WEIGHTS = os.path.join("last", "weights")
 MONITOR_STATE_FILE = "monitor_state.json"  # in backup_dir; see _ResumeMonitorState
 
 MakeDataset = Callable[[str, Optional[tf.distribute.InputContext]], tf.data.Dataset]
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Keras ``fit`` settings shared by every model."""
-
-    epochs: int = dataclasses.field(default=3, metadata={"help": "maximum number of epochs"})
-    steps_per_epoch: Optional[int] = dataclasses.field(
-        default=None, metadata={"help": "batches per epoch; None = one pass over the training data"})
-    validation_steps: Optional[int] = dataclasses.field(
-        default=None, metadata={"help": "validation batches per epoch; None = the whole validation split"})
-    batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size (all replicas)"})
-    learning_rate: float = 1e-3
-    optimizer: str = dataclasses.field(default="adam", metadata={"help": "Keras optimizer name"})
-    weight_decay: float = dataclasses.field(
-        default=0.0, metadata={"help": "decoupled weight decay of the optimizer (AdamW style); 0 = off"})
-    learning_rate_decay: float = dataclasses.field(
-        default=1.0, metadata={"help": "the learning rate is multiplied by this after every epoch; 1 = constant"})
-    early_stopping_patience: int = dataclasses.field(
-        default=2, metadata={"help": "epochs without improvement of --monitor before stopping"})
-    monitor: str = dataclasses.field(
-        default="val_auc", metadata={"help": "metric as Keras logs it; names containing 'loss' are minimised"})
-    seed: int = 0
-    verbose: int = dataclasses.field(
-        default=1, metadata={"help": "Keras fit verbosity: 1 progress bar, 2 one line per epoch"})
 
 
 def keras_verbosity(verbose: int, stream=None) -> int:

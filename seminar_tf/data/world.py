@@ -68,6 +68,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from seminar_tf import schema
+from seminar_tf.config import WorldConfig  # noqa: F401  (defined in the leaf config module)
 
 # Attribute columns of the synthetic world (the pipeline treats every non-content items column as an attribute
 # and every users column but user_id as a profile attribute, so these names are the world's own choice).
@@ -99,123 +100,6 @@ _COMMON_WORDS = (
 )
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
-
-
-def _field(default, help_text: str):
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
-@dataclasses.dataclass
-class WorldConfig:
-    """Sizes and planted-structure knobs of the synthetic world. Defaults generate in a few seconds."""
-
-    num_users: int = _field(1000, "number of users")
-    num_items: int = _field(5000, "number of items")
-    num_topics: int = _field(16, "number of latent topics")
-    seed: int = _field(0, "random seed; the same seed writes the same bytes")
-    mean_history: int = _field(300, "mean click-history length per user (lognormal before clipping)")
-    max_history_events: int = _field(2000, "longest click history")
-    min_history_events: int = _field(20, "shortest click history")
-    history_length_sigma: float = _field(1.0, "lognormal sigma of history lengths (heavy tail)")
-    impressions_per_user: int = _field(20, "labelled impressions per user")
-    search_fraction: float = _field(0.4, "share of history sessions and of impressions that carry a query")
-    # text
-    words_per_topic: int = _field(40, "pseudo-words in each topic's vocabulary")
-    num_common_words: int = _field(30, "filler words shared by all topics")
-    title_min_words: int = _field(4, "shortest title, in words")
-    title_max_words: int = _field(10, "longest title, in words (repeated words are dropped)")
-    title_topic_word_prob: float = _field(0.6, "probability that a title word is a topic word, not filler")
-    queries_per_topic: int = _field(24, "distinct queries of each topic (queries repeat)")
-    query_max_words: int = _field(3, "longest query, in words")
-    query_match_prob: float = _field(0.7, "search clicks: probability of an item whose title has a query word")
-    # image
-    image_dim: int = _field(32, "image embedding size")
-    image_scale: float = _field(7.0, "norm scale of image embeddings relative to the text frame")
-    image_offset_norm: float = _field(3.0, "norm of the constant offset added to image embeddings")
-    image_noise: float = _field(0.3, "per-dimension std of image embedding noise")
-    # items and attributes
-    dominant_topic_weight: float = _field(0.8, "mean weight of an item's dominant topic")
-    history_only_item_fraction: float = _field(0.1, "share of items never shown as impression targets")
-    num_authors: int = _field(400, "number of authors (author a belongs to topic a % num_topics)")
-    num_categories: int = _field(48, "number of categories (category c belongs to topic c % num_topics)")
-    attribute_topic_prob: float = _field(0.85, "probability that author/category follow the dominant topic")
-    history_popularity: float = _field(1.0, "history clicks favour items by exp(this * popularity)")
-    impression_popularity: float = _field(0.5, "impressions favour items by exp(this * popularity)")
-    # users
-    long_term_window: float = _field(0.2, "long-term topics appear only in this oldest share of a history")
-    long_term_share: float = _field(0.5, "share of the oldest part's sessions on long-term topics")
-    short_term_phase_events: int = _field(60, "mean events per short-term interest phase (drift)")
-    casual_topics: int = _field(3, "background topics per user (never long-term ones)")
-    casual_share: float = _field(0.1, "share of sessions on casual topics")
-    session_mean_events: float = _field(2.0, "mean clicks per session")
-    profile_correlation: float = _field(0.35, "probability that age/gender follow the first long-term topic")
-    # impressions and the click model
-    impression_window: float = _field(0.1, "impressions interleave with this newest share of the clicks")
-    impression_long_term_share: float = _field(0.25, "share of impression targets from long-term topics")
-    impression_short_term_share: float = _field(0.35, "share of impression targets from short-term topics")
-    search_relevance: float = _field(0.8, "search impressions: probability that the item is on the query topic")
-    click_bias: float = _field(-3.1, "click model: bias of the logit")
-    click_long_term_weight: float = _field(3.0, "click model: weight of the long-term topic match")
-    click_short_term_weight: float = _field(2.5, "click model: weight of the short-term topic match")
-    click_query_weight: float = _field(1.0, "click model: weight of the query-topic match (search)")
-    click_popularity_weight: float = _field(0.4, "click model: weight of item popularity")
-    # time
-    start_timestamp: int = _field(1_700_000_000, "earliest user start, seconds since the epoch")
-    start_spread_s: int = _field(30 * 86400, "user start times spread over this many seconds")
-    mean_session_gap_s: float = _field(4 * 3600.0, "mean seconds between sessions")
-    mean_click_gap_s: float = _field(40.0, "mean seconds between clicks of a session")
-    mean_impression_gap_s: float = _field(90.0, "mean seconds before an impression")
-    # output
-    format: str = _field("jsonl", "raw file format: jsonl | csv | parquet")
-    with_split: bool = _field(False, "write a split column (train/valid/test by each user's timeline)")
-    valid_fraction: float = _field(0.1, "with_split: share of each user's impressions in valid")
-    test_fraction: float = _field(0.1, "with_split: share of each user's impressions in test")
-
-    def validate(self) -> None:
-        """Raises ValueError naming the first inconsistent setting."""
-        problems = []
-        if self.format not in schema.RAW_FORMATS:
-            problems.append(f"format must be one of {schema.RAW_FORMATS}, got {self.format!r}")
-        if self.num_topics < 4:
-            problems.append("num_topics must be >= 4 (1-2 long-term topics plus short-term ones)")
-        if self.num_items < self.num_topics:
-            problems.append("num_items must be >= num_topics (every topic has an item)")
-        if self.num_users < 1:
-            problems.append("num_users must be >= 1")
-        if not 1 <= self.min_history_events <= self.max_history_events:
-            problems.append("need 1 <= min_history_events <= max_history_events")
-        if self.mean_history < 1:
-            problems.append("mean_history must be >= 1")
-        if self.impressions_per_user < 0:
-            problems.append("impressions_per_user must be >= 0")
-        if self.casual_topics < 1 or self.casual_topics > self.num_topics - 2:
-            problems.append("casual_topics must be in [1, num_topics - 2]")
-        if self.title_min_words < 1 or self.title_max_words < self.title_min_words:
-            problems.append("need 1 <= title_min_words <= title_max_words")
-        if self.words_per_topic < 2 or self.query_max_words < 1:
-            problems.append("words_per_topic must be >= 2 and query_max_words >= 1")
-        if self.queries_per_topic < 1 or self.image_dim < 1 or self.num_authors < 1 or self.num_categories < 1:
-            problems.append("queries_per_topic, image_dim, num_authors and num_categories must be >= 1")
-        if self.session_mean_events < 1 or self.short_term_phase_events < 1:
-            problems.append("session_mean_events and short_term_phase_events must be >= 1")
-        for name in ("search_fraction", "title_topic_word_prob", "query_match_prob", "history_only_item_fraction",
-                     "attribute_topic_prob", "long_term_share", "casual_share", "profile_correlation",
-                     "impression_long_term_share", "impression_short_term_share", "search_relevance",
-                     "valid_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name} must be in [0, 1]")
-        if not 0.0 < self.long_term_window < 1.0 or not 0.0 < self.impression_window <= 1.0:
-            problems.append("long_term_window must be in (0, 1) and impression_window in (0, 1]")
-        if not 0.6 <= self.dominant_topic_weight <= 1.0:
-            problems.append("dominant_topic_weight must be in [0.6, 1] (mostly one dominant topic)")
-        if round(self.history_only_item_fraction * self.num_items) >= self.num_items:
-            problems.append("history_only_item_fraction leaves no item to show in impressions")
-        if self.impression_long_term_share + self.impression_short_term_share > 1.0:
-            problems.append("impression_long_term_share + impression_short_term_share must be <= 1")
-        if self.valid_fraction + self.test_fraction >= 1.0:
-            problems.append("valid_fraction + test_fraction must be < 1")
-        if problems:
-            raise ValueError("invalid WorldConfig: " + "; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
