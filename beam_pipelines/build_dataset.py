@@ -31,6 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from seminar_tf import schema
+from seminar_tf import config as config_lib
 from seminar_tf.config import BuildConfig  # noqa: F401  (defined in the leaf config module)
 
 from beam_pipelines import raw_io
@@ -84,11 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             parser.add_argument(flag, default=",".join(default), help=help_text)
         else:
             parser.add_argument(flag, type=type(default), default=default, help=help_text)
+    config_lib.add_set_argument(parser, "build")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    return BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    """The flags' ``BuildConfig``, then ``--set build.FIELD=VALUE``; ValueError names a bad field or value."""
+    config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    grouped = config_lib.split_overrides(getattr(args, "set", None) or [])
+    if set(grouped) - {"build"}:
+        raise ValueError(f"--set: the Beam job takes only build.FIELD=VALUE, got sections {sorted(grouped)}")
+    return config_lib.override(config, "build", grouped.get("build", []))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -104,7 +111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, pipeline_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("beam_pipelines").setLevel(logging.INFO)  # Beam's import already configured the root
-    stats = build_dataset(args.input, args.output, config_from_args(args), pipeline_args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    stats = build_dataset(args.input, args.output, config, pipeline_args)
     print(json.dumps({k: stats[k] for k in ("rows_read", "rows_ok", "dead_letters", "samples", "channels")}, indent=2))
     return 0
 

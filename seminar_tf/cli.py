@@ -16,6 +16,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import seminar_tf  # noqa: F401  (selects tf-keras before anything imports TensorFlow)
+from seminar_tf import config as config_lib  # a leaf: no TensorFlow or Beam
 
 LOG = logging.getLogger("seminar_tf")
 
@@ -78,13 +79,22 @@ def _add_world(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output directory for items/events/users files and world_truth")
     add_dataclass_arguments(p, WorldConfig)
+    config_lib.add_set_argument(p, "world")
     p.set_defaults(handler=_run_world, takes_extra=False)
 
 
 def _run_world(args, extra) -> int:
     from seminar_tf.data.world import WorldConfig, generate_world
 
+
     config = dataclass_from_args(WorldConfig, args)
+    try:
+        grouped = config_lib.split_overrides(args.set)
+        if set(grouped) - {"world"}:
+            raise ValueError(f"--set: `world` takes only world.FIELD=VALUE, got sections {sorted(grouped)}")
+        config = config_lib.override(config, "world", grouped.get("world", []))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     summary = generate_world(config, args.out, progress=_progress)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
@@ -108,7 +118,10 @@ def _add_build(sub) -> None:
 def _run_build(args, extra) -> int:
     from beam_pipelines import build_dataset
 
-    config = build_dataset.config_from_args(args)
+    try:
+        config = build_dataset.config_from_args(args)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     stats = build_dataset.build_dataset(args.input, args.output, config, pipeline_args=extra)
     _print_build_summary(stats)
     return 0
@@ -119,10 +132,20 @@ def _print_build_summary(stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def load_preset(args):
+    """``--config`` with its ``--set`` overrides; a bad override exits naming the field."""
+
+    try:
+        return config_lib.load_config(args.config, getattr(args, "set", ()))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
 def _add_config_flag(p) -> None:
     p.add_argument("--config", default="demo",
-                   help="preset name (test, demo, paper_kuaisar, paper_amazon) or a YAML/JSON file of "
+                   help="preset name (test, demo, paper_kuaisar, paper_amazon, movielens) or a YAML/JSON file of "
                    "overrides {base: PRESET, model: {...}, pretrain: {...}, finetune: {...}} (default: demo)")
+    config_lib.add_set_argument(p)
     p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's global batch size")
     p.add_argument("--steps-per-epoch", type=int, default=None,
@@ -171,10 +194,9 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args, extra) -> int:
-    from seminar_tf import config as config_lib
     from seminar_tf import experiment
 
-    preset = config_lib.load_config(args.config)
+    preset = load_preset(args)
     preset.pretrain = _train_overrides(preset.pretrain, args)
     changes = {}
     if args.no_alignment:
@@ -237,10 +259,9 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args, extra) -> int:
-    from seminar_tf import config as config_lib
     from seminar_tf import experiment
 
-    preset = config_lib.load_config(args.config)
+    preset = load_preset(args)
     preset.finetune = _train_overrides(preset.finetune, args)
     frozen = {f.strip() for f in args.freeze.split(",") if f.strip()}
     unknown = frozen - {"content", "projections"}
@@ -341,15 +362,18 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--work-dir", default="runs/demo", help="directory for every artifact (default: runs/demo)")
     p.add_argument("--preset", default="demo", help="named preset for world and pipeline sizes: demo | test")
+    config_lib.add_set_argument(p)
     p.set_defaults(handler=_run_demo, takes_extra=False)
 
 
 def _run_demo(args, extra) -> int:
     from beam_pipelines.build_dataset import build_dataset
-    from seminar_tf import config as config_lib
     from seminar_tf.data.world import generate_world
 
-    preset = config_lib.get_preset(args.preset)
+    try:
+        preset = config_lib.apply_overrides(config_lib.get_preset(args.preset), args.set)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     raw_dir = os.path.join(args.work_dir, "raw")
     data_dir = os.path.join(args.work_dir, "dataset")
     started = time.time()
@@ -409,6 +433,7 @@ def _add_bench(sub) -> None:
                     help="where the RecBole wheel and the extracted ml-100k files go (default: %(default)s)")
     ml.add_argument("--config", default="movielens",
                     help="preset or YAML/JSON config of the build section and the rows (default: movielens)")
+    config_lib.add_set_argument(ml)
     ml.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
     ml.add_argument("--models", default="seminar,din,sim_hard,sim_soft,eta,twin,no_history",
                     help="comma-separated rows of seminar_tf.report.ROWS (default: %(default)s); the popularity "
@@ -435,7 +460,7 @@ def _run_bench(args, extra) -> int:
 
             config = movielens_bench.MovieLensBenchConfig(
                 input_dir=args.input, out_dir=args.out, work_dir=args.work_dir or "runs/bench/movielens",
-                cache_dir=args.cache_dir, config=args.config, seeds=args.seeds,
+                cache_dir=args.cache_dir, config=args.config, overrides=tuple(args.set), seeds=args.seeds,
                 models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
                 pretrain_epochs=args.pretrain_epochs, num_negatives=args.num_negatives,
                 label_threshold=args.label_threshold, resume=args.resume)

@@ -11,7 +11,7 @@ live here and are re-exported by ``beam_pipelines.build_dataset``, ``seminar_tf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from seminar_tf import schema
 
@@ -400,8 +400,84 @@ PRESETS: Dict[str, Callable[[], Preset]] = {
     "movielens": _movielens}
 
 
-def load_config(name_or_path: str) -> Preset:
-    """A preset name, or a YAML/JSON file ``{base: PRESET, model: {...}, pretrain: {...}, ...}`` of overrides."""
+SECTIONS = ("world", "build", "model", "pretrain", "finetune")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_value(kind: str, raw: str, where: str):
+    """``raw`` (command-line text) as a value of the annotation ``kind``; ValueError names ``where``."""
+    text = raw.strip()
+    try:
+        if kind.startswith("Optional["):
+            return None if text.lower() in ("", "none", "null") else _parse_value(kind[9:-1], text, where)
+        if kind.startswith("Tuple") or kind == "tuple":
+            item = "int" if "int" in kind else "float" if "float" in kind else "str"
+            return tuple(_parse_value(item, part, where) for part in text.split(",") if part.strip())
+        if kind == "bool":
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+        if kind in ("int", "float", "str"):
+            return {"int": int, "float": float, "str": str}[kind](text)
+    except ValueError:
+        raise ValueError(f"{where}: {raw!r} is not a {kind}") from None
+    raise ValueError(f"{where}: fields of type {kind} cannot be set from the command line")
+
+
+def override(config, section: str, assignments: Sequence[str]):
+    """``config`` (one section's dataclass) with ``FIELD=VALUE`` texts applied; the class validates the result."""
+    known = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for text in assignments:
+        name, _, raw = text.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise ValueError(f"--set {section}.{name}: {section} has no field {name!r}; known: {sorted(known)}")
+        changes[name] = _parse_value(str(known[name].type), raw, f"--set {section}.{name}")
+    try:
+        changed = dataclasses.replace(config, **changes)
+        if hasattr(changed, "validate"):
+            changed.validate()
+    except ValueError as error:
+        raise ValueError(f"--set {section}: {error}") from None
+    return changed
+
+
+def split_overrides(assignments: Sequence[str]) -> Dict[str, list]:
+    """``["model.top_k=32", ...]`` -> ``{"model": ["top_k=32"], ...}``; ValueError on a malformed text."""
+    grouped: Dict[str, list] = {}
+    for text in assignments or ():
+        dotted, equals, _ = text.partition("=")
+        section, dot, _ = dotted.partition(".")
+        if not (equals and dot) or section not in SECTIONS:
+            raise ValueError(f"--set {text!r}: write SECTION.FIELD=VALUE with SECTION one of {list(SECTIONS)}, "
+                             "e.g. --set model.top_k=32")
+        grouped.setdefault(section, []).append(text[len(section) + 1:])
+    return grouped
+
+
+def add_set_argument(parser, sections: str = "model, pretrain, finetune, build, world") -> None:
+    """``--set SECTION.FIELD=VALUE`` (repeatable) on an argparse parser: the one override syntax of every command;
+    each value is parsed by its field's type (``apply_overrides``)."""
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="set",
+                        help=f"override one config field (sections: {sections}), e.g. --set model.top_k=32 "
+                             "--set finetune.learning_rate=1e-3 --set model.tower_units=128,64; repeatable; "
+                             "applied after --config")
+
+
+def apply_overrides(preset: Preset, assignments: Sequence[str]) -> Preset:
+    """The preset with dotted ``--set`` overrides applied (``model.top_k=32``, ``finetune.learning_rate=1e-3``,
+    ``model.tower_units=128,64``, ``build.history_events=impression,click``), each parsed by its field's type."""
+    changes = {section: override(getattr(preset, section), section, texts)
+               for section, texts in split_overrides(assignments).items()}
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Preset:
+    """A preset name, or a YAML/JSON file ``{base: PRESET, model: {...}, pretrain: {...}, ...}`` of overrides;
+    then the dotted ``overrides`` (``apply_overrides``)."""
+    if overrides:
+        return apply_overrides(load_config(name_or_path), overrides)
     if name_or_path in PRESETS:
         return get_preset(name_or_path)
     import json

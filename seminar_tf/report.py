@@ -263,6 +263,7 @@ class GridConfig:
     data_dir: str
     out_dir: str
     config: str = "demo"
+    overrides: Tuple[str, ...] = ()  # --set SECTION.FIELD=VALUE texts applied to the config
     seeds: int = 2
     models: Tuple[str, ...] = DEFAULT_ROWS
     epochs: Optional[int] = None
@@ -317,7 +318,7 @@ def _write_json(path, payload):
 def _base_preset(grid: GridConfig):
     from seminar_tf import config as config_lib
 
-    preset = config_lib.load_config(grid.config)
+    preset = config_lib.load_config(grid.config, grid.overrides)
     if grid.epochs is not None:
         preset.finetune = dataclasses.replace(preset.finetune, epochs=grid.epochs)
     if grid.pretrain_epochs is not None:
@@ -1004,12 +1005,15 @@ def add_cli(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse cells whose run finished (OUT/runs/<row>_s<seed>/cell.json) and continue "
                         "unfinished trainings from their last epoch")
+    from seminar_tf import config as config_lib
+
+    config_lib.add_set_argument(p)
     p.set_defaults(handler=_run_report, takes_extra=False)
 
 
 def _run_report(args, extra) -> int:
     grid = GridConfig(
-        data_dir=args.data, out_dir=args.out, config=args.config, seeds=args.seeds,
+        data_dir=args.data, out_dir=args.out, config=args.config, overrides=tuple(args.set), seeds=args.seeds,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs, steps_per_epoch=args.steps_per_epoch,
         num_negatives=args.num_negatives, resume=args.resume, pq_subspaces=args.pq_subspaces,
@@ -1018,6 +1022,7 @@ def _run_report(args, extra) -> int:
         if os.path.basename(sys.argv[0]).startswith("seminar-tf") else "")
     try:
         grid.validate()
+        _base_preset(grid)  # a bad --config or --set fails here, before any training
     except ValueError as error:
         raise SystemExit(str(error)) from None
     if not grid.command:
@@ -1038,6 +1043,8 @@ def _reconstruct_command(args) -> str:
                         ("--pq-centroids", args.pq_centroids)):
         if value is not None:
             parts += [flag, str(value)]
+    for text in args.set:
+        parts += ["--set", text]
     if args.num_negatives != 99:
         parts += ["--num-negatives", str(args.num_negatives)]
     if args.runs_dir:

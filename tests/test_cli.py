@@ -60,15 +60,16 @@ def test_console_script_module_runs_help():
 def test_world_then_build_end_to_end(tmp_path, capsys):
     raw = tmp_path / "raw"
     data = tmp_path / "data"
-    assert cli.main(["world", "--out", str(raw), "--num-users", "12", "--num-items", "80", "--mean-history", "15",
-                     "--max-history-events", "40", "--impressions-per-user", "3", "--seed", "3"]) == 0
+    assert cli.main(["world", "--out", str(raw), "--num-users", "12", "--num-items", "500", "--mean-history", "15",
+                     "--max-history-events", "40", "--impressions-per-user", "3", "--seed", "3",
+                     "--set", "world.num_items=80"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["num_users"] == 12 and summary["num_items"] == 80  # the flags reached the world
+    assert summary["num_users"] == 12 and summary["num_items"] == 80  # the flag and --set (after it) reached it
     with open(raw / "events.jsonl") as f:
         events = [json.loads(line) for line in f]
     assert len(events) == summary["num_events"] and len({e["user_id"] for e in events}) == 12
-    assert cli.main(["build", "--input", str(raw), "--output", str(data), "--max-history", "16",
-                     "--num-shards", "1", "--runner=FnApiRunner"]) == 0
+    assert cli.main(["build", "--input", str(raw), "--output", str(data), "--max-history", "32",
+                     "--num-shards", "1", "--runner=FnApiRunner", "--set", "build.max_history=16"]) == 0
     stats = json.loads((data / schema.STATS_FILE).read_text())
     assert stats["rows_read"]["events"] > 0
     for table, read in stats["rows_read"].items():

@@ -51,6 +51,7 @@ class MovieLensBenchConfig:
     work_dir: str = "runs/bench/movielens"
     cache_dir: str = "~/.cache/seminar-tf/recbole"
     config: str = "movielens"
+    overrides: Tuple[str, ...] = ()  # --set SECTION.FIELD=VALUE texts applied to the config
     seeds: int = 3
     models: Tuple[str, ...] = DEFAULT_MODELS
     epochs: Optional[int] = None  # fine-tuning epochs (default: the config's)
@@ -67,6 +68,10 @@ class MovieLensBenchConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name in ("command", "resume") or value == getattr(default, field.name):
+                continue
+            if field.name == "overrides":
+                for text in value:
+                    parts += ["--set", text]
                 continue
             flag = "--" + {"input_dir": "input", "out_dir": "out"}.get(field.name, field.name).replace("_", "-")
             parts += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
@@ -277,11 +282,11 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
     if not config.resume and os.path.isdir(runs_dir) and any(os.scandir(runs_dir)):
         raise ValueError(f"{runs_dir!r} already holds runs; pass --resume to reuse them or choose another "
                          "--work-dir")
-    preset = config_lib.load_config(config.config)
+    preset = config_lib.load_config(config.config, config.overrides)
     data_dir, adapter_stats = prepare_dataset(config, preset, progress)
     grid = report_lib.GridConfig(
         data_dir=data_dir, out_dir=os.path.join(config.work_dir, "grid"), runs_dir=runs_dir, config=config.config,
-        seeds=config.seeds, models=tuple(config.models), epochs=config.epochs,
+        overrides=tuple(config.overrides), seeds=config.seeds, models=tuple(config.models), epochs=config.epochs,
         pretrain_epochs=config.pretrain_epochs, num_negatives=config.num_negatives, resume=config.resume,
         pq_recall=False, command=config.command or config.cli())
     grid_report = report_lib.run(grid, progress=progress)

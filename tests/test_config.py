@@ -1,0 +1,77 @@
+"""Configs: dotted ``--set SECTION.FIELD=VALUE`` overrides, parsed by each field's type, on every command."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+from beam_pipelines import build_dataset
+from seminar_tf import cli, config as config_lib, report
+
+
+def test_overrides_are_parsed_by_the_fields_type():
+    preset = config_lib.load_config("demo", [
+        "model.top_k=32", "finetune.learning_rate=1e-3", "model.tower_units=128,64", "model.freeze_content=true",
+        "model.gsu_category_prior=off", "model.lora_targets=text_encoder,image_encoder/mlp_output",
+        "build.history_events=impression,click", "finetune.steps_per_epoch=none", "pretrain.steps_per_epoch=7",
+        "world.num_users=50"])
+    assert preset.model.top_k == 32 and preset.finetune.learning_rate == 1e-3
+    assert preset.model.tower_units == (128, 64) and preset.model.freeze_content is True
+    assert preset.model.gsu_category_prior is False
+    assert preset.model.lora_targets == ("text_encoder", "image_encoder/mlp_output")
+    assert preset.build.history_events == ("impression", "click")
+    assert preset.finetune.steps_per_epoch is None and preset.pretrain.steps_per_epoch == 7
+    assert preset.world.num_users == 50
+    untouched = config_lib.get_preset("demo")
+    assert (preset.model.dim, preset.build.max_history) == (untouched.model.dim, untouched.build.max_history)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model.topk=3", r"model has no field 'topk'.*top_k"),
+    ("model.top_k=many", r"model.top_k: 'many' is not a int"),
+    ("model.freeze_content=maybe", r"model.freeze_content: 'maybe' is not a bool"),
+    ("top_k=3", r"SECTION.FIELD=VALUE"),
+    ("tower.units=3", r"SECTION one of"),
+    ("build.max_history=0", r"--set build: .*max_history"),
+])
+def test_a_bad_override_names_the_field(text, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.load_config("test", [text])
+
+
+def test_training_commands_apply_set_and_record_it(dataset_dir, tmp_path):
+    run = str(tmp_path / "run")
+    assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--epochs", "1",
+                     "--set", "model.top_k=7", "--set", "finetune.steps_per_epoch=2",
+                     "--set", "finetune.validation_steps=1", "--set", "model.tower_units=8"]) == 0
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert saved["model"]["top_k"] == 7 and saved["model"]["tower_units"] == [8]
+    assert saved["finetune"]["steps_per_epoch"] == 2 and saved["finetune"]["epochs"] == 1
+    with pytest.raises(SystemExit, match="model has no field 'topk'"):
+        cli.main(["pretrain", "--data", dataset_dir, "--model-dir", str(tmp_path / "psu"), "--config", "test",
+                  "--set", "model.topk=7"])
+    assert not os.path.exists(tmp_path / "psu")
+
+
+def test_the_beam_job_takes_build_overrides_only():
+    parser = build_dataset.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--input", "a", "--output", "b", "--max-history", "64", "--set", "build.max_history=9"])
+    assert build_dataset.config_from_args(args).max_history == 9
+    args = parser.parse_args(["--input", "a", "--output", "b", "--set", "model.top_k=9"])
+    with pytest.raises(ValueError, match="only build.FIELD=VALUE"):
+        build_dataset.config_from_args(args)
+
+
+def test_report_and_bench_carry_set_into_their_config_and_command(tmp_path):
+    parser = cli.build_parser()
+    args = parser.parse_args(["report", "--data", "d", "--out", "o", "--config", "test", "--set", "model.top_k=5"])
+    grid = report.GridConfig(data_dir="d", out_dir="o", config="test", overrides=tuple(args.set))
+    assert report._base_preset(grid).model.top_k == 5
+    assert "--set model.top_k=5" in report._reconstruct_command(args)
+    from seminar_tf.bench import movielens
+
+    bench = movielens.MovieLensBenchConfig(overrides=("finetune.epochs=2",))
+    assert bench.cli() == "seminar-tf bench movielens --set finetune.epochs=2"
+    with pytest.raises(SystemExit, match="no field"):
+        cli.main(["report", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "model.nope=1"])
