@@ -116,3 +116,17 @@ def test_synthetic_dataset_has_the_reader_structure(dataset_dir):
         for name in real:
             assert real[name].dtype == fake[name].dtype, name
             assert real[name].shape == fake[name].shape, name
+
+
+@pytest.mark.parametrize("kind, split, drop_remainder", [
+    (schema.CTR_DIR, "train", False), (schema.CTR_DIR, "valid", True), (schema.PRETRAIN_DIR, "train", False)])
+def test_the_dataset_knows_its_batch_count(dataset_dir, kind, split, drop_remainder):
+    """Keras shows "N/N" steps from the first epoch: the cardinality is the split's batch count, and it is right."""
+    examples = reader.split_size(dataset_dir, kind, split)
+    assert examples and examples > 7
+    ds = reader.make_dataset(dataset_dir, kind, split, 7, drop_remainder=drop_remainder, shuffle=True, seed=1)
+    expected = examples // 7 if drop_remainder else -(-examples // 7)
+    assert int(ds.cardinality()) == expected
+    assert sum(1 for _ in ds) == expected  # the stats are the records written (assert_cardinality would raise)
+    repeated = reader.make_dataset(dataset_dir, kind, split, 7, repeat=True)
+    assert int(repeated.cardinality()) == int(tf.data.INFINITE_CARDINALITY)

@@ -47,6 +47,15 @@ def load_stats(dataset_dir: str) -> dict:
         return json.load(f)
 
 
+def split_size(dataset_dir: str, kind: str, split: str) -> Optional[int]:
+    """Examples the Beam job wrote to ``kind/split`` (its stats.json ``samples``); None without that record."""
+    path = f"{dataset_dir.rstrip('/')}/{schema.STATS_FILE}"
+    if not _gfile().exists(path):
+        return None
+    count = load_stats(dataset_dir).get("samples", {}).get(kind, {}).get(split)
+    return None if count is None else int(count)
+
+
 def load_vocabulary(dataset_dir: str, filename: str) -> List[str]:
     """Entries of ``vocab/<filename>`` in index order (line number = index)."""
     with _gfile().GFile(f"{dataset_dir.rstrip('/')}/{schema.VOCAB_DIR}/{filename}") as f:
@@ -192,7 +201,8 @@ def make_dataset(
 
     ``input_context`` (a ``tf.distribute.InputContext``) shards the files across input pipelines and
     turns ``batch_size`` (global) into the per-replica batch size. ``max_history`` below the dataset's keeps
-    the newest steps; above it only pads.
+    the newest steps; above it only pads. Unsharded and not repeated, the dataset carries its batch count
+    (from stats.json; ``split_size``) as its cardinality, so Keras shows known step counts from the first epoch.
     """
     import tensorflow as tf
 
@@ -239,6 +249,11 @@ def make_dataset(
         padded_shapes=padded_shapes(metadata, kind, max_history),
         drop_remainder=drop_remainder,
     )
+    sharded = input_context is not None and input_context.num_input_pipelines > 1
+    examples = None if repeat or sharded else split_size(dataset_dir, kind, split)
+    if examples is not None:
+        batches = examples // batch_size if drop_remainder else -(-examples // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
