@@ -44,10 +44,35 @@ def _dataset_fn(data_dir, kind, metadata, train_config: train.TrainConfig, max_h
     return make
 
 
-def _resolved(preset: config_lib.Preset, **extra) -> dict:
+def _resolved(preset: config_lib.Preset, data: Optional[str] = None, **extra) -> dict:
+    """What a run's config.json records: the preset as trained, with ``build`` = the dataset's own build settings
+    (its stats.json) except ``max_history``, which stays the history length the model read; ``dataset`` = the
+    dataset directory, its build settings verbatim and its metadata's shape facts."""
     out = preset.to_dict()
+    if data is not None:
+        out["data"] = data
+        dataset = dataset_facts(data)
+        if dataset.get("build"):
+            fields = {f.name for f in dataclasses.fields(config_lib.BuildConfig)}
+            out["build"] = {**{k: v for k, v in dataset["build"].items() if k in fields},
+                            "max_history": preset.build.max_history}
+        out["dataset"] = dataset
     out.update(extra)
     return out
+
+
+def dataset_facts(data_dir: str) -> dict:
+    """The dataset's build settings (stats.json ``config``, absent from datasets of older builds) and shape."""
+    metadata = reader.load_metadata(data_dir)
+    facts = {"dir": data_dir, "max_history": metadata.max_history, "channels": list(metadata.channels),
+             "num_items": metadata.num_items, "num_queries": metadata.num_queries}
+    try:
+        stats = reader.load_stats(data_dir)
+    except (OSError, ValueError, tf.errors.NotFoundError):
+        return facts
+    facts["build"] = stats.get("config")
+    facts["samples"] = stats.get("samples")
+    return facts
 
 
 def read_run_config(model_dir: str) -> dict:

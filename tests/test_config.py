@@ -7,7 +7,7 @@ import os
 import pytest
 
 from beam_pipelines import build_dataset
-from seminar_tf import cli, config as config_lib, report
+from seminar_tf import cli, config as config_lib, experiment, report
 
 
 def test_overrides_are_parsed_by_the_fields_type():
@@ -44,10 +44,16 @@ def test_training_commands_apply_set_and_record_it(dataset_dir, tmp_path):
     run = str(tmp_path / "run")
     assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--epochs", "1",
                      "--set", "model.top_k=7", "--set", "finetune.steps_per_epoch=2",
-                     "--set", "finetune.validation_steps=1", "--set", "model.tower_units=8"]) == 0
+                     "--set", "finetune.validation_steps=1", "--set", "model.tower_units=8",
+                     "--set", "build.num_negatives=9", "--set", "build.max_history=32"]) == 0
     saved = json.load(open(os.path.join(run, "config.json")))
     assert saved["model"]["top_k"] == 7 and saved["model"]["tower_units"] == [8]
     assert saved["finetune"]["steps_per_epoch"] == 2 and saved["finetune"]["epochs"] == 1
+    # The build section is the dataset's own (stats.json), except the history length the model read.
+    built = json.load(open(os.path.join(dataset_dir, "stats.json")))["config"]
+    assert saved["dataset"]["build"] == built and saved["dataset"]["dir"] == dataset_dir
+    assert saved["build"] == {**built, "max_history": 32} and built["num_negatives"] != 9
+    assert experiment.preset_of_run(run).build.max_history == 32
     with pytest.raises(SystemExit, match="model has no field 'topk'"):
         cli.main(["pretrain", "--data", dataset_dir, "--model-dir", str(tmp_path / "psu"), "--config", "test",
                   "--set", "model.topk=7"])
