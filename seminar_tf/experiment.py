@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Callable, Dict, Optional
 
@@ -24,6 +25,8 @@ from seminar_tf.models.seminar import PQ_MODES
 
 CONTENT_CHECKPOINT = "content/ckpt"  # PSU content weights, restored by finetune --init-from
 EVAL_DIR = "eval"
+
+LOG = logging.getLogger("seminar_tf.experiment")
 
 
 # Report titles of ``evaluate`` by ``model.architecture``.
@@ -87,7 +90,30 @@ def preset_of_run(model_dir: str) -> config_lib.Preset:
     """The resolved preset a run was trained with (from its config.json)."""
     raw = read_run_config(model_dir)
     known = {f.name for f in dataclasses.fields(config_lib.Preset)}
-    return config_lib.Preset.from_dict({k: v for k, v in raw.items() if k in known})
+    return config_lib.Preset.from_dict(_without_retired_fields({k: v for k, v in raw.items() if k in known},
+                                                               model_dir))
+
+
+def _without_retired_fields(raw: dict, model_dir: str) -> dict:
+    """A run written by an older version may record a field the code has since removed: one that was off (False,
+    0, empty) changed nothing and is dropped with a log line; one that was on is an error naming it, since this
+    code cannot rebuild that model."""
+    sections = {"world": config_lib.WorldConfig, "build": config_lib.BuildConfig, "model": config_lib.ModelConfig,
+                "pretrain": config_lib.TrainConfig, "finetune": config_lib.TrainConfig}
+    out = dict(raw)
+    for name, kind in sections.items():
+        if not isinstance(raw.get(name), dict):
+            continue
+        fields = {f.name for f in dataclasses.fields(kind)}
+        retired = {k: v for k, v in raw[name].items() if k not in fields}
+        active = {k: v for k, v in retired.items() if v not in (None, False, 0, 0.0, "", [], ())}
+        if active:
+            raise ValueError(f"{model_dir}: config.json sets {name} fields this version no longer has: {active}; "
+                             "rebuild the run with the version that wrote it")
+        if retired:
+            LOG.info("%s: ignoring retired %s fields that were off: %s", model_dir, name, sorted(retired))
+            out[name] = {k: v for k, v in raw[name].items() if k in fields}
+    return out
 
 
 def run_model_dir(model_dir: str) -> str:

@@ -134,3 +134,17 @@ def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_pa
     metadata = experiment.reader.load_metadata(dataset_dir)
     np.testing.assert_allclose(model.item_statistics.numpy(), experiment.item_statistics_table(dataset_dir, metadata, 3),
                                rtol=1e-6)
+
+
+def test_a_run_of_an_older_version_reads_back_unless_it_used_a_retired_field(runs, tmp_path):
+    _, ctr = runs
+    raw = json.load(open(os.path.join(ctr, "config.json")))
+    old = tmp_path / "old"
+    old.mkdir()
+    raw["model"]["item_statistics_wide"] = False  # a field an earlier version had, off
+    (old / "config.json").write_text(json.dumps(raw))
+    assert experiment.preset_of_run(str(old)).model == experiment.preset_of_run(ctr).model
+    raw["model"]["item_statistics_wide"] = True  # on: this version cannot rebuild that model
+    (old / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="no longer has.*item_statistics_wide"):
+        experiment.preset_of_run(str(old))
