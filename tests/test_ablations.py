@@ -68,6 +68,7 @@ def _assert_reloads(model, run, dataset_dir, preset):
 
 # ---------------------------------------------------------------------------------------------------------
 # Ablations through the CLI
+@pytest.mark.slow
 def test_pretrain_ablation_flags_set_the_config_and_drop_those_losses(psu_ablated):
     psu_ablated, metrics = psu_ablated
     config = experiment.read_run_config(psu_ablated)["model"]
@@ -82,6 +83,7 @@ def test_pretrain_ablation_flags_set_the_config_and_drop_those_losses(psu_ablate
     assert metrics["alignment_loss"] == 0 and metrics["query_item_loss"] == 0
 
 
+@pytest.mark.slow
 def test_finetune_without_query_channel_restores_the_ablated_psu_with_em3_flags(
         psu_ablated, dataset_dir, fast_config, tmp_path, capsys):
     psu_ablated, _ = psu_ablated
@@ -132,6 +134,7 @@ def test_lora_with_a_frozen_content_is_an_error_in_experiment_too(dataset_dir, t
 
 # ---------------------------------------------------------------------------------------------------------
 # EM3 options through experiment.finetune
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(fusion_queries=2, fusion_layers=1), dict(content_id_weight=0.5)],
                          ids=["fusion", "content_id"])
 def test_em3_option_trains_and_load_model_reproduces_it(options, dataset_dir, test_preset, tmp_path):
@@ -150,6 +153,7 @@ def test_em3_option_trains_and_load_model_reproduces_it(options, dataset_dir, te
     _assert_reloads(model, run, dataset_dir, preset)
 
 
+@pytest.mark.slow
 def test_lora_finetune_from_the_ablated_psu_trains_only_adapters_and_reloads(
         psu_ablated, dataset_dir, test_preset, tmp_path):
     psu_ablated, _ = psu_ablated
@@ -181,6 +185,7 @@ def test_lora_finetune_from_the_ablated_psu_trains_only_adapters_and_reloads(
     assert sum(isinstance(m, LoRADense) for m in loaded.content.submodules) == 4
 
 
+@pytest.mark.slow
 def test_freeze_pretrained_content_freezes_only_a_psu_initialised_run(
         psu_ablated, dataset_dir, test_preset, tmp_path):
     psu_ablated, _ = psu_ablated

@@ -48,6 +48,7 @@ def _np_top_k(scores, mask, k):
 
 
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", baselines.BASELINES)
 def test_baseline_trains_scores_candidates_and_round_trips_a_checkpoint(name, tmp_path):
     model = _build(name)

@@ -42,6 +42,7 @@ def _mean(rows, row, metric):
     return rows[row]["metrics"][metric]["mean"]
 
 
+@pytest.mark.slow
 def test_bench_movielens_end_to_end(tmp_path):
     from seminar_tf import cli
 

@@ -28,6 +28,7 @@ def test_every_subcommand_has_help_for_every_flag(capsys):
                 assert action.help and len(action.help) > 8, (name, action.option_strings)
 
 
+@pytest.mark.slow
 def test_cli_hides_tensorflow_load_logs_and_beams_apitools_warning_unless_verbose():
     """The help of a command whose defaults import Beam and TensorFlow: no C++ INFO/WARNING lines (oneDNN, CPU
     features, CUDA stub) and no apitools warning on stderr; ``--verbose`` leaves TensorFlow's logging alone."""
@@ -51,12 +52,14 @@ def test_unknown_flag_is_rejected_outside_build():
         cli.main(["world", "--out", "x", "--no-such-flag", "1"])
 
 
+@pytest.mark.slow
 def test_console_script_module_runs_help():
     out = subprocess.run([sys.executable, "-m", "seminar_tf.cli", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0 and "pretrain" in out.stdout
 
 
+@pytest.mark.slow
 def test_world_then_build_end_to_end(tmp_path, capsys):
     raw = tmp_path / "raw"
     data = tmp_path / "data"

@@ -40,6 +40,7 @@ def test_a_bad_override_names_the_field(text, message):
         config_lib.load_config("test", [text])
 
 
+@pytest.mark.slow
 def test_training_commands_apply_set_and_record_it(dataset_dir, tmp_path):
     run = str(tmp_path / "run")
     assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--epochs", "1",

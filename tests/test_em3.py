@@ -71,6 +71,7 @@ def test_fusion_qformer_shapes_mask_and_gradients_to_the_query_tokens():
     assert not np.allclose(fusion(modalities)[0], fusion(noisy)[0])
 
 
+@pytest.mark.slow
 def test_fusion_qformer_and_lora_config_round_trip_and_savedmodel_reload(tmp_path):
     fusion = FusionQFormer(num_queries=2, num_layers=1, num_heads=2, dim=16, mlp_dim=24, dropout=0.1, name="fusion")
     clone = FusionQFormer.from_config(fusion.get_config())
@@ -206,6 +207,7 @@ def test_content_id_loss_in_the_model_matches_numpy(fusion_queries):
         np.testing.assert_allclose(content, pooled, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_em3_fusion_model_trains_and_round_trips_a_checkpoint(tmp_path):
     config = dataclasses.replace(CONFIG, seed=5)
     tf.keras.utils.set_random_seed(5)

@@ -20,6 +20,7 @@ def runs(tmp_path_factory, dataset_dir):
     return psu, ctr
 
 
+@pytest.mark.slow
 def test_pretrain_writes_config_checkpoints_and_the_content_checkpoint(runs):
     psu, _ = runs
     config = json.load(open(os.path.join(psu, "config.json")))
@@ -29,6 +30,7 @@ def test_pretrain_writes_config_checkpoints_and_the_content_checkpoint(runs):
     assert tf.io.gfile.glob(os.path.join(psu, "tensorboard", "train", "events.*"))
 
 
+@pytest.mark.slow
 def test_finetune_records_its_init_and_evaluate_writes_the_report(runs, dataset_dir, capsys):
     psu, ctr = runs
     config = json.load(open(os.path.join(ctr, "config.json")))
@@ -66,6 +68,7 @@ def _rank_auc(labels, scores):
     return greater / (len(positive) * len(negative))
 
 
+@pytest.mark.slow
 def test_reloaded_model_scores_like_the_trained_one(runs, dataset_dir):
     _, ctr = runs
     model, preset, data = experiment.load_model(ctr)
@@ -82,6 +85,7 @@ def test_finetune_refuses_an_init_from_without_a_psu_checkpoint(tmp_path, datase
                   str(tmp_path / "nothing"), "--config", "test", "--epochs", "1"])
 
 
+@pytest.mark.slow
 def test_finetune_a_baseline_by_name_and_reload_it(tmp_path, dataset_dir):
     from seminar_tf.models.baselines import DIN
 
@@ -123,6 +127,7 @@ def test_item_statistics_table_leaves_each_users_fold_out(dataset_dir):
         np.testing.assert_allclose(table[fold, only_here, 0], np.log(prior / (1 - prior)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_path, dataset_dir):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"base": "test", "model": {"item_statistics_folds": 3, "category_affinity": True}}))
@@ -136,6 +141,7 @@ def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_pa
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_of_an_older_version_reads_back_unless_it_used_a_retired_field(runs, tmp_path):
     _, ctr = runs
     raw = json.load(open(os.path.join(ctr, "config.json")))

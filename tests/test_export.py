@@ -15,6 +15,8 @@ from seminar_tf import config, experiment, export, schema
 from seminar_tf.data import reader
 from serving import server
 
+pytestmark = pytest.mark.slow  # end to end: trains and exports (make test-quick skips it)
+
 MAX_CANDIDATES = 12
 _DATA = []  # the module's dataset directory, for helpers that need its metadata
 SIGNATURES = ("serving_default", "ctr", "rank", "ctr_examples", "ctr_classify", "pretrain", "encode_items")

@@ -17,6 +17,7 @@ from model_fixtures import batch as _batch
 from model_fixtures import tables as _tables
 
 
+@pytest.mark.slow
 def test_psu_trains_and_every_loss_decreases():
     tf.keras.utils.set_random_seed(0)
     psu = builders.build_psu(CONFIG, METADATA, *_tables())
@@ -105,6 +106,7 @@ def test_empty_and_all_padding_histories_give_finite_outputs_and_gradients():
                for g in grads if g is not None)
 
 
+@pytest.mark.slow
 def test_psu_weights_restore_into_the_ctr_model(tmp_path):
     psu = builders.build_psu(CONFIG, METADATA, *_tables())
     psu.compile(tf.keras.optimizers.Adam(1e-2))

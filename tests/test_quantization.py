@@ -175,6 +175,7 @@ def pq_trained():
     return model, config, before, history
 
 
+@pytest.mark.slow
 def test_pq_model_trains_codes_stay_fixed_and_survive_save_load(tmp_path, pq_trained):
     model, config, before, history = pq_trained
     assert np.isfinite(history["loss"]).all()
@@ -192,6 +193,7 @@ def test_pq_model_trains_codes_stay_fixed_and_survive_save_load(tmp_path, pq_tra
     np.testing.assert_allclose(restored(_batch())["logit"], model(_batch())["logit"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_top_k_recall_on_trained_embeddings_trained_beats_random_codebooks(pq_trained):
     model = pq_trained[0]
     batch = _batch(batch_size=8, max_history=300, seed=4)
@@ -246,6 +248,7 @@ def test_add_cli_registers_fit_codebooks_with_help_for_every_flag():
             assert action.help and len(action.help) > 8, action.option_strings
 
 
+@pytest.mark.slow
 def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_dir, test_preset, capsys):
     from seminar_tf import experiment
 

@@ -118,6 +118,7 @@ def grid(dataset_dir, tmp_path_factory):
     return out, argv
 
 
+@pytest.mark.slow
 def test_report_table_matches_report_json(grid):
     out, _ = grid
     payload, markdown = _written(out)
@@ -147,6 +148,7 @@ def test_report_table_matches_report_json(grid):
                 "num_samples"] == evaluated["num_samples"]
 
 
+@pytest.mark.slow
 def test_cold_table_and_checks_are_computed_from_the_cells(grid):
     out, _ = grid
     payload, markdown = _written(out)
@@ -169,6 +171,7 @@ def test_cold_table_and_checks_are_computed_from_the_cells(grid):
     assert payload["checks"][1]["status"] == "not evaluated"  # no seminar_no_pretrain row in this grid
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(grid):
     out, _ = grid
     from matplotlib import image
@@ -182,6 +185,7 @@ def test_plots_are_valid_pngs(grid):
         assert pixels.std() > 0.01, f"{name} is blank"
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch):
     from seminar_tf import cli, experiment
 

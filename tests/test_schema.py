@@ -71,6 +71,7 @@ def _python(code: str, **env):
                           timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+@pytest.mark.slow
 def test_importing_the_package_selects_tf_keras_and_refuses_keras3():
     selected = _python("import seminar_tf, tensorflow as tf; print(tf.keras.__name__)")
     assert selected.returncode == 0, selected.stderr

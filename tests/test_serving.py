@@ -860,6 +860,7 @@ def test_mutual_tls_for_grpc_rest_and_query(setup, grpc_client, tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------------------------------- versions
+@pytest.mark.slow
 def test_version_swap_under_load(setup, grpc_client, tmp_path):
     """A client hammers Predict while a new version is exported; no request fails and the new one serves."""
     inputs = ctr_inputs(setup)
@@ -1158,6 +1159,7 @@ def test_thread_settings_after_tensorflow_ran_fail_naming_the_flag():
 
 
 # ---------------------------------------------------------------------------------------------------- bench
+@pytest.mark.slow
 def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     from seminar_tf.bench import serving as serving_bench
 

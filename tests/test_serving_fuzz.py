@@ -26,6 +26,8 @@ from serving import MODEL_NAME, client
 from test_serving import MAX_HISTORY, _build_model, _export
 from proto_fixtures import declared
 
+pytestmark = pytest.mark.slow  # end to end: trains and exports (make test-quick skips it)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUESTS = 1200
 THREADS = 2

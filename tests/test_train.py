@@ -333,6 +333,7 @@ def _free_ports(count):
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_two_local_workers(tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     model_dir, out_dir = tmp_path / "run", tmp_path / "out"
