@@ -495,9 +495,9 @@ def _run_bench(args, extra) -> int:
 
 # ---------------------------------------------------------------------------------------------- main
 def _add_fit_codebooks(sub) -> None:
-    from seminar_tf import quantization
+    from seminar_tf import pq_runs
 
-    quantization.add_cli(sub)
+    pq_runs.add_cli(sub)
 
 
 def _add_export(sub) -> None:

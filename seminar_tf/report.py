@@ -362,7 +362,7 @@ def _evaluate_run(grid, run_dir, cell_dir, seen, progress, gsu=None, codebooks=N
 
 def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progress) -> dict:
     """Trains (or reuses) and evaluates one cell; writes and returns its cell.json payload."""
-    from seminar_tf import experiment, quantization
+    from seminar_tf import experiment, pq_runs, quantization
 
     cell_dir = os.path.join(grid.runs(), f"{row.name}_s{seed}")
     started = time.time()
@@ -376,7 +376,7 @@ def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progre
         centroids = grid.pq_centroids or base.model.pq_centroids
         codebooks = os.path.join(cell_dir, quantization.CODEBOOKS_FILE)
         progress(f"report: fit-codebooks on {source} (S={subspaces}, C={centroids})")
-        summary = quantization.fit_run(source, quantization.CodebookConfig(subspaces, centroids, seed=seed),
+        summary = pq_runs.fit_run(source, quantization.CodebookConfig(subspaces, centroids, seed=seed),
                                        out=codebooks)
         extra = {"codebooks": codebooks, "reconstruction_error": summary["reconstruction_error"],
                  "evaluated_run": source}
@@ -933,7 +933,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
             traceback.print_exc()
             recall = {"error": error_summary(error)}
     pq_note = ("`seminar_pq_adc`: the `seminar` run of the same seed evaluated with gsu=pq_adc (experiment.evaluate"
-               " with codebooks fitted by quantization.fit_run on that run, "
+               " with codebooks fitted by pq_runs.fit_run on that run, "
                f"S={grid.pq_subspaces or base.model.pq_subspaces}, C={grid.pq_centroids or base.model.pq_centroids});"
                " not fine-tuned with PQ.")
     dataset = f"{metadata.num_items} item rows, {metadata.num_queries} queries, channels {list(metadata.channels)}"

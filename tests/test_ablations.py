@@ -14,7 +14,7 @@ import yaml
 from seminar_tf import cli, config as config_lib, experiment, schema
 from seminar_tf.data import reader
 from seminar_tf.layers.em3 import LoRADense
-from seminar_tf.models.baselines import EM3SeminarModel
+from seminar_tf.models.em3 import EM3SeminarModel
 from seminar_tf.models.seminar import SeminarModel
 
 NO_QUERY = ("text", "image", "attributes")

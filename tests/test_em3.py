@@ -10,7 +10,9 @@ from seminar_tf import schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data import reader
 from seminar_tf.layers.em3 import FusionQFormer, LoRADense, apply_lora, merge_lora
-from seminar_tf.models import baselines, builders
+from seminar_tf.models import builders
+from seminar_tf.models import em3 as em3_models
+from seminar_tf.models.seminar import SeminarModel
 
 import model_fixtures
 from model_fixtures import BATCH, CONFIG, METADATA, tables
@@ -187,7 +189,7 @@ def test_apply_lora_targets_and_errors():
 @pytest.mark.parametrize("fusion_queries", [0, 2])
 def test_content_id_loss_in_the_model_matches_numpy(fusion_queries):
     tf.keras.utils.set_random_seed(3)
-    model = baselines.build_em3_seminar(CONFIG, METADATA, *TABLES, fusion_queries=fusion_queries,
+    model = em3_models.build_em3_seminar(CONFIG, METADATA, *TABLES, fusion_queries=fusion_queries,
                                         content_id_weight=0.5, content_id_temperature=0.2)
     batch = dict(_batch())
     items = batch[schema.CTX_TARGET_ITEM].numpy()
@@ -211,7 +213,7 @@ def test_content_id_loss_in_the_model_matches_numpy(fusion_queries):
 def test_em3_fusion_model_trains_and_round_trips_a_checkpoint(tmp_path):
     config = dataclasses.replace(CONFIG, seed=5)
     tf.keras.utils.set_random_seed(5)
-    model = baselines.build_em3_seminar(config, METADATA, *TABLES, fusion_queries=3, content_id_weight=0.5)
+    model = em3_models.build_em3_seminar(config, METADATA, *TABLES, fusion_queries=3, content_id_weight=0.5)
     assert model.channels == ["query", "fused_0", "fused_1", "fused_2", "attributes"]
     batch = _batch()
     outputs = model(batch)
@@ -235,32 +237,32 @@ def test_em3_fusion_model_trains_and_round_trips_a_checkpoint(tmp_path):
 
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     tf.keras.utils.set_random_seed(9)
-    rebuilt = baselines.build_em3_seminar(config, METADATA, *TABLES, fusion_queries=3, content_id_weight=0.5)
+    rebuilt = em3_models.build_em3_seminar(config, METADATA, *TABLES, fusion_queries=3, content_id_weight=0.5)
     rebuilt(batch)
     tf.train.Checkpoint(model=rebuilt).read(path).assert_existing_objects_matched()
     np.testing.assert_allclose(rebuilt(batch)["logit"], model(batch)["logit"], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="text or image"):
-        baselines.build_em3_seminar(dataclasses.replace(CONFIG, channels=("query", "attributes")), METADATA,
+        em3_models.build_em3_seminar(dataclasses.replace(CONFIG, channels=("query", "attributes")), METADATA,
                                     fusion_queries=2)
 
 
 def test_build_model_dispatches_the_em3_options_from_the_config():
     plain = builders.build_model(CONFIG, METADATA, *TABLES)
-    assert type(plain) is builders.SeminarModel
+    assert type(plain) is SeminarModel
     fused = builders.build_model(dataclasses.replace(CONFIG, fusion_queries=3, fusion_layers=2), METADATA, *TABLES)
-    assert isinstance(fused, baselines.EM3SeminarModel) and fused.content_id_task is None
+    assert isinstance(fused, em3_models.EM3SeminarModel) and fused.content_id_task is None
     assert (fused.fusion.num_queries, fused.fusion.num_layers, fused.fusion.dim) == (3, 2, CONFIG.dim)
     contrastive = builders.build_model(
         dataclasses.replace(CONFIG, content_id_weight=0.25, content_id_temperature=0.3, gsu="pq_adc", pq_subspaces=4,
                             pq_centroids=16, pq_rerank=2), METADATA, *TABLES)
-    assert isinstance(contrastive, baselines.EM3SeminarModel) and contrastive.fusion is None
+    assert isinstance(contrastive, em3_models.EM3SeminarModel) and contrastive.fusion is None
     assert contrastive.content_id_weight == 0.25 and contrastive.content_id_task.temperature == pytest.approx(0.3)
     # Without fusion the content-ID model keeps SEMINAR's PQ GSU, sized by the config.
     assert contrastive.gsu_mode == "pq_adc" and contrastive.pq_rerank == 2
     assert (contrastive.pq.num_subspaces, contrastive.pq.num_centroids) == (4, 16)
     # LoRA alone is placed by experiment.finetune after the PSU restore: the model is plain SEMINAR.
     lora_only = builders.build_model(dataclasses.replace(CONFIG, lora_rank=2), METADATA, *TABLES)
-    assert type(lora_only) is builders.SeminarModel
+    assert type(lora_only) is SeminarModel
 
 
 @pytest.mark.parametrize("changes, message", [

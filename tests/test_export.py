@@ -380,10 +380,10 @@ def test_export_cli_registers_its_flags():
 def test_pq_adc_export_serves_the_pq_model_and_its_item_codes(run, batch, vocab, tmp_path):
     """export --gsu pq_adc --codebooks: the served ctr equals the in-memory pq_adc model (coarse codes: not the
     exact GSU's numbers), and encode_items returns the codes of its code table."""
-    from seminar_tf import quantization
+    from seminar_tf import pq_runs, quantization
 
     codebooks = str(tmp_path / "codebooks.npz")
-    quantization.fit_run(run["ctr"], quantization.CodebookConfig(num_subspaces=4, num_centroids=16, iterations=5),
+    pq_runs.fit_run(run["ctr"], quantization.CodebookConfig(num_subspaces=4, num_centroids=16, iterations=5),
                          out=codebooks)
     path = export.export_model(run["ctr"], str(tmp_path / "export"), max_candidates=MAX_CANDIDATES, gsu="pq_adc",
                                codebooks=codebooks, pq_rerank=1)

@@ -15,7 +15,7 @@ import pytest
 import seminar_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
 import tensorflow as tf
 
-from seminar_tf import cli, quantization, schema
+from seminar_tf import cli, pq_runs, quantization, schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data import reader
 from seminar_tf.models import builders
@@ -238,10 +238,10 @@ def test_pq_mode_needs_matching_codebooks():
 # ---------------------------------------------------------------------------------------------- CLI + runs
 def test_add_cli_registers_fit_codebooks_with_help_for_every_flag():
     parser = argparse.ArgumentParser(prog="seminar-tf")
-    quantization.add_cli(parser.add_subparsers(dest="command"))
+    pq_runs.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fit-codebooks", "--model-dir", "runs/x", "--subspaces", "4", "--centroids", "16"])
     assert (args.model_dir, args.subspaces, args.centroids, args.random) == ("runs/x", 4, 16, False)
-    assert args.handler is quantization._run_fit_codebooks and args.takes_extra is False
+    assert args.handler is pq_runs._run_fit_codebooks and args.takes_extra is False
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices["fit-codebooks"]._actions:
         if action.option_strings and action.dest != "help":
@@ -258,7 +258,7 @@ def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_
     psu = str(tmp_path / "psu")
     experiment.pretrain(dataset_dir, psu, preset)
     parser = argparse.ArgumentParser(prog="seminar-tf")
-    quantization.add_cli(parser.add_subparsers(dest="command"))
+    pq_runs.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fit-codebooks", "--model-dir", psu, "--subspaces", "4", "--centroids", "16"])
     assert args.handler(args, []) == 0
     assert '"reconstruction_error"' in capsys.readouterr().out

@@ -70,7 +70,7 @@ def _train(config: PQBenchConfig, work_dir: str, progress) -> Dict[str, str]:
 
     from beam_pipelines.build_dataset import build_dataset
     from seminar_tf import config as config_lib
-    from seminar_tf import experiment, quantization, train
+    from seminar_tf import experiment, pq_runs, quantization, train
     from seminar_tf.data.world import generate_world
 
     paths = {name: os.path.join(work_dir, name) for name in ("raw", "dataset", "psu", "ctr", "ctr_pq_adc")}
@@ -99,7 +99,7 @@ def _train(config: PQBenchConfig, work_dir: str, progress) -> Dict[str, str]:
         experiment.finetune(paths["dataset"], paths["ctr"], preset, init_from=paths["psu"])
     if not done(paths["ctr"], quantization.CODEBOOKS_FILE):
         _log(progress, "fit-codebooks on the exact run")
-        quantization.fit_run(paths["ctr"], quantization.CodebookConfig(config.subspaces, config.centroids))
+        pq_runs.fit_run(paths["ctr"], quantization.CodebookConfig(config.subspaces, config.centroids))
     if not done(paths["ctr_pq_adc"], best):
         _log(progress, "CTR fine-tuning, pq_adc GSU (codebooks of the exact run)")
         pq_preset = config_lib.get_preset(config.preset)

@@ -1,127 +1,29 @@
-"""The one place where configs meet layers and models: ModelConfig + dataset metadata → Keras models."""
+"""The one place where configs meet layers and models: ModelConfig + dataset metadata → Keras models.
+
+``build_model`` maps ``ModelConfig.architecture`` to SEMINAR (``seminar_builders``), SEMINAR with the EM3 options
+(``em3``) or a baseline (``baselines``); the parts' builders are re-exported here.
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 from seminar_tf import schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data.reader import ItemTable, QueryTable
-from seminar_tf.layers.em3 import CONTENT_ENCODER_NAMES
-from seminar_tf.models.content import ContentEncoder
-from seminar_tf.models.psu import PSUModel
-from seminar_tf.models.seminar import SeminarModel
-
-
-def resolve_channels(config: ModelConfig, metadata: schema.DatasetMetadata) -> List[str]:
-    """Channels the model uses: the config's (all by default) among those the dataset has."""
-    wanted = list(config.channels) or list(schema.CHANNELS)
-    unknown = [c for c in wanted if c not in schema.CHANNELS]
-    if unknown:
-        raise ValueError(f"model.channels has unknown channels {unknown}; choose from {schema.CHANNELS}")
-    channels = [c for c in schema.CHANNELS if c in wanted and c in metadata.channels]
-    if not channels:
-        raise ValueError(f"none of the channels {wanted} is in the dataset (it has {metadata.channels})")
-    return channels
-
-
-def build_content_encoder(config: ModelConfig, metadata: schema.DatasetMetadata,
-                          item_table: Optional[ItemTable] = None,
-                          query_table: Optional[QueryTable] = None) -> ContentEncoder:
-    attribute_sizes = [metadata.num_items] + [metadata.item_attributes[n] for n in sorted(metadata.item_attributes)]
-    content = ContentEncoder(
-        num_items=metadata.num_items, num_queries=metadata.num_queries, num_tokens=metadata.num_tokens,
-        title_length=metadata.max_title_tokens, query_length=metadata.max_query_tokens,
-        image_dim=metadata.image_dim, attribute_vocab_sizes=attribute_sizes,
-        channels=resolve_channels(config, metadata), dim=config.dim, token_dim=config.token_dim,
-        dropout=config.dropout, name="content")
-    if item_table is not None and query_table is not None:
-        content.set_tables(item_table.title_tokens, item_table.attributes, query_table.tokens,
-                           item_table.image_embedding)
-    return content
-
-
-def build_psu(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
-              query_table: Optional[QueryTable] = None) -> PSUModel:
-    content = build_content_encoder(config, metadata, item_table, query_table)
-    return PSUModel(
-        content, num_heads=config.num_heads, next_pair_temperature=config.next_pair_temperature,
-        align_chunks=config.align_chunks, align_temperature=config.align_temperature,
-        next_pair_weight=config.next_pair_weight, align_weight=config.align_weight,
-        relevance_weight=config.relevance_weight, align_projection=config.align_projection,
-        align_negatives=config.align_negatives, seed=config.seed)
-
-
-def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
-    """The id/feedback constructor arguments of ``SeminarModel`` (and every baseline): user ids only when the
-    dataset has a user vocabulary, feedback only when its history steps carry more than one kind of feedback
-    (a feedback that is always "click" says nothing)."""
-    informative_feedback = metadata.num_feedback > len(schema.RESERVED) + 1
-    return dict(num_users=metadata.num_users if config.use_user_id else 0, user_id_dim=config.user_id_dim,
-                use_item_id=config.use_item_id,
-                num_feedback=metadata.num_feedback if config.use_feedback and informative_feedback else 0,
-                embedding_l2=config.embedding_l2, recent_history=config.recent_history, id_dropout=config.id_dropout,
-                affinity_column=(attribute_column(metadata, config.category_attribute)
-                                 if config.category_affinity or config.gsu_category_prior else 0),
-                category_affinity=config.category_affinity, gsu_category_prior=config.gsu_category_prior,
-                item_statistics_folds=config.item_statistics_folds)
-
-
-def attribute_column(metadata: schema.DatasetMetadata, attribute: str) -> int:
-    """Column of the item attribute ``attribute`` in the item table / ``ContentEncoder.attributes``."""
-    names = sorted(metadata.item_attributes)
-    if attribute not in names:
-        raise ValueError(f"model.category_attribute {attribute!r} is not an item attribute of the dataset; it has "
-                         f"{names} (set model.category_attribute in the --config file)")
-    return 1 + names.index(attribute)  # column 0 is the item id (ItemTable.attributes)
-
-
-def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
-                  query_table: Optional[QueryTable] = None) -> SeminarModel:
-    content = build_content_encoder(config, metadata, item_table, query_table)
-    return SeminarModel(
-        content, num_heads=config.num_heads, top_k=config.top_k, gsu=config.gsu,
-        user_attribute_sizes=dict(metadata.user_attributes), user_embedding_dim=config.user_embedding_dim,
-        tower_units=config.tower_units, aux_weight=config.aux_weight, use_history=config.use_history,
-        freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
-        dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
-        pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, gsu_identity_init=config.gsu_identity_init,
-        **id_arguments(config, metadata))
-
-
-def em3_options(config: ModelConfig) -> List[str]:
-    """The EM3 options a config switches on (``model.<field>`` names), checking their values."""
-    for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"model.{name} must be >= 0 (0 switches it off), got {getattr(config, name)}")
-    if config.fusion_layers < 1:
-        raise ValueError(f"model.fusion_layers must be >= 1, got {config.fusion_layers}")
-    if config.content_id_temperature <= 0:
-        raise ValueError(f"model.content_id_temperature must be > 0, got {config.content_id_temperature}")
-    on = [name for name in ("fusion_queries", "content_id_weight", "lora_rank") if getattr(config, name)]
-    if config.fusion_queries and config.gsu != "exact":
-        raise ValueError(f"model.fusion_queries needs model.gsu 'exact', got {config.gsu!r}: PQ codebooks quantize "
-                         "the content channels, which the Fusion-Q-Former replaces (drop --gsu or the fusion)")
-    if config.lora_targets and not config.lora_rank:
-        raise ValueError(f"model.lora_targets {list(config.lora_targets)} needs model.lora_rank > 0 "
-                         "(--lora-rank R); drop the targets or set a rank")
-    unknown = [t for t in config.lora_targets if t.split("/")[0] not in CONTENT_ENCODER_NAMES]
-    if unknown:
-        raise ValueError(f"model.lora_targets {unknown}: a target is a content encoder {CONTENT_ENCODER_NAMES} "
-                         "or a path below one (e.g. 'image_encoder/mlp_output')")
-    return on
+from seminar_tf.models import baselines, em3
+from seminar_tf.models.seminar_builders import (attribute_column, build_content_encoder, build_psu, build_seminar,
+                                               em3_options, id_arguments, resolve_channels, seminar_arguments)
 
 
 def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
                 query_table: Optional[QueryTable] = None):
     """The fine-tuning model named by ``config.architecture``: SEMINAR or one of the baselines.
 
-    SEMINAR with ``fusion_queries`` > 0 or ``content_id_weight`` > 0 is ``baselines.EM3SeminarModel`` (EM3's
+    SEMINAR with ``fusion_queries`` > 0 or ``content_id_weight`` > 0 is ``em3.EM3SeminarModel`` (EM3's
     Fusion-Q-Former / content-ID loss); LoRA (``lora_rank``) is placed by ``experiment.finetune`` after the PSU
     restore. The EM3 options are SEMINAR's only: a baseline with one of them is an error.
     """
-    from seminar_tf.models import baselines  # baselines import this module
-
     options = em3_options(config)
     if config.architecture != "seminar":
         if options:
@@ -130,5 +32,9 @@ def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_tabl
                 "architecture 'seminar' (drop --model or the EM3 options)")
         return baselines.build_baseline(config.architecture, config, metadata, item_table, query_table)
     if config.fusion_queries or config.content_id_weight:
-        return baselines.build_em3_seminar(config, metadata, item_table, query_table)
+        return em3.build_em3_seminar(config, metadata, item_table, query_table)
     return build_seminar(config, metadata, item_table, query_table)
+
+
+__all__ = ["attribute_column", "build_content_encoder", "build_model", "build_psu", "build_seminar", "em3_options",
+           "id_arguments", "resolve_channels", "seminar_arguments"]
