@@ -292,19 +292,10 @@ def _run_finetune(args, extra) -> int:
     if args.lora_targets is not None:
         changes["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     preset.model = dataclasses.replace(preset.model, **changes)
-    from seminar_tf.models import builders
-
     try:
-        em3 = builders.em3_options(preset.model)
+        preset.model.validate()
     except ValueError as error:
         raise SystemExit(f"finetune: {error}") from None
-    if em3 and preset.model.architecture != "seminar":
-        flags = ", ".join("--" + name.replace("_", "-") for name in em3)
-        raise SystemExit(f"{flags}: EM3 options are for the seminar architecture, not --model "
-                         f"{preset.model.architecture}; drop them or --model")
-    if preset.model.lora_rank and preset.model.freeze_content:
-        raise SystemExit("--lora-rank and --freeze content contradict each other (LoRA keeps the content base "
-                         "weights fixed itself and trains adapters inside them); drop one")
     result = experiment.finetune(args.data, args.model_dir, preset, init_from=args.init_from, progress=_progress,
                                  codebooks=args.codebooks)
     print(json.dumps({k: v[-1] for k, v in result["history"].items()}, indent=2, default=float))

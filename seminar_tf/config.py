@@ -11,9 +11,14 @@ live here and are re-exported by ``beam_pipelines.build_dataset``, ``seminar_tf.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from seminar_tf import schema
+
+
+ARCHITECTURES = ("seminar", "din", "sim_hard", "sim_soft", "eta", "twin", "qin")
+GSU_MODES = ("exact", "pq_adc", "pq_sdc")
+CONTENT_ENCODER_NAMES = ("query_encoder", "text_encoder", "image_encoder", "attribute_encoder")  # LoRA targets
 
 
 def _field(default, help_text: str):
@@ -273,6 +278,50 @@ class ModelConfig:
     lora_alpha: float = 0.0  # LoRA α (scale α/r); 0 = same as the rank
     lora_targets: Tuple[str, ...] = ()  # content sub-layers to adapt ("text_encoder", "image_encoder/mlp_output");
     # empty = every content encoder (query, text, image, attribute)
+
+
+    def em3_options(self) -> List[str]:
+        """The EM3 options this config switches on (``model.<field>`` names)."""
+        return [name for name in ("fusion_queries", "content_id_weight", "lora_rank") if getattr(self, name)]
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field (and its flag) of the first bad or contradictory setting; the one
+        place these are checked (the CLI, ``experiment`` and the builders call it)."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture {self.architecture!r}: choose one of {list(ARCHITECTURES)}")
+        if self.gsu not in GSU_MODES:
+            raise ValueError(f"model.gsu {self.gsu!r}: choose one of {list(GSU_MODES)}")
+        if self.align_negatives not in ("sequence", "batch"):
+            raise ValueError(f"model.align_negatives {self.align_negatives!r}: choose 'sequence' or 'batch'")
+        if self.short_history < 0 or not 1 <= self.simhash_bits <= 64:
+            raise ValueError(f"need model.short_history >= 0 and 1 <= model.simhash_bits <= 64, got "
+                             f"{self.short_history} and {self.simhash_bits}")
+        for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0 switches it off), got {getattr(self, name)}")
+        if self.fusion_layers < 1:
+            raise ValueError(f"model.fusion_layers must be >= 1, got {self.fusion_layers}")
+        if self.content_id_temperature <= 0:
+            raise ValueError(f"model.content_id_temperature must be > 0, got {self.content_id_temperature}")
+        if self.fusion_queries and self.gsu != "exact":
+            raise ValueError(f"model.fusion_queries needs model.gsu 'exact', got {self.gsu!r}: PQ codebooks quantize "
+                             "the content channels, which the Fusion-Q-Former replaces (drop --gsu or the fusion)")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError(f"model.lora_targets {list(self.lora_targets)} needs model.lora_rank > 0 "
+                             "(--lora-rank R); drop the targets or set a rank")
+        unknown = [t for t in self.lora_targets if t.split("/")[0] not in CONTENT_ENCODER_NAMES]
+        if unknown:
+            raise ValueError(f"model.lora_targets {unknown}: a target is a content encoder {CONTENT_ENCODER_NAMES} "
+                             "or a path below one (e.g. 'image_encoder/mlp_output')")
+        if self.lora_rank and self.freeze_content:
+            raise ValueError("model.lora_rank (--lora-rank) and model.freeze_content (--freeze content) contradict "
+                             "each other: LoRA already keeps the content encoders' base weights fixed and trains "
+                             "adapters inside them, which a frozen content encoder would hide; drop one of them")
+        options = self.em3_options()
+        if options and self.architecture != "seminar":
+            flags = ", ".join("--" + name.replace("_", "-") for name in options)
+            raise ValueError(f"model.architecture {self.architecture!r} is a baseline; the EM3 options {options} "
+                             f"({flags}) are for architecture 'seminar' (drop --model or the EM3 options)")
 
 
 @dataclasses.dataclass

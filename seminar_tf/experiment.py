@@ -180,12 +180,8 @@ class RefreshCodes(tf.keras.callbacks.Callback):
 
 
 def _check_em3(model_config: config_lib.ModelConfig) -> None:
-    """Bad EM3 options fail before any data is read (``builders.em3_options`` checks their values)."""
-    builders.em3_options(model_config)
-    if model_config.lora_rank and model_config.freeze_content:
-        raise ValueError("model.lora_rank (--lora-rank) and model.freeze_content (--freeze content) contradict each "
-                         "other: LoRA already keeps the content encoders' base weights fixed and trains adapters "
-                         "inside them, which a frozen content encoder would hide; drop one of them")
+    """Bad or contradictory model options (EM3's among them) fail before any data is read."""
+    model_config.validate()
 
 
 def _freeze_if_pretrained(preset: config_lib.Preset, init_from: Optional[str], progress=None) -> config_lib.Preset:

@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from seminar_tf import schema
+from seminar_tf.config import GSU_MODES
 
 CODEBOOKS_FILE = "codebooks.npz"
 SUMMARY_FILE = "codebooks.json"
@@ -304,7 +305,7 @@ def model_codebooks(model, kind: str = "trained", source: str = "", batch_size: 
     return Codebooks(list(model.pq.channels), model.pq.codebooks.numpy(), items, queries, errors, kind, source)
 
 
-GSU_CHOICES = ("exact", "pq_adc", "pq_sdc")  # SeminarModel's GSU_MODES (kept here: no TensorFlow import for the CLI)
+GSU_CHOICES = GSU_MODES  # ModelConfig's GSU modes (seminar_tf.config: no TensorFlow import for the CLI)
 
 
 def add_gsu_arguments(p, *, what: str, gsu_default: str, codebooks_default: str) -> None:

@@ -12,12 +12,13 @@ from seminar_tf import cli, config as config_lib, experiment, report
 
 def test_overrides_are_parsed_by_the_fields_type():
     preset = config_lib.load_config("demo", [
-        "model.top_k=32", "finetune.learning_rate=1e-3", "model.tower_units=128,64", "model.freeze_content=true",
+        "model.top_k=32", "finetune.learning_rate=1e-3", "model.tower_units=128,64", "model.freeze_projections=true",
+        "model.lora_rank=2",
         "model.gsu_category_prior=off", "model.lora_targets=text_encoder,image_encoder/mlp_output",
         "build.history_events=impression,click", "finetune.steps_per_epoch=none", "pretrain.steps_per_epoch=7",
         "world.num_users=50"])
     assert preset.model.top_k == 32 and preset.finetune.learning_rate == 1e-3
-    assert preset.model.tower_units == (128, 64) and preset.model.freeze_content is True
+    assert preset.model.tower_units == (128, 64) and preset.model.freeze_projections is True
     assert preset.model.gsu_category_prior is False
     assert preset.model.lora_targets == ("text_encoder", "image_encoder/mlp_output")
     assert preset.build.history_events == ("impression", "click")
@@ -82,3 +83,33 @@ def test_report_and_bench_carry_set_into_their_config_and_command(tmp_path):
     assert bench.cli() == "seminar-tf bench movielens --set finetune.epochs=2"
     with pytest.raises(SystemExit, match="no field"):
         cli.main(["report", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "model.nope=1"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architecture="dien"), "model.architecture 'dien'"),
+    (dict(gsu="ivf"), "model.gsu 'ivf'"),
+    (dict(align_negatives="users"), "model.align_negatives 'users'"),
+    (dict(simhash_bits=0), "simhash_bits"),
+    (dict(architecture="din", content_id_weight=0.1), r"EM3 options \['content_id_weight'\] \(--content-id-weight\)"),
+    (dict(lora_rank=2, freeze_content=True), "contradict"),
+    (dict(lora_rank=2, lora_targets=("tower",)), "lora_targets"),
+    (dict(fusion_queries=2, gsu="pq_adc"), "needs model.gsu 'exact'"),
+])
+def test_model_config_validate_is_the_one_check(changes, message):
+    import dataclasses
+
+    bad = dataclasses.replace(config_lib.ModelConfig(), **changes)
+    with pytest.raises(ValueError, match=message):
+        bad.validate()
+    with pytest.raises(ValueError, match=message):  # --set reaches the same check
+        config_lib.apply_overrides(config_lib.get_preset("test"), [
+            f"model.{k}={','.join(v) if isinstance(v, tuple) else str(v).lower()}" for k, v in changes.items()])
+
+
+def test_every_preset_validates_and_names_match_the_models():
+    from seminar_tf.models import baselines, seminar
+
+    for name in config_lib.PRESETS:
+        config_lib.get_preset(name).model.validate()
+    assert set(config_lib.ARCHITECTURES) == set(baselines.MODELS)
+    assert config_lib.GSU_MODES == seminar.GSU_MODES

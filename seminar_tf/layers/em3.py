@@ -19,13 +19,14 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
+from seminar_tf.config import CONTENT_ENCODER_NAMES
 from seminar_tf.layers.encoders import TransformerBlock
 
 _PACKAGE = "seminar_tf"
 LOG = logging.getLogger("seminar_tf")
 
-# Sub-layers of ``ContentEncoder`` that ``apply_lora`` adapts by default (those that exist are used).
-CONTENT_ENCODER_NAMES = ("query_encoder", "text_encoder", "image_encoder", "attribute_encoder")
+# CONTENT_ENCODER_NAMES: sub-layers of ``ContentEncoder`` that ``apply_lora`` adapts by default (those that exist
+# are used); defined in the config module, where ModelConfig.validate checks lora_targets against them.
 
 
 def _masked_value(dtype: tf.DType) -> float:

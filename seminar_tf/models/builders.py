@@ -24,12 +24,8 @@ def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_tabl
     Fusion-Q-Former / content-ID loss); LoRA (``lora_rank``) is placed by ``experiment.finetune`` after the PSU
     restore. The EM3 options are SEMINAR's only: a baseline with one of them is an error.
     """
-    options = em3_options(config)
+    config.validate()  # a baseline with an EM3 option is an error there
     if config.architecture != "seminar":
-        if options:
-            raise ValueError(
-                f"model.architecture {config.architecture!r} is a baseline; the EM3 options {options} are for "
-                "architecture 'seminar' (drop --model or the EM3 options)")
         return baselines.build_baseline(config.architecture, config, metadata, item_table, query_table)
     if config.fusion_queries or config.content_id_weight:
         return em3.build_em3_seminar(config, metadata, item_table, query_table)

@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from seminar_tf import schema
+from seminar_tf.config import GSU_MODES
 from seminar_tf.layers import ChannelGate, MultiHeadTargetAttention, top_k_positions
 from seminar_tf.layers.pq import PQLookup
 from seminar_tf.models.content import ContentEncoder
@@ -33,7 +34,6 @@ from seminar_tf.models.inputs import check_features
 from seminar_tf.models.psu import history_mask, per_replica_loss
 from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask
 
-GSU_MODES = ("exact", "pq_adc", "pq_sdc")
 PQ_MODES = ("pq_adc", "pq_sdc")
 
 

@@ -11,7 +11,6 @@ from typing import List, Optional
 from seminar_tf import schema
 from seminar_tf.config import ModelConfig
 from seminar_tf.data.reader import ItemTable, QueryTable
-from seminar_tf.layers.em3 import CONTENT_ENCODER_NAMES
 from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.psu import PSUModel
 from seminar_tf.models.seminar import SeminarModel
@@ -94,26 +93,9 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
 
 
 def em3_options(config: ModelConfig) -> List[str]:
-    """The EM3 options a config switches on (``model.<field>`` names), checking their values."""
-    for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"model.{name} must be >= 0 (0 switches it off), got {getattr(config, name)}")
-    if config.fusion_layers < 1:
-        raise ValueError(f"model.fusion_layers must be >= 1, got {config.fusion_layers}")
-    if config.content_id_temperature <= 0:
-        raise ValueError(f"model.content_id_temperature must be > 0, got {config.content_id_temperature}")
-    on = [name for name in ("fusion_queries", "content_id_weight", "lora_rank") if getattr(config, name)]
-    if config.fusion_queries and config.gsu != "exact":
-        raise ValueError(f"model.fusion_queries needs model.gsu 'exact', got {config.gsu!r}: PQ codebooks quantize "
-                         "the content channels, which the Fusion-Q-Former replaces (drop --gsu or the fusion)")
-    if config.lora_targets and not config.lora_rank:
-        raise ValueError(f"model.lora_targets {list(config.lora_targets)} needs model.lora_rank > 0 "
-                         "(--lora-rank R); drop the targets or set a rank")
-    unknown = [t for t in config.lora_targets if t.split("/")[0] not in CONTENT_ENCODER_NAMES]
-    if unknown:
-        raise ValueError(f"model.lora_targets {unknown}: a target is a content encoder {CONTENT_ENCODER_NAMES} "
-                         "or a path below one (e.g. 'image_encoder/mlp_output')")
-    return on
+    """The EM3 options a config switches on (``model.<field>`` names), after ``ModelConfig.validate``."""
+    config.validate()
+    return config.em3_options()
 
 
 def given(argument, field):
