@@ -324,6 +324,12 @@ class ModelConfig:
                              f"({flags}) are for architecture 'seminar' (drop --model or the EM3 options)")
 
 
+# A preset's sections and their config classes (every stage; --set SECTION.FIELD=VALUE names one of them).
+SECTION_CLASSES = {"world": WorldConfig, "build": BuildConfig, "model": ModelConfig, "pretrain": TrainConfig,
+                   "finetune": TrainConfig}
+SECTIONS = tuple(SECTION_CLASSES)
+
+
 @dataclasses.dataclass
 class Preset:
     """Every stage's config under one name."""
@@ -341,8 +347,7 @@ class Preset:
     @classmethod
     def from_dict(cls, raw: dict) -> "Preset":
         """Inverse of ``to_dict``; unknown keys are an error naming them (typos must not pass silently)."""
-        parts = {"world": WorldConfig, "build": BuildConfig, "model": ModelConfig, "pretrain": TrainConfig,
-                 "finetune": TrainConfig}
+        parts = SECTION_CLASSES
         base = get_preset(raw.get("base", raw.get("name", "demo")))
         values = {"name": raw.get("name", base.name)}
         for key, kind in parts.items():
@@ -449,7 +454,6 @@ PRESETS: Dict[str, Callable[[], Preset]] = {
     "movielens": _movielens}
 
 
-SECTIONS = ("world", "build", "model", "pretrain", "finetune")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

@@ -98,10 +98,8 @@ def _without_retired_fields(raw: dict, model_dir: str) -> dict:
     """A run written by an older version may record a field the code has since removed: one that was off (False,
     0, empty) changed nothing and is dropped with a log line; one that was on is an error naming it, since this
     code cannot rebuild that model."""
-    sections = {"world": config_lib.WorldConfig, "build": config_lib.BuildConfig, "model": config_lib.ModelConfig,
-                "pretrain": config_lib.TrainConfig, "finetune": config_lib.TrainConfig}
     out = dict(raw)
-    for name, kind in sections.items():
+    for name, kind in config_lib.SECTION_CLASSES.items():
         if not isinstance(raw.get(name), dict):
             continue
         fields = {f.name for f in dataclasses.fields(kind)}
@@ -179,11 +177,6 @@ class RefreshCodes(tf.keras.callbacks.Callback):
             _log(self._progress, f"finetune: PQ codes re-encoded (reconstruction error {errors})")
 
 
-def _check_em3(model_config: config_lib.ModelConfig) -> None:
-    """Bad or contradictory model options (EM3's among them) fail before any data is read."""
-    model_config.validate()
-
-
 def _freeze_if_pretrained(preset: config_lib.Preset, init_from: Optional[str], progress=None) -> config_lib.Preset:
     """``model.freeze_pretrained_content``: a PSU-initialised run keeps its restored content fixed (a copy of the
     preset with ``freeze_content`` set, so the run's config.json records what trained); a run from scratch, or one
@@ -206,7 +199,7 @@ def _apply_lora(model, model_config: config_lib.ModelConfig, progress=None) -> l
         return []
     from seminar_tf.layers.em3 import apply_lora
 
-    _check_em3(model_config)
+    model_config.validate()
     adapters = apply_lora(model.content, model_config.lora_rank, model_config.lora_alpha or None,
                           list(model_config.lora_targets) or None)
     if not adapters:
@@ -230,7 +223,7 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
     EM3 options come from ``preset.model`` (``builders.build_model``); with ``lora_rank`` > 0 LoRA adapters go
     on the content encoders after the PSU restore and only they train there (``_apply_lora``).
     """
-    _check_em3(preset.model)
+    preset.model.validate()  # bad or contradictory options fail before any data is read
     preset = _freeze_if_pretrained(preset, init_from, progress)
     metadata = reader.load_metadata(data_dir)
     item_table = reader.load_item_table(data_dir, metadata)
