@@ -86,13 +86,8 @@ def _add_world(sub) -> None:
 def _run_world(args, extra) -> int:
     from seminar_tf.data.world import WorldConfig, generate_world
 
-
-    config = dataclass_from_args(WorldConfig, args)
     try:
-        grouped = config_lib.split_overrides(args.set)
-        if set(grouped) - {"world"}:
-            raise ValueError(f"--set: `world` takes only world.FIELD=VALUE, got sections {sorted(grouped)}")
-        config = config_lib.override(config, "world", grouped.get("world", []))
+        config = config_lib.override_section(dataclass_from_args(WorldConfig, args), "world", args.set)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     summary = generate_world(config, args.out, progress=_progress)
@@ -134,7 +129,6 @@ def _print_build_summary(stats: dict) -> None:
 # ---------------------------------------------------------------------------------------------- training
 def load_preset(args):
     """``--config`` with its ``--set`` overrides; a bad override exits naming the field."""
-
     try:
         return config_lib.load_config(args.config, getattr(args, "set", ()))
     except ValueError as error:

@@ -518,6 +518,14 @@ def add_set_argument(parser, sections: str = "model, pretrain, finetune, build, 
                              "applied after --config")
 
 
+def override_section(config, section: str, assignments: Sequence[str]):
+    """One section's config with ``--set`` texts that must all name that section (``world``, the Beam job)."""
+    grouped = split_overrides(assignments)
+    if set(grouped) - {section}:
+        raise ValueError(f"--set: this command takes only {section}.FIELD=VALUE, got sections {sorted(grouped)}")
+    return override(config, section, grouped.get(section, []))
+
+
 def apply_overrides(preset: Preset, assignments: Sequence[str]) -> Preset:
     """The preset with dotted ``--set`` overrides applied (``model.top_k=32``, ``finetune.learning_rate=1e-3``,
     ``model.tower_units=128,64``, ``build.history_events=impression,click``), each parsed by its field's type."""

@@ -67,7 +67,7 @@ def test_the_beam_job_takes_build_overrides_only():
     args = parser.parse_args(["--input", "a", "--output", "b", "--max-history", "64", "--set", "build.max_history=9"])
     assert build_dataset.config_from_args(args).max_history == 9
     args = parser.parse_args(["--input", "a", "--output", "b", "--set", "model.top_k=9"])
-    with pytest.raises(ValueError, match="only build.FIELD=VALUE"):
+    with pytest.raises(ValueError, match="takes only build.FIELD=VALUE"):
         build_dataset.config_from_args(args)
 
 
