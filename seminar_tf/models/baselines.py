@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import tensorflow as tf
 
 from seminar_tf import schema
-from seminar_tf.config import ModelConfig
+from seminar_tf.config import ARCHITECTURES, ModelConfig
 from seminar_tf.data.reader import ItemTable, QueryTable
 from seminar_tf.layers import top_k_positions
 from seminar_tf.models import seminar_builders
@@ -34,7 +34,7 @@ from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.psu import item_gamma
 from seminar_tf.models.seminar import SeminarModel
 
-BASELINES = ("din", "sim_hard", "sim_soft", "eta", "twin", "qin")
+BASELINES = tuple(a for a in ARCHITECTURES if a != "seminar")  # the config's architectures list them all
 MODELS = BASELINES + ("seminar",)
 DEFAULT_CATEGORY_ATTRIBUTE = "category_id"
 _EXCLUDED = -1e9  # score of steps a GSU does not keep (as SeminarModel.gsu_scores masks padding)

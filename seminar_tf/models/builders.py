@@ -13,7 +13,7 @@ from seminar_tf.config import ModelConfig
 from seminar_tf.data.reader import ItemTable, QueryTable
 from seminar_tf.models import baselines, em3
 from seminar_tf.models.seminar_builders import (attribute_column, build_content_encoder, build_psu, build_seminar,
-                                               em3_options, id_arguments, resolve_channels, seminar_arguments)
+                                               id_arguments, resolve_channels, seminar_arguments)
 
 
 def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_table: Optional[ItemTable] = None,
@@ -32,5 +32,5 @@ def build_model(config: ModelConfig, metadata: schema.DatasetMetadata, item_tabl
     return build_seminar(config, metadata, item_table, query_table)
 
 
-__all__ = ["attribute_column", "build_content_encoder", "build_model", "build_psu", "build_seminar", "em3_options",
+__all__ = ["attribute_column", "build_content_encoder", "build_model", "build_psu", "build_seminar",
            "id_arguments", "resolve_channels", "seminar_arguments"]

@@ -92,12 +92,6 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         **id_arguments(config, metadata))
 
 
-def em3_options(config: ModelConfig) -> List[str]:
-    """The EM3 options a config switches on (``model.<field>`` names), after ``ModelConfig.validate``."""
-    config.validate()
-    return config.em3_options()
-
-
 def given(argument, field):
     """An explicit builder argument, else the ModelConfig field."""
     return field if argument is None else argument
