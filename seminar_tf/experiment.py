@@ -25,6 +25,9 @@ from seminar_tf.models.seminar import PQ_MODES
 
 CONTENT_CHECKPOINT = "content/ckpt"  # PSU content weights, restored by finetune --init-from
 EVAL_DIR = "eval"
+# A run keeps a copy of its dataset's contract (metadata.json, stats.json and vocab/: what the model's shapes and the
+# serving lookups depend on, not the examples), so the run reloads, fits codebooks and exports without the dataset.
+RUN_DATASET_DIR = "dataset"
 
 LOG = logging.getLogger("seminar_tf.experiment")
 
@@ -86,6 +89,11 @@ def read_run_config(model_dir: str) -> dict:
         return json.load(f)
 
 
+def is_run(model_dir: str) -> bool:
+    """True when ``model_dir`` holds a seminar-tf run (its config.json)."""
+    return tf.io.gfile.exists(os.path.join(train.resolve_run_dirs(model_dir).model_dir, train.CONFIG_FILE))
+
+
 def preset_of_run(model_dir: str) -> config_lib.Preset:
     """The resolved preset a run was trained with (from its config.json)."""
     raw = read_run_config(model_dir)
@@ -119,6 +127,74 @@ def run_model_dir(model_dir: str) -> str:
     return train.resolve_run_dirs(model_dir).model_dir
 
 
+def snapshot_dataset(data_dir: str, model_dir: str) -> str:
+    """Copies the dataset's contract (metadata.json, stats.json, vocab/*) into ``<run>/dataset``; returns that path.
+
+    Chief only (the caller checks). The copy is written under a temporary name and renamed into place, so a reader
+    never sees half of it."""
+    target = os.path.join(run_model_dir(model_dir), RUN_DATASET_DIR)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.io.gfile.makedirs(os.path.join(tmp, schema.VOCAB_DIR))
+    source = data_dir.rstrip("/")
+    for name in (schema.METADATA_FILE, schema.STATS_FILE):
+        if tf.io.gfile.exists(f"{source}/{name}"):
+            tf.io.gfile.copy(f"{source}/{name}", os.path.join(tmp, name), overwrite=True)
+    vocab = f"{source}/{schema.VOCAB_DIR}"
+    for name in (tf.io.gfile.listdir(vocab) if tf.io.gfile.isdir(vocab) else []):
+        if not tf.io.gfile.isdir(f"{vocab}/{name}"):
+            tf.io.gfile.copy(f"{vocab}/{name}", os.path.join(tmp, schema.VOCAB_DIR, name), overwrite=True)
+    if tf.io.gfile.exists(target):
+        tf.io.gfile.rmtree(target)
+    tf.io.gfile.rename(tmp, target)
+    return target
+
+
+def run_dataset_dir(model_dir: str) -> Optional[str]:
+    """The run's copy of its dataset's contract (``snapshot_dataset``), or None for runs written before it."""
+    path = os.path.join(run_model_dir(model_dir), RUN_DATASET_DIR)
+    return path if tf.io.gfile.exists(os.path.join(path, schema.METADATA_FILE)) else None
+
+
+def contract_dir(model_dir: str, data_dir: Optional[str] = None) -> str:
+    """Where a run's metadata and vocabularies are read: ``data_dir`` when given (checked against the run's copy:
+    the model's tables must match it), else the run's own copy, else the dataset recorded in config.json."""
+    own = run_dataset_dir(model_dir)
+    if data_dir:
+        if own:
+            _check_same_contract(reader.load_metadata(own), reader.load_metadata(data_dir), model_dir, data_dir)
+        return data_dir
+    if own:
+        return own
+    recorded = read_run_config(model_dir).get("data")
+    if not recorded:
+        raise ValueError(f"{model_dir}: the run records no dataset and holds no copy of one; pass --data DATASET_DIR")
+    return recorded
+
+
+def _check_same_contract(own: schema.DatasetMetadata, given: schema.DatasetMetadata, model_dir: str,
+                         data_dir: str) -> None:
+    fields = ("num_items", "num_queries", "num_tokens", "num_users", "num_feedback", "image_dim",
+              "max_title_tokens", "max_query_tokens", "item_attributes", "user_attributes")
+    differ = {f: (getattr(own, f), getattr(given, f)) for f in fields if getattr(own, f) != getattr(given, f)}
+    if differ:
+        raise ValueError(f"--data {data_dir!r} is not the dataset run {model_dir!r} was trained on: "
+                         + ", ".join(f"{f} {a} (run) vs {b} (data)" for f, (a, b) in sorted(differ.items()))
+                         + "; evaluate it on a dataset built with the run's vocabularies, or retrain")
+
+
+def _snapshot_if_chief(data_dir: str, model_dir: str, progress=None) -> None:
+    if tf.distribute.get_strategy().extended.should_checkpoint:
+        _log(progress, f"run: dataset contract (metadata, stats, vocabularies) -> "
+                       f"{snapshot_dataset(data_dir, model_dir)}")
+
+
+def _variables_batch(metadata: schema.DatasetMetadata, kind: str):
+    """A small synthetic batch with the dataset's structure: calling a model on it creates its variables."""
+    return next(iter(reader.synthetic_dataset(metadata, kind, 2, 1, max_history=4)))
+
+
 def pretrain(data_dir: str, model_dir: str, preset: config_lib.Preset,
              progress: Optional[Callable[[str], None]] = None) -> Dict:
     """PSU pretraining on ``pretrain/`` examples; writes the content checkpoint fine-tuning restores."""
@@ -136,6 +212,7 @@ def pretrain(data_dir: str, model_dir: str, preset: config_lib.Preset,
     path = os.path.join(dirs.model_dir, CONTENT_CHECKPOINT)
     if tf.distribute.get_strategy().extended.should_checkpoint:
         tf.train.Checkpoint(content=model.content).write(path)
+    _snapshot_if_chief(data_dir, model_dir, progress)
     _log(progress, f"pretrain: content weights -> {path}")
     return {"history": result["history"], "content_checkpoint": path, "model": model}
 
@@ -259,6 +336,7 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
                        resolved_config=_resolved(preset, stage="finetune", data=data_dir, init_from=init_from,
                                                  codebooks=source))
     model = result["model"]
+    _snapshot_if_chief(data_dir, model_dir, progress)
     if pq_codebooks is not None:
         final = quantization.model_codebooks(model, kind=pq_codebooks.kind, source=source)
         if tf.distribute.get_strategy().extended.should_checkpoint:
@@ -273,7 +351,9 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
 
 def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str] = None,
                codebooks: Optional[str] = None, pq_rerank: Optional[int] = None):
-    """Rebuilds a fine-tuned run's model from its config.json and best weights. Returns (model, preset, data_dir).
+    """Rebuilds a fine-tuned run's model from its config.json, its copy of the dataset's metadata and its best
+    weights (the item and query tables are weights too): no dataset is read. Returns (model, preset, data_dir),
+    ``data_dir`` = the given one, else the dataset recorded in config.json (where ``evaluate`` reads examples).
 
     ``gsu`` overrides the run's GSU mode (e.g. evaluate an exact-trained run with pq_adc); ``codebooks`` (an
     .npz or a run directory) replaces the PQ codebooks and codes saved with the weights; ``pq_rerank``
@@ -281,15 +361,12 @@ def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str
     """
     raw = read_run_config(model_dir)
     preset = preset_of_run(model_dir)
+    metadata = reader.load_metadata(contract_dir(model_dir, data_dir))
     data_dir = data_dir or raw.get("data")
-    metadata = reader.load_metadata(data_dir)
     mode = gsu or preset.model.gsu
     # Built (called once) in exact mode: the PQ variables exist in every mode and get their values from the weights.
-    model = builders.build_model(dataclasses.replace(preset.model, gsu="exact"), metadata,
-                                   reader.load_item_table(data_dir, metadata),
-                                   reader.load_query_table(data_dir, metadata))
-    model(next(iter(reader.make_dataset(data_dir, schema.CTR_DIR, "test", 8, metadata=metadata,
-                                        max_history=preset.build.max_history))))
+    model = builders.build_model(dataclasses.replace(preset.model, gsu="exact"), metadata)
+    model(_variables_batch(metadata, schema.CTR_DIR))
     _apply_lora(model, preset.model)  # as finetune placed them: the adapters' weights are in the checkpoint
     train.load_weights(model, model_dir)
     if codebooks:
@@ -309,16 +386,15 @@ def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str
 
 def load_content(model_dir: str, data_dir: Optional[str] = None):
     """The content encoder of a run with its final weights: a finetune run's best weights or a pretrain run's
-    PSU content checkpoint. Returns (content, preset, data_dir, stage)."""
+    PSU content checkpoint (tables included; no dataset is read). Returns (content, preset, data_dir, stage)."""
     raw = read_run_config(model_dir)
     if raw.get("stage") != "pretrain":
         model, preset, data_dir = load_model(model_dir, data_dir)
         return model.content, preset, data_dir, raw.get("stage", "finetune")
     preset = preset_of_run(model_dir)
+    metadata = reader.load_metadata(contract_dir(model_dir, data_dir))
     data_dir = data_dir or raw.get("data")
-    metadata = reader.load_metadata(data_dir)
-    content = builders.build_content_encoder(preset.model, metadata, reader.load_item_table(data_dir, metadata),
-                                             reader.load_query_table(data_dir, metadata))
+    content = builders.build_content_encoder(preset.model, metadata)
     content(tf.zeros([1, 1], tf.int64), tf.zeros([1, 1], tf.int64))  # create the variables
     path = os.path.join(run_model_dir(model_dir), CONTENT_CHECKPOINT)
     tf.train.Checkpoint(content=content).read(path).assert_existing_objects_matched()
@@ -373,6 +449,9 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     exact-trained run with a pq_adc GSU).
     """
     model, preset, data_dir = load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks, pq_rerank=pq_rerank)
+    if not data_dir or not tf.io.gfile.exists(f"{data_dir.rstrip('/')}/{schema.METADATA_FILE}"):
+        raise FileNotFoundError(f"evaluate {model_dir}: the dataset {data_dir!r} it was trained on is not there; "
+                                "pass --data DATASET_DIR (a dataset built with the run's vocabularies)")
     metadata = reader.load_metadata(data_dir)
     max_history = preset.build.max_history
 

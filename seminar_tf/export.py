@@ -537,16 +537,16 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def load_psu(psu_dir: str, data_dir: str, metadata: Optional[schema.DatasetMetadata] = None):
-    """Rebuilds a PSU run's model from its config.json and best weights."""
+def load_psu(psu_dir: str, data_dir: Optional[str] = None, metadata: Optional[schema.DatasetMetadata] = None):
+    """Rebuilds a PSU run's model from its config.json and best weights (tables included; no dataset is read:
+    the shapes come from ``metadata``, else the run's copy of its dataset's metadata, else ``data_dir``'s)."""
     from seminar_tf import experiment, train
     from seminar_tf.data import reader
     from seminar_tf.models import builders
 
-    metadata = metadata or reader.load_metadata(data_dir)
+    metadata = metadata or reader.load_metadata(experiment.contract_dir(psu_dir, data_dir))
     preset = experiment.preset_of_run(psu_dir)
-    psu = builders.build_psu(preset.model, metadata, reader.load_item_table(data_dir, metadata),
-                             reader.load_query_table(data_dir, metadata))
+    psu = builders.build_psu(preset.model, metadata)
     psu(next(iter(reader.synthetic_dataset(metadata, schema.PRETRAIN_DIR, 2, 1, max_history=4))))
     train.load_weights(psu, psu_dir)
     return psu
@@ -569,11 +569,18 @@ def export_model(model_dir: str, export_base: str, *, data_dir: Optional[str] = 
     from seminar_tf import experiment
     from seminar_tf.data import reader
 
-    model, preset, data_dir = experiment.load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks,
-                                                    pq_rerank=pq_rerank)
+    model, preset, _ = experiment.load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks,
+                                             pq_rerank=pq_rerank)
+    data_dir = experiment.contract_dir(model_dir, data_dir)  # the vocabularies: the run's own copy by default
     metadata = reader.load_metadata(data_dir)
-    psu_dir = psu_dir or experiment.read_run_config(model_dir).get("init_from")
-    psu = load_psu(psu_dir, data_dir, metadata) if psu_dir else None
+    if not psu_dir:
+        psu_dir = experiment.read_run_config(model_dir).get("init_from")
+        if psu_dir and not experiment.is_run(psu_dir):
+            if progress:
+                progress(f"export: the PSU run {psu_dir} this run started from is not there; exporting without the "
+                         "pretrain signature (pass --psu-dir to add it)")
+            psu_dir = None
+    psu = load_psu(psu_dir, metadata=metadata) if psu_dir else None
     first_item = next((i for i in reader.load_vocabulary(data_dir, schema.ITEM_VOCAB)[len(schema.RESERVED):]), "")
     if progress:
         progress(f"export: {model_dir} -> {export_base} (pretrain signature: {'yes' if psu else 'no'})")
@@ -676,7 +683,8 @@ def add_cli(subparsers) -> None:
         "--dir EXPORT_BASE/<version> --all`.")
     p.add_argument("--model-dir", required=True, help="fine-tuned run directory (seminar-tf finetune --model-dir)")
     p.add_argument("--export-base", required=True, help="model base path; versions are written under it")
-    p.add_argument("--data", default=None, help="dataset directory (default: the one the run was trained on)")
+    p.add_argument("--data", default=None, help="dataset directory whose vocabularies to serve with (default: the "
+                   "run's own copy of its dataset's metadata and vocabularies; no dataset is needed)")
     p.add_argument("--max-history", type=int, default=None,
                    help="longest history L a request may send (default: the run's training max_history)")
     p.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,

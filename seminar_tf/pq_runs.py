@@ -62,7 +62,8 @@ def add_cli(subparsers) -> None:
         "seminar-tf finetune --gsu pq_adc --codebooks MODEL_DIR.")
     p.add_argument("--model-dir", required=True,
                    help="run directory (finetune or pretrain) whose final embeddings to quantize")
-    p.add_argument("--data", default=None, help="dataset directory (default: the one the run was trained on)")
+    p.add_argument("--data", default=None, help="dataset directory (default: the run's own copy of its dataset's "
+                   "metadata; the tables are in the weights, so no dataset is needed)")
     p.add_argument("--out", default=None, help="output .npz path (default: MODEL_DIR/codebooks.npz)")
     p.add_argument("--subspaces", type=int, default=8, help="S (N_bit): sub-vectors per channel (default: 8)")
     p.add_argument("--centroids", type=int, default=256,

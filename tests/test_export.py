@@ -164,6 +164,59 @@ def test_failed_export_leaves_no_version_and_no_temporary_directory(tmp_path, mo
     assert os.listdir(base) == []
 
 
+def test_a_run_copied_away_from_its_dataset_reloads_fits_codebooks_exports_and_evaluates(
+        run, exported, batch, vocab, tmp_path):
+    """Runs keep their dataset's contract (metadata, stats, vocabularies) and their tables are weights: copied away,
+    with the dataset they recorded gone, they reload, fit codebooks and export; evaluate then needs --data."""
+    import shutil
+
+    from seminar_tf import pq_runs, quantization
+
+    for stage in ("psu", "ctr"):
+        assert sorted(os.listdir(os.path.join(run[stage], experiment.RUN_DATASET_DIR))) == sorted(
+            [schema.METADATA_FILE, schema.STATS_FILE, schema.VOCAB_DIR])
+        shutil.copytree(run[stage], tmp_path / stage)
+        with open(tmp_path / stage / "config.json") as f:
+            raw = json.load(f)
+        raw["data"] = str(tmp_path / "gone")  # the dataset the run was trained on is not there any more
+        if stage == "ctr":
+            raw["init_from"] = str(tmp_path / "psu")
+        with open(tmp_path / stage / "config.json", "w") as f:
+            json.dump(raw, f)
+    ctr, psu = str(tmp_path / "ctr"), str(tmp_path / "psu")
+
+    moved = experiment.load_model(ctr)[0]
+    original = experiment.load_model(run["ctr"], run["data"])[0]
+    np.testing.assert_allclose(moved(batch)["probability"].numpy(), original(batch)["probability"].numpy(),
+                               rtol=1e-6, atol=1e-7)
+
+    summary = pq_runs.fit_run(psu, quantization.CodebookConfig(num_subspaces=2, num_centroids=4, iterations=2))
+    assert os.path.exists(summary["codebooks"]) and summary["num_items"] == vocab["metadata"].num_items
+
+    path = export.export_model(ctr, str(tmp_path / "export"), max_candidates=MAX_CANDIDATES)
+    loaded = tf.saved_model.load(path)
+    assert set(SIGNATURES) <= set(loaded.signatures)  # the PSU copy beside it gives the pretrain signature
+    raw = raw_inputs(batch, vocab)
+    np.testing.assert_allclose(call(loaded, "ctr", raw)["probability"],
+                               call(exported["loaded"], "ctr", raw)["probability"], rtol=1e-6, atol=1e-7)
+
+    shutil.rmtree(psu)  # the PSU run it started from gone too: the export goes on without the pretrain signature
+    notes = []
+    path = export.export_model(ctr, str(tmp_path / "export"), max_candidates=MAX_CANDIDATES, progress=notes.append)
+    assert "pretrain" not in tf.saved_model.load(path).signatures
+    assert any("without the pretrain signature" in n for n in notes)
+
+    with pytest.raises(FileNotFoundError, match="--data"):
+        experiment.evaluate(ctr)
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((tmp_path / "ctr" / experiment.RUN_DATASET_DIR / schema.METADATA_FILE).read_text())
+    meta["num_items"] += 1
+    (other / schema.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="num_items"):
+        experiment.load_model(ctr, str(other))
+
+
 # ---------------------------------------------------------------------------------------------------- values
 def test_ctr_after_reload_equals_the_in_memory_model(exported, model, batch, vocab):
     raw = raw_inputs(batch, vocab)
