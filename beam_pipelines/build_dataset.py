@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
@@ -77,21 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", required=True, help="dataset directory to write (its previous dataset files " "are replaced)"
     )
-    for field in dataclasses.fields(BuildConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        help_text = f"{_FLAG_HELP[field.name]} (default: %(default)s)"
-        if isinstance(default, tuple):
-            parser.add_argument(flag, default=",".join(default), help=help_text)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+    config_lib.add_dataclass_arguments(parser, BuildConfig, helps=_FLAG_HELP)  # the CLI's one flag mechanism
     config_lib.add_set_argument(parser, "build")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     """The flags' ``BuildConfig``, then ``--set build.FIELD=VALUE``; ValueError names a bad field or value."""
-    config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    config = config_lib.dataclass_from_args(BuildConfig, args)
     return config_lib.override_section(config, "build", getattr(args, "set", None) or [])
 
 
@@ -216,302 +210,331 @@ def _write_attribute_vocabularies(vocabs, directory, file_name):
         _write_vocabulary(vocab, FileSystems.join(directory, file_name(name)))
 
 
-def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], out: str, config: BuildConfig) -> None:
-    """Adds every stage to ``p``; see the module docstring for the order."""
-    join = FileSystems.join
-    vocab_dir = join(out, schema.VOCAB_DIR)
-    counts = []  # PCollections of (counter key tuple, count)
-    dead_letters: Dict[str, list] = {}
+class _DatasetGraph:
+    """Adds the build's stages to one pipeline (the order of the module docstring), one method per stage.
 
-    def count(pcoll, label, keys):
+    ``v`` collects the PCollections each stage produces for the later ones; ``counts`` (counter PCollections) and
+    ``dead_letters`` (per table) are gathered by every stage and written by the last two.
+    """
+
+    def __init__(self, p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], out: str,
+                 config: BuildConfig):
+        self.p, self.files, self.out, self.config = p, files, out, config
+        self.counts = []  # PCollections of (counter key tuple, count)
+        self.dead_letters: Dict[str, list] = {}
+        self.v = SimpleNamespace()
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def count(self, pcoll, label, keys):
         """Counts ``keys(element)`` (a list of counter keys) over pcoll."""
-        counts.append(pcoll | f"Count{label}" >> beam.ParDo(tx.CountKeys(keys)))
+        self.counts.append(pcoll | f"Count{label}" >> beam.ParDo(tx.CountKeys(keys)))
 
-    def singleton(pcoll):
-        return beam.pvalue.AsSingleton(pcoll)
-
-    def read_table(table, validate):
-        read = p | f"Read{table.title()}" >> raw_io.ReadRawTable(files[table])
+    def read_table(self, table, validate):
+        read = self.p | f"Read{table.title()}" >> raw_io.ReadRawTable(self.files[table])
         checked = read["rows"] | f"Validate{table.title()}" >> beam.ParDo(validate).with_outputs(DEAD, main="ok")
-        dead_letters[table] = [read["dead_letters"], checked[DEAD]]
-        count(read["rows"], f"{table}Read", lambda _, t=table: [("rows_read", t)])
-        count(read["dead_letters"], f"{table}Unparseable", lambda _, t=table: [("rows_read", t)])
+        self.dead_letters[table] = [read["dead_letters"], checked[DEAD]]
+        self.count(read["rows"], f"{table}Read", lambda _, t=table: [("rows_read", t)])
+        self.count(read["dead_letters"], f"{table}Unparseable", lambda _, t=table: [("rows_read", t)])
         columns = read["rows"] | f"{table}Columns" >> beam.CombineGlobally(_SetUnion())
         return checked.ok, columns
 
-    def deduplicate(records, table, key_field, reason):
+    def deduplicate(self, records, table, key_field, reason):
         kept = (
             records
             | f"Key{table}" >> beam.Map(lambda r: (r[key_field], r))
             | f"Group{table}" >> beam.GroupByKey()
             | f"Dedup{table}" >> beam.FlatMap(tx.keep_first_row(table, key_field, reason)).with_outputs(DEAD, main="ok")
         )
-        dead_letters[table].append(kept[DEAD])
+        self.dead_letters[table].append(kept[DEAD])
         return kept.ok
 
-    # ---- items: validate, embedding dimension, duplicates
-    logger.debug("constructing: items (validate, image_dim, duplicates)")
-    parsed_items, item_columns = read_table("items", tx.ValidateRows("items"))
-    configured_dim = config.image_dim
-    image_dim = (
-        parsed_items
-        | "EmbeddingLengths" >> beam.Map(lambda r: len(r["embedding"] or ()))
-        | "CountLengths" >> beam.combiners.Count.PerElement()
-        | "GatherLengths" >> beam.combiners.ToList()
-        | "ImageDim" >> beam.Map(tx.image_dim_from_lengths, configured_dim)
-    )
-    dim_checked = parsed_items | "CheckEmbeddingDim" >> beam.ParDo(
-        tx.check_embedding_dim, singleton(image_dim)
-    ).with_outputs(DEAD, main="ok")
-    dead_letters["items"].append(dim_checked[DEAD])
-    valid_items = deduplicate(dim_checked.ok, "items", "item_id", raw_io.DUPLICATE_ITEM)
-    count(valid_items, "ItemsOk", tx.item_counter_keys)
-
-    # ---- events: validate, split, item vocabulary, unknown items
-    logger.debug("constructing: events (validate, split, item vocabulary, unknown items)")
-    parsed_events, event_columns = read_table(
-        "events", tx.ValidateRows("events", config.history_events, config.sample_events)
-    )
-    explicit_splits = (
-        parsed_events
-        | "HasSplit" >> beam.Filter(lambda r: r["split"] is not None)
-        | "CountSplit" >> beam.combiners.Count.Globally()
-    )
-    valid_fraction, test_fraction = config.valid_fraction, config.test_fraction
-
-    def split_info(timestamp_counts, num_explicit):
-        if num_explicit:
-            return {"mode": "column", "valid_from": None, "test_from": None}
-        valid_from, test_from = tx.time_split_cutoffs(timestamp_counts, valid_fraction, test_fraction)
-        return {"mode": "time", "valid_from": valid_from, "test_from": test_from}
-
-    splits = (
-        parsed_events
-        | "Timestamps" >> beam.Map(lambda r: r["timestamp"])
-        | "CountTimestamps" >> beam.combiners.Count.PerElement()
-        | "GatherTimestamps" >> beam.combiners.ToList()
-        | "SplitInfo" >> beam.Map(split_info, singleton(explicit_splits))
-    )
-    item_min_count = config.item_min_count
-    item_vocab = (
-        (
-            valid_items | "ItemInTable" >> beam.Map(lambda r: (r["item_id"], (1, 0))),
-            parsed_events | "ItemEvent" >> beam.Map(lambda r: (r["item_id"], (0, 1))),
+    # ----------------------------------------------------------------------------------------------- stages
+    def items(self) -> None:
+        """Items: validate, embedding dimension, duplicates."""
+        v = self.v
+        parsed_items, v.item_columns = self.read_table("items", tx.ValidateRows("items"))
+        v.image_dim = (
+            parsed_items
+            | "EmbeddingLengths" >> beam.Map(lambda r: len(r["embedding"] or ()))
+            | "CountLengths" >> beam.combiners.Count.PerElement()
+            | "GatherLengths" >> beam.combiners.ToList()
+            | "ImageDim" >> beam.Map(tx.image_dim_from_lengths, self.config.image_dim)
         )
-        | "FlattenItemCounts" >> beam.Flatten()
-        | "SumItemCounts" >> beam.CombinePerKey(_sum_pairs)
-        | "OnlyTableItems" >> beam.Filter(lambda kv: kv[1][0] > 0)
-        | "ItemEventCounts" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
-        | "ItemVocabulary" >> tx.BuildVocabulary(schema.RESERVED, item_min_count)
-    )
-    item_index = item_vocab | "ItemIndex" >> beam.Map(tx.vocabulary_index)
-    assigned = parsed_events | "SplitAndItem" >> beam.ParDo(
-        tx.AssignSplitAndItem(), singleton(splits), singleton(item_index)
-    ).with_outputs(DEAD, main="ok")
-    dead_letters["events"].append(assigned[DEAD])
-    valid_events = assigned.ok
-    count(valid_events, "EventsOk", tx.event_counter_keys)
+        dim_checked = parsed_items | "CheckEmbeddingDim" >> beam.ParDo(
+            tx.check_embedding_dim, _singleton(v.image_dim)
+        ).with_outputs(DEAD, main="ok")
+        self.dead_letters["items"].append(dim_checked[DEAD])
+        v.valid_items = self.deduplicate(dim_checked.ok, "items", "item_id", raw_io.DUPLICATE_ITEM)
+        self.count(v.valid_items, "ItemsOk", tx.item_counter_keys)
 
-    # ---- vocabularies: queries, tokens, item attributes
-    logger.debug("constructing: vocabularies (queries, tokens, attributes)")
-    query_vocab = (
-        valid_events
-        | "Queries" >> beam.FlatMap(lambda r: [(r["query"], 1)] if r["query"] else [])
-        | "QueryVocabulary" >> tx.BuildVocabulary(schema.QUERY_RESERVED, config.query_min_count)
-    )
-    query_index = query_vocab | "QueryIndex" >> beam.Map(tx.vocabulary_index)
-    vocab_items = valid_items | "InVocabulary" >> beam.FlatMap(
-        lambda r, index: [(index[r["item_id"]], r)] if r["item_id"] in index else [], singleton(item_index)
-    )
-    count(vocab_items, "VocabItems", tx.vocabulary_item_counter_keys)
-    first_query = len(schema.QUERY_RESERVED)
-    token_vocab = (
-        (
-            vocab_items | "TitleTokens" >> beam.FlatMap(lambda ir: [(t, 1) for t in ir[1]["title_tokens"]]),
-            query_vocab
-            | "QueryTokens" >> beam.FlatMap(lambda v: [(t, 1) for q in v[0][first_query:] for t in tx.query_tokens(q)]),
+    def events(self) -> None:
+        """Events: validate, split (column or global time cutoffs), item vocabulary, unknown items."""
+        v, config = self.v, self.config
+        parsed_events, v.event_columns = self.read_table(
+            "events", tx.ValidateRows("events", config.history_events, config.sample_events)
         )
-        | "FlattenTokens" >> beam.Flatten()
-        | "TokenVocabulary" >> tx.BuildVocabulary(schema.RESERVED, config.token_min_count)
-    )
-    token_index = token_vocab | "TokenIndex" >> beam.Map(tx.vocabulary_index)
-    item_attribute_names = (
-        valid_items
-        | "ItemAttributeNames" >> beam.Map(lambda r: list(r["attrs"]))
-        | "UnionItemAttributes" >> beam.CombineGlobally(_SetUnion())
-    )
-    item_attribute_vocabs = (
-        vocab_items
-        | "ItemAttributeValues" >> beam.FlatMap(lambda ir: tx.attribute_value_pairs(ir[1]))
-        | "ItemAttributeVocabularies" >> tx.BuildAttributeVocabularies(item_attribute_names, config.attribute_min_count)
-    )
-    item_attribute_indexes = item_attribute_vocabs | "ItemAttributeIndexes" >> beam.Map(tx.attribute_indexes)
+        explicit_splits = (
+            parsed_events
+            | "HasSplit" >> beam.Filter(lambda r: r["split"] is not None)
+            | "CountSplit" >> beam.combiners.Count.Globally()
+        )
+        valid_fraction, test_fraction = config.valid_fraction, config.test_fraction
 
-    # ---- users: validate, duplicates, attribute vocabularies
-    if files["users"] is not None:
-        logger.debug("constructing: users (validate, duplicates, attribute vocabularies)")
-        parsed_users, user_columns = read_table("users", tx.ValidateRows("users"))
-        valid_users = deduplicate(parsed_users, "users", "user_id", raw_io.DUPLICATE_USER)
-        count(valid_users, "UsersOk", lambda _: [("rows_ok", "users")])
+        def split_info(timestamp_counts, num_explicit):
+            if num_explicit:
+                return {"mode": "column", "valid_from": None, "test_from": None}
+            valid_from, test_from = tx.time_split_cutoffs(timestamp_counts, valid_fraction, test_fraction)
+            return {"mode": "time", "valid_from": valid_from, "test_from": test_from}
+
+        v.splits = (
+            parsed_events
+            | "Timestamps" >> beam.Map(lambda r: r["timestamp"])
+            | "CountTimestamps" >> beam.combiners.Count.PerElement()
+            | "GatherTimestamps" >> beam.combiners.ToList()
+            | "SplitInfo" >> beam.Map(split_info, _singleton(explicit_splits))
+        )
+        v.item_vocab = (
+            (
+                v.valid_items | "ItemInTable" >> beam.Map(lambda r: (r["item_id"], (1, 0))),
+                parsed_events | "ItemEvent" >> beam.Map(lambda r: (r["item_id"], (0, 1))),
+            )
+            | "FlattenItemCounts" >> beam.Flatten()
+            | "SumItemCounts" >> beam.CombinePerKey(_sum_pairs)
+            | "OnlyTableItems" >> beam.Filter(lambda kv: kv[1][0] > 0)
+            | "ItemEventCounts" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
+            | "ItemVocabulary" >> tx.BuildVocabulary(schema.RESERVED, config.item_min_count)
+        )
+        v.item_index = v.item_vocab | "ItemIndex" >> beam.Map(tx.vocabulary_index)
+        assigned = parsed_events | "SplitAndItem" >> beam.ParDo(
+            tx.AssignSplitAndItem(), _singleton(v.splits), _singleton(v.item_index)
+        ).with_outputs(DEAD, main="ok")
+        self.dead_letters["events"].append(assigned[DEAD])
+        v.valid_events = assigned.ok
+        self.count(v.valid_events, "EventsOk", tx.event_counter_keys)
+
+    def vocabularies(self) -> None:
+        """Query, token and item attribute vocabularies."""
+        v, config = self.v, self.config
+        v.query_vocab = (
+            v.valid_events
+            | "Queries" >> beam.FlatMap(lambda r: [(r["query"], 1)] if r["query"] else [])
+            | "QueryVocabulary" >> tx.BuildVocabulary(schema.QUERY_RESERVED, config.query_min_count)
+        )
+        v.query_index = v.query_vocab | "QueryIndex" >> beam.Map(tx.vocabulary_index)
+        v.vocab_items = v.valid_items | "InVocabulary" >> beam.FlatMap(
+            lambda r, index: [(index[r["item_id"]], r)] if r["item_id"] in index else [], _singleton(v.item_index)
+        )
+        self.count(v.vocab_items, "VocabItems", tx.vocabulary_item_counter_keys)
+        first_query = len(schema.QUERY_RESERVED)
+        v.token_vocab = (
+            (
+                v.vocab_items | "TitleTokens" >> beam.FlatMap(lambda ir: [(t, 1) for t in ir[1]["title_tokens"]]),
+                v.query_vocab
+                | "QueryTokens" >> beam.FlatMap(
+                    lambda q: [(t, 1) for text in q[0][first_query:] for t in tx.query_tokens(text)]),
+            )
+            | "FlattenTokens" >> beam.Flatten()
+            | "TokenVocabulary" >> tx.BuildVocabulary(schema.RESERVED, config.token_min_count)
+        )
+        v.token_index = v.token_vocab | "TokenIndex" >> beam.Map(tx.vocabulary_index)
+        item_attribute_names = (
+            v.valid_items
+            | "ItemAttributeNames" >> beam.Map(lambda r: list(r["attrs"]))
+            | "UnionItemAttributes" >> beam.CombineGlobally(_SetUnion())
+        )
+        v.item_attribute_vocabs = (
+            v.vocab_items
+            | "ItemAttributeValues" >> beam.FlatMap(lambda ir: tx.attribute_value_pairs(ir[1]))
+            | "ItemAttributeVocabularies"
+            >> tx.BuildAttributeVocabularies(item_attribute_names, config.attribute_min_count)
+        )
+        v.item_attribute_indexes = v.item_attribute_vocabs | "ItemAttributeIndexes" >> beam.Map(tx.attribute_indexes)
+
+    def users(self) -> None:
+        """Users (when the raw input has a users table): validate, duplicates, attribute vocabularies."""
+        v, p = self.v, self.p
+        if self.files["users"] is None:
+            v.user_columns = p | "NoUserColumns" >> beam.Create([[]])
+            v.user_attribute_vocabs = p | "NoUserAttributes" >> beam.Create([{}])
+            v.user_attributes = p | "NoUsers" >> beam.Create([])
+            return
+        parsed_users, v.user_columns = self.read_table("users", tx.ValidateRows("users"))
+        valid_users = self.deduplicate(parsed_users, "users", "user_id", raw_io.DUPLICATE_USER)
+        self.count(valid_users, "UsersOk", lambda _: [("rows_ok", "users")])
         user_attribute_names = (
             valid_users
             | "UserAttributeNames" >> beam.Map(lambda r: list(r["attrs"]))
             | "UnionUserAttributes" >> beam.CombineGlobally(_SetUnion())
         )
-        user_attribute_vocabs = (
+        v.user_attribute_vocabs = (
             valid_users
             | "UserAttributeValues" >> beam.FlatMap(tx.attribute_value_pairs)
             | "UserAttributeVocabularies"
-            >> tx.BuildAttributeVocabularies(user_attribute_names, config.attribute_min_count)
+            >> tx.BuildAttributeVocabularies(user_attribute_names, self.config.attribute_min_count)
         )
-        user_attribute_indexes = user_attribute_vocabs | "UserAttributeIndexes" >> beam.Map(tx.attribute_indexes)
-        user_attributes = valid_users | "UserAttributes" >> beam.Map(
+        user_attribute_indexes = v.user_attribute_vocabs | "UserAttributeIndexes" >> beam.Map(tx.attribute_indexes)
+        v.user_attributes = valid_users | "UserAttributes" >> beam.Map(
             lambda r, indexes: (r["user_id"], {n: tx.lookup(i, r["attrs"].get(n)) for n, i in indexes.items()}),
-            singleton(user_attribute_indexes),
+            _singleton(user_attribute_indexes),
         )
-    else:
-        user_columns = p | "NoUserColumns" >> beam.Create([[]])
-        user_attribute_vocabs = p | "NoUserAttributes" >> beam.Create([{}])
-        user_attributes = p | "NoUsers" >> beam.Create([])
 
-    # ---- user ids (train-split events only: an id first seen in valid/test would get an untrained
-    # embedding, OOV is the trained fallback) and history feedback tokens
-    user_vocab = (
-        valid_events
-        | "TrainUsers" >> beam.FlatMap(lambda r: [(r["user_id"], 1)] if r["split"] == "train" else [])
-        | "UserVocabulary" >> tx.BuildVocabulary(schema.RESERVED, config.user_min_count)
-    )
-    first_user = len(schema.RESERVED)
-    user_index = user_vocab | "UserIndex" >> beam.FlatMap(lambda v: list(zip(v[0], range(len(v[0]))))[first_user:])
-    feedback_vocab = (
-        valid_events
-        | "FeedbackTokens" >> beam.FlatMap(lambda r: [(r["feedback"], 1)] if r["roles"] & tx.HISTORY_ROLE else [])
-        | "FeedbackVocabulary" >> tx.BuildVocabulary(schema.RESERVED, 1)
-    )
-    feedback_index = feedback_vocab | "FeedbackIndex" >> beam.Map(tx.vocabulary_index)
-
-    # ---- samples: group per user, point-in-time histories, SequenceExamples
-    logger.debug("constructing: samples (group per user, histories, SequenceExamples)")
-    user_events = valid_events | "CompactEvents" >> beam.Map(
-        tx.compact_event, singleton(query_index), singleton(feedback_index))
-
-    def sampling_counts(items, queries, num_browse):
-        query_counts = list(queries[1])
-        query_counts[schema.EMPTY_QUERY_INDEX] = num_browse
-        return {"item_counts": items[1], "query_counts": query_counts}
-
-    num_browse = (
-        valid_events
-        | "BrowseEvents" >> beam.Filter(lambda r: not r["query"])
-        | "CountBrowse" >> beam.combiners.Count.Globally()
-    )
-    sampling = item_vocab | "SamplingCounts" >> beam.Map(sampling_counts, singleton(query_vocab), singleton(num_browse))
-    tags = [tx.output_tag(kind, split) for kind in schema.EXAMPLE_KINDS for split in schema.SPLITS]
-    built = (
-        {"events": user_events, "users": user_attributes, "user_index": user_index}
-        | "GroupPerUser" >> beam.CoGroupByKey()
-        | "BuildSamples"
-        >> beam.ParDo(
-            tx.BuildUserSamples(
-                config.max_history,
-                config.min_history,
-                config.pretrain_samples_per_user,
-                config.num_negatives,
-                config.seed,
-            ),
-            singleton(sampling),
-            singleton(user_attribute_vocabs | "UserAttributeList" >> beam.Map(sorted)),
-        ).with_outputs(tx.COUNTER_TAG, *tags)
-    )
-    counts.append(built[tx.COUNTER_TAG])
-    for kind in schema.EXAMPLE_KINDS:
-        for split in schema.SPLITS:
-            examples = built[tx.output_tag(kind, split)]
-            examples | f"Write_{kind}_{split}" >> _write_tfrecords(join(out, kind, split), config.num_shards)
-
-    # ---- item and query tables
-    logger.debug("constructing: item and query tables")
-    (
-        vocab_items
-        | "ItemExamples"
-        >> beam.Map(
-            lambda ir, tokens, attrs, dim: tx.item_example(ir[0], ir[1], tokens, attrs, dim),
-            singleton(token_index),
-            singleton(item_attribute_indexes),
-            singleton(image_dim),
+    def ids_and_feedback(self) -> None:
+        """User ids (train-split events only: an id first seen in valid/test would get an untrained embedding, OOV
+        is the trained fallback) and history feedback tokens."""
+        v = self.v
+        v.user_vocab = (
+            v.valid_events
+            | "TrainUsers" >> beam.FlatMap(lambda r: [(r["user_id"], 1)] if r["split"] == "train" else [])
+            | "UserVocabulary" >> tx.BuildVocabulary(schema.RESERVED, self.config.user_min_count)
         )
-        | "WriteItemTable" >> _write_tfrecords(join(out, schema.ITEM_TABLE_DIR, "items"), config.num_shards)
-    )
-    (
-        query_vocab
-        | "QueryEntries" >> beam.FlatMap(lambda v: list(enumerate(v[0]))[first_query:])
-        | "QueryExamples" >> beam.Map(lambda iq, tokens: tx.query_example(iq[0], iq[1], tokens), singleton(token_index))
-        | "WriteQueryTable" >> _write_tfrecords(join(out, schema.QUERY_TABLE_DIR, "queries"), config.num_shards)
-    )
+        first_user = len(schema.RESERVED)
+        v.user_index = v.user_vocab | "UserIndex" >> beam.FlatMap(
+            lambda u: list(zip(u[0], range(len(u[0]))))[first_user:])
+        v.feedback_vocab = (
+            v.valid_events
+            | "FeedbackTokens" >> beam.FlatMap(lambda r: [(r["feedback"], 1)] if r["roles"] & tx.HISTORY_ROLE else [])
+            | "FeedbackVocabulary" >> tx.BuildVocabulary(schema.RESERVED, 1)
+        )
+        v.feedback_index = v.feedback_vocab | "FeedbackIndex" >> beam.Map(tx.vocabulary_index)
 
-    # ---- vocabulary files
-    item_vocab | "WriteItemVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.ITEM_VOCAB))
-    query_vocab | "WriteQueryVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.QUERY_VOCAB))
-    token_vocab | "WriteTokenVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.TOKEN_VOCAB))
-    user_vocab | "WriteUserVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.USER_VOCAB))
-    feedback_vocab | "WriteFeedbackVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.FEEDBACK_VOCAB))
-    for label, vocabs, file_name in (
-        ("WriteItemAttrVocabs", item_attribute_vocabs, schema.item_attribute_vocab),
-        ("WriteUserAttrVocabs", user_attribute_vocabs, schema.user_attribute_vocab),
-    ):
-        vocabs | label >> beam.Map(_write_attribute_vocabularies, vocab_dir, file_name)
+    def samples(self) -> None:
+        """Group events per user, point-in-time histories, SequenceExamples per kind and split."""
+        v, config, join = self.v, self.config, FileSystems.join
+        user_events = v.valid_events | "CompactEvents" >> beam.Map(
+            tx.compact_event, _singleton(v.query_index), _singleton(v.feedback_index))
 
-    # ---- dead letters
-    for table, pcolls in dead_letters.items():
-        letters = pcolls | f"FlattenDead{table}" >> beam.Flatten()
-        count(letters, f"Dead{table}", lambda d: [("dead_letters", d["table"], d["reason"])])
+        def sampling_counts(items, queries, num_browse):
+            query_counts = list(queries[1])
+            query_counts[schema.EMPTY_QUERY_INDEX] = num_browse
+            return {"item_counts": items[1], "query_counts": query_counts}
+
+        num_browse = (
+            v.valid_events
+            | "BrowseEvents" >> beam.Filter(lambda r: not r["query"])
+            | "CountBrowse" >> beam.combiners.Count.Globally()
+        )
+        sampling = v.item_vocab | "SamplingCounts" >> beam.Map(
+            sampling_counts, _singleton(v.query_vocab), _singleton(num_browse))
+        tags = [tx.output_tag(kind, split) for kind in schema.EXAMPLE_KINDS for split in schema.SPLITS]
+        built = (
+            {"events": user_events, "users": v.user_attributes, "user_index": v.user_index}
+            | "GroupPerUser" >> beam.CoGroupByKey()
+            | "BuildSamples"
+            >> beam.ParDo(
+                tx.BuildUserSamples(config.max_history, config.min_history, config.pretrain_samples_per_user,
+                                    config.num_negatives, config.seed),
+                _singleton(sampling),
+                _singleton(v.user_attribute_vocabs | "UserAttributeList" >> beam.Map(sorted)),
+            ).with_outputs(tx.COUNTER_TAG, *tags)
+        )
+        self.counts.append(built[tx.COUNTER_TAG])
+        for kind in schema.EXAMPLE_KINDS:
+            for split in schema.SPLITS:
+                examples = built[tx.output_tag(kind, split)]
+                examples | f"Write_{kind}_{split}" >> _write_tfrecords(join(self.out, kind, split), config.num_shards)
+
+    def tables(self) -> None:
+        """The item and query tables (content the model stores as weights)."""
+        v, join, shards = self.v, FileSystems.join, self.config.num_shards
         (
-            letters
-            | f"DeadJson{table}" >> beam.Map(raw_io.dead_letter_json)
-            | f"WriteDead{table}"
-            >> beam.io.WriteToText(join(out, schema.DEAD_LETTER_DIR, table), file_name_suffix=".jsonl")
+            v.vocab_items
+            | "ItemExamples"
+            >> beam.Map(
+                lambda ir, tokens, attrs, dim: tx.item_example(ir[0], ir[1], tokens, attrs, dim),
+                _singleton(v.token_index),
+                _singleton(v.item_attribute_indexes),
+                _singleton(v.image_dim),
+            )
+            | "WriteItemTable" >> _write_tfrecords(join(self.out, schema.ITEM_TABLE_DIR, "items"), shards)
+        )
+        first_query = len(schema.QUERY_RESERVED)
+        (
+            v.query_vocab
+            | "QueryEntries" >> beam.FlatMap(lambda q: list(enumerate(q[0]))[first_query:])
+            | "QueryExamples" >> beam.Map(lambda iq, tokens: tx.query_example(iq[0], iq[1], tokens),
+                                          _singleton(v.token_index))
+            | "WriteQueryTable" >> _write_tfrecords(join(self.out, schema.QUERY_TABLE_DIR, "queries"), shards)
         )
 
-    # ---- stats.json and metadata.json, once everything they count is known
-    counters = (
-        counts
-        | "FlattenCounts" >> beam.Flatten()
-        | "SumCounts" >> beam.CombinePerKey(sum)
-        | "CountsDict" >> beam.combiners.ToDict()
-    )
+    def vocabulary_files(self) -> None:
+        v, join = self.v, FileSystems.join
+        vocab_dir = join(self.out, schema.VOCAB_DIR)
+        v.item_vocab | "WriteItemVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.ITEM_VOCAB))
+        v.query_vocab | "WriteQueryVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.QUERY_VOCAB))
+        v.token_vocab | "WriteTokenVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.TOKEN_VOCAB))
+        v.user_vocab | "WriteUserVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.USER_VOCAB))
+        v.feedback_vocab | "WriteFeedbackVocab" >> beam.Map(_write_vocabulary, join(vocab_dir, schema.FEEDBACK_VOCAB))
+        for label, vocabs, file_name in (
+            ("WriteItemAttrVocabs", v.item_attribute_vocabs, schema.item_attribute_vocab),
+            ("WriteUserAttrVocabs", v.user_attribute_vocabs, schema.user_attribute_vocab),
+        ):
+            vocabs | label >> beam.Map(_write_attribute_vocabularies, vocab_dir, file_name)
 
-    def vocab_sizes(items, queries, tokens, item_attrs, user_attrs, users, feedback):
-        return {
-            "items": len(items[0]),
-            "queries": len(queries[0]),
-            "tokens": len(tokens[0]),
-            "item_attributes": {n: len(v[0]) for n, v in item_attrs.items()},
-            "user_attributes": {n: len(v[0]) for n, v in user_attrs.items()},
-            "users": len(users[0]),
-            "feedback": len(feedback[0]),
-        }
+    def dead_letter_files(self) -> None:
+        for table, pcolls in self.dead_letters.items():
+            letters = pcolls | f"FlattenDead{table}" >> beam.Flatten()
+            self.count(letters, f"Dead{table}", lambda d: [("dead_letters", d["table"], d["reason"])])
+            (
+                letters
+                | f"DeadJson{table}" >> beam.Map(raw_io.dead_letter_json)
+                | f"WriteDead{table}"
+                >> beam.io.WriteToText(FileSystems.join(self.out, schema.DEAD_LETTER_DIR, table),
+                                       file_name_suffix=".jsonl")
+            )
 
-    sizes = item_vocab | "VocabSizes" >> beam.Map(
-        vocab_sizes,
-        *map(singleton, (query_vocab, token_vocab, item_attribute_vocabs, user_attribute_vocabs, user_vocab,
-                         feedback_vocab)),
-    )
-    tables = {t: (f.fmt, list(f.paths)) for t, f in files.items() if f is not None}
-    (
-        p
-        | "StatsTrigger" >> beam.Create([None])
-        | "WriteStats"
-        >> beam.ParDo(
-            _WriteStats(out, config, tables),
-            singleton(counters),
-            singleton(sizes),
-            singleton(image_dim),
-            singleton(splits),
-            singleton(item_columns),
-            singleton(event_columns),
-            singleton(user_columns),
+    def stats(self) -> None:
+        """stats.json and metadata.json, once everything they count is known (after every other stage)."""
+        v = self.v
+        counters = (
+            self.counts
+            | "FlattenCounts" >> beam.Flatten()
+            | "SumCounts" >> beam.CombinePerKey(sum)
+            | "CountsDict" >> beam.combiners.ToDict()
         )
-    )
+        sizes = v.item_vocab | "VocabSizes" >> beam.Map(
+            _vocab_sizes,
+            *map(_singleton, (v.query_vocab, v.token_vocab, v.item_attribute_vocabs, v.user_attribute_vocabs,
+                              v.user_vocab, v.feedback_vocab)),
+        )
+        tables = {t: (f.fmt, list(f.paths)) for t, f in self.files.items() if f is not None}
+        (
+            self.p
+            | "StatsTrigger" >> beam.Create([None])
+            | "WriteStats"
+            >> beam.ParDo(
+                _WriteStats(self.out, self.config, tables),
+                *map(_singleton, (counters, sizes, v.image_dim, v.splits, v.item_columns, v.event_columns,
+                                  v.user_columns)),
+            )
+        )
+
+
+STAGES = ("items", "events", "vocabularies", "users", "ids_and_feedback", "samples", "tables", "vocabulary_files",
+          "dead_letter_files", "stats")
+
+
+def _singleton(pcoll):
+    return beam.pvalue.AsSingleton(pcoll)
+
+
+def _vocab_sizes(items, queries, tokens, item_attrs, user_attrs, users, feedback):
+    return {
+        "items": len(items[0]),
+        "queries": len(queries[0]),
+        "tokens": len(tokens[0]),
+        "item_attributes": {n: len(v[0]) for n, v in item_attrs.items()},
+        "user_attributes": {n: len(v[0]) for n, v in user_attrs.items()},
+        "users": len(users[0]),
+        "feedback": len(feedback[0]),
+    }
+
+
+def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], out: str, config: BuildConfig) -> None:
+    """Adds every stage to ``p`` in ``STAGES`` order (see the module docstring)."""
+    graph = _DatasetGraph(p, files, out, config)
+    for stage in STAGES:
+        logger.debug("constructing: %s", stage)
+        getattr(graph, stage)()
 
 
 def _write_tfrecords(prefix: str, num_shards: int):

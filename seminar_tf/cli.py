@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import seminar_tf  # noqa: F401  (selects tf-keras before anything imports TensorFlow)
 from seminar_tf import config as config_lib  # a leaf: no TensorFlow or Beam
@@ -26,44 +26,29 @@ def _progress(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- dataclass flags
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip=(), defaults=None) -> None:
-    """Adds ``--field-name`` for each field of dataclass ``cls``; help comes from field metadata['help']."""
-    defaults = defaults or {}
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        default = defaults.get(field.name, _field_default(field))
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata.get("help", field.name.replace("_", " ")).replace("%", "%%")
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
-        elif isinstance(default, (tuple, list)):
-            parser.add_argument(flag, dest=field.name, default=",".join(map(str, default)),
-                                help=f"{help_text}; comma-separated (default: {','.join(map(str, default))})")
-        else:
-            kind = type(default) if default is not None and default is not dataclasses.MISSING else str
-            parser.add_argument(flag, dest=field.name, type=kind, default=default,
-                                help=f"{help_text} (default: {default})")
+# Flags are made from the config dataclasses by one mechanism (``config.add_dataclass_arguments``), re-exported.
+add_dataclass_arguments = config_lib.add_dataclass_arguments
+dataclass_from_args = config_lib.dataclass_from_args
 
-
-def _field_default(field: dataclasses.Field):
-    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
-def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
-    values = {}
-    for field in dataclasses.fields(cls):
-        if field.name in overrides:
-            values[field.name] = overrides[field.name]
-        elif hasattr(args, field.name):
-            value = getattr(args, field.name)
-            if isinstance(_field_default(field), (tuple, list)) and isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            values[field.name] = value
-    return cls(**values)
+# Training flags of pretrain / finetune (``TrainConfig`` fields; unset = the preset's)
+TRAIN_FLAGS = {"epochs": "override the preset's number of epochs",
+               "batch_size": "override the preset's global batch size",
+               "steps_per_epoch": "override steps per epoch (the preset's: one pass over the split)"}
+# ``ModelConfig`` fields finetune takes as flags (any other: --set model.FIELD=VALUE); unset = the preset's
+FINETUNE_MODEL_FLAGS = {"top_k": "K pairs the GSU keeps"}
+EM3_FLAGS = {
+    "fusion_queries": "Fusion-Q-Former: N learnable queries fuse each item's text/image channels into N channels "
+                      "(0 = off)",
+    "fusion_layers": "Fusion-Q-Former layers, cross-attention + transformer block each",
+    "content_id_weight": "weight W of the content-ID contrastive loss, in-batch InfoNCE both ways between an item's "
+                         "content and ID embeddings (0 = off)",
+    "content_id_temperature": "temperature T of the content-ID loss",
+    "lora_rank": "LoRA adapters of rank R on the content encoders after the PSU restore; their base weights stay "
+                 "frozen (0 = off); refuses --freeze content",
+    "lora_alpha": "LoRA scaling alpha A, scale A/R (0 = the rank)",
+    "lora_targets": "comma-separated content sub-layers to adapt, e.g. text_encoder,image_encoder/mlp_output "
+                    "(empty = every content encoder)",
+}
 
 
 # ---------------------------------------------------------------------------------------------- world
@@ -140,16 +125,12 @@ def _add_config_flag(p) -> None:
                    help="preset name (test, demo, paper_kuaisar, paper_amazon, movielens) or a YAML/JSON file of "
                    "overrides {base: PRESET, model: {...}, pretrain: {...}, finetune: {...}} (default: demo)")
     config_lib.add_set_argument(p)
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the preset's global batch size")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="override steps per epoch (default: one pass over the split)")
+    config_lib.add_dataclass_arguments(p, config_lib.TrainConfig, fields=list(TRAIN_FLAGS), helps=TRAIN_FLAGS,
+                                       from_preset=True)
 
 
 def _train_overrides(train_config, args):
-    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "steps_per_epoch")
-               if getattr(args, k, None) is not None}
-    return dataclasses.replace(train_config, **changes)
+    return dataclasses.replace(train_config, **config_lib.given_fields(args, list(TRAIN_FLAGS)))
 
 
 def _channels_without_query(data_dir: str, model_config) -> tuple:
@@ -218,7 +199,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--init-from", default=None, help="PSU run directory to restore content weights from")
     quantization.add_gsu_arguments(p, what="to train with", gsu_default="the preset's",
                                    codebooks_default="the --init-from run's")
-    p.add_argument("--top-k", type=int, default=None, help="K pairs the GSU keeps (default: the preset's)")
+    config_lib.add_dataclass_arguments(p, config_lib.ModelConfig, fields=list(FINETUNE_MODEL_FLAGS),
+                                       helps=FINETUNE_MODEL_FLAGS, from_preset=True)
     p.add_argument("--freeze", default="", help="comma-separated parts to keep fixed: content, projections")
     p.add_argument("--no-history", action="store_true", help="baseline without the user history")
     p.add_argument("--model", default=None, choices=["seminar", "din", "sim_hard", "sim_soft", "eta", "twin", "qin"],
@@ -228,26 +210,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--no-query-channel", action="store_true",
                    help="ablation: no query channel (model.channels = the dataset's channels minus query); "
                         "--init-from a PSU run trained with --no-query-channel")
-    em3 = p.add_argument_group("EM3 options (architecture seminar only)")
-    em3.add_argument("--fusion-queries", metavar="N", type=int, default=None,
-                     help="Fusion-Q-Former: N learnable queries fuse each item's text/image channels into N "
-                          "channels (model.fusion_queries; 0 = off, the preset's default)")
-    em3.add_argument("--fusion-layers", metavar="N", type=int, default=None,
-                     help="Fusion-Q-Former layers, cross-attention + transformer block each (model.fusion_layers; "
-                          "default: the preset's, 1)")
-    em3.add_argument("--content-id-weight", metavar="W", type=float, default=None,
-                     help="weight W of the content-ID contrastive loss, in-batch InfoNCE both ways between an "
-                          "item's content and ID embeddings (model.content_id_weight; 0 = off)")
-    em3.add_argument("--content-id-temperature", metavar="T", type=float, default=None,
-                     help="temperature T of the content-ID loss (model.content_id_temperature; default 0.1)")
-    em3.add_argument("--lora-rank", metavar="R", type=int, default=None,
-                     help="LoRA adapters of rank R on the content encoders after the PSU restore; their base "
-                          "weights stay frozen (model.lora_rank; 0 = off); refuses --freeze content")
-    em3.add_argument("--lora-alpha", metavar="A", type=float, default=None,
-                     help="LoRA scaling alpha A, scale A/R (model.lora_alpha; 0 = the rank)")
-    em3.add_argument("--lora-targets", metavar="a,b", default=None,
-                     help="comma-separated content sub-layers to adapt, e.g. text_encoder,image_encoder/mlp_output "
-                          "(model.lora_targets; default: every content encoder)")
+    em3 = p.add_argument_group("EM3 options (architecture seminar only; model.FIELD, any other via --set)")
+    config_lib.add_dataclass_arguments(em3, config_lib.ModelConfig, fields=list(EM3_FLAGS), helps=EM3_FLAGS,
+                                       from_preset=True)
     _add_config_flag(p)
     p.set_defaults(handler=_run_finetune, takes_extra=False)
 
@@ -269,8 +234,6 @@ def _run_finetune(args, extra) -> int:
         changes["pq_rerank"] = args.pq_rerank
     if args.codebooks and (args.gsu or preset.model.gsu) == "exact":
         raise SystemExit("--codebooks is for --gsu pq_adc|pq_sdc; add one of those or drop --codebooks")
-    if args.top_k:
-        changes["top_k"] = args.top_k
     if args.no_history:
         changes["use_history"] = False
     if args.model:
@@ -279,12 +242,7 @@ def _run_finetune(args, extra) -> int:
         raise SystemExit("--no-pretrain and --init-from contradict each other; drop one")
     if args.no_query_channel:
         changes["channels"] = _channels_without_query(args.data, preset.model)
-    em3_flags = {"fusion_queries": args.fusion_queries, "fusion_layers": args.fusion_layers,
-                 "content_id_weight": args.content_id_weight, "content_id_temperature": args.content_id_temperature,
-                 "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
-    changes.update({k: v for k, v in em3_flags.items() if v is not None})
-    if args.lora_targets is not None:
-        changes["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    changes.update(config_lib.given_fields(args, [*FINETUNE_MODEL_FLAGS, *EM3_FLAGS]))
     preset.model = dataclasses.replace(preset.model, **changes)
     try:
         preset.model.validate()
@@ -433,6 +391,29 @@ def _add_bench(sub) -> None:
     p.set_defaults(handler=_run_bench, takes_extra=False)
 
 
+def _add_render(sub) -> None:
+    p = sub.add_parser(
+        "render",
+        help="re-render a benchmark report's Markdown from its JSON",
+        description="Every benchmark report is a JSON stamped with the commit, the command and the machine; its "
+        "Markdown is rendered from that JSON alone. This writes the Markdown of REPORT_JSON (benchmarks/pq.json -> "
+        "pq.md, serving.json -> serving.md, pipeline.json -> pipeline.md, movielens.json and a report's "
+        "report.json -> REPORT.md beside it).")
+    p.add_argument("reports", nargs="+", metavar="REPORT_JSON", help="report JSON files written by bench / report")
+    p.set_defaults(handler=_run_render, takes_extra=False)
+
+
+def _run_render(args, extra) -> int:
+    from seminar_tf.bench import stamp
+
+    for path in args.reports:
+        try:
+            print(stamp.render_file(path))
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"render {path}: {error}") from None
+    return 0
+
+
 def _run_bench(args, extra) -> int:
     which = ["pipeline", "pq", "serving"] if args.which == "all" else [args.which]
     work_dir = args.work_dir or "runs/bench"
@@ -504,7 +485,7 @@ def _add_report(sub) -> None:
 
 
 _COMMANDS: List[Callable] = [_add_world, _add_build, _add_pretrain, _add_finetune, _add_evaluate, _add_fit_codebooks,
-                             _add_export, _add_serving, _add_demo, _add_bench, _add_report]
+                             _add_export, _add_serving, _add_demo, _add_bench, _add_render, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -477,6 +477,69 @@ def _parse_value(kind: str, raw: str, where: str):
     raise ValueError(f"{where}: fields of type {kind} cannot be set from the command line")
 
 
+def _field_default(field: dataclasses.Field):
+    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _flag_type(kind: str, flag: str):
+    """An argparse ``type`` parsing a flag's text as ``--set`` parses a field of annotation ``kind``."""
+    import argparse
+
+    def parse(raw: str):
+        try:
+            return _parse_value(kind, raw, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = kind
+    return parse
+
+
+def add_dataclass_arguments(parser, cls, *, fields: Optional[Sequence[str]] = None, skip: Sequence[str] = (),
+                            defaults: Optional[dict] = None, helps: Optional[Dict[str, str]] = None,
+                            from_preset: bool = False) -> None:
+    """The one way flags are made from config dataclasses (every command and the Beam job): ``--field-name`` per
+    field of ``cls`` (only ``fields`` when given), its text parsed by the field's type exactly as ``--set`` parses
+    it (bools take ``--x/--no-x``). Help: ``helps[name]``, else the field's metadata ``help``. With ``from_preset``
+    every flag defaults to None, "keep the preset's value" (``given_fields`` collects the ones passed)."""
+    import argparse
+
+    for field in dataclasses.fields(cls):
+        if (fields is not None and field.name not in fields) or field.name in skip:
+            continue
+        default = None if from_preset else (defaults or {}).get(field.name, _field_default(field))
+        flag = "--" + field.name.replace("_", "-")
+        text = ((helps or {}).get(field.name) or field.metadata.get("help") or field.name.replace("_", " "))
+        kind = str(field.type)
+        shown = ("the preset's" if from_preset else ",".join(map(str, default))
+                 if isinstance(default, (tuple, list)) else default)
+        help_text = f"{text} (default: {shown})".replace("%", "%%")
+        if kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=_flag_type(kind, flag), default=default,
+                                metavar=field.name.upper(), help=help_text)
+
+
+def dataclass_from_args(cls, args, **overrides):
+    """``cls`` from the parsed flags of ``add_dataclass_arguments`` (fields without a flag keep their default)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in overrides:
+            values[field.name] = overrides[field.name]
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+    return cls(**values)
+
+
+def given_fields(args, fields: Sequence[str]) -> dict:
+    """{field: value} of the ``from_preset`` flags the command line passed (the others stay the preset's)."""
+    return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+
+
 def override(config, section: str, assignments: Sequence[str]):
     """``config`` (one section's dataclass) with ``FIELD=VALUE`` texts applied; the class validates the result."""
     known = {f.name: f for f in dataclasses.fields(config)}

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from seminar_tf import schema
+from seminar_tf.bench import stamp
 
 COMMAND = "seminar-tf report"
 REPORT_FILE = "REPORT.md"
@@ -491,7 +491,8 @@ def _beats_check(tables: dict, rows: Sequence[str], suffix: str = "") -> Optiona
     if scratch:
         detail += ". Architecture only (seminar_no_pretrain, also from scratch, vs each): " + "; ".join(
             f"{b} {d['delta']:+.4f}" for b, d in scratch.items())
-    return {"claim": claim, "status": status, "detail": detail}
+    return {"claim": claim, "status": status, "detail": detail,
+            "deltas": {b: d["delta"] for b, d in found.items()}, "rows_missing": missing}
 
 
 def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
@@ -502,7 +503,7 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
 
     claim = "pretraining helps most on the cold-id subset"
     if "seminar" in rows and "seminar_no_pretrain" in rows:
-        parts, statuses = [], []
+        parts, statuses, gains, too_small = [], [], {}, {}
         for hi, lo, label in (("cold", "warm", "history holds a cold id vs not"),
                               ("cold_share_high", "cold_share_low", "cold-id share of the history above vs at "
                                                                      "or below the median"),
@@ -514,12 +515,14 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
             small = [(name, int(size)) for name in (hi, lo)
                      for size in [tables.get(f"subset:{name}", {}).get("seminar", {}).get("num_samples", {}).get(
                          "mean", 0) or 0] if size < MIN_SUBSET_SAMPLES]
+            too_small.update(small)
             if small:
                 parts.append(f"{label}: not compared, " + ", ".join(f"{n} has {k} samples" for n, k in small)
                              + f" (< {MIN_SUBSET_SAMPLES})")
             elif d_hi and d_lo:
                 parts.append(f"{label}: AUC gain of pretraining {d_hi['delta']:+.4f} vs {d_lo['delta']:+.4f}")
                 statuses.append(d_hi["delta"] > d_lo["delta"])
+                gains[hi] = {hi: d_hi["delta"], lo: d_lo["delta"]}
             else:
                 parts.append(f"{label}: a subset is empty, not comparable")
         full = _delta(tables, "seminar", "seminar_no_pretrain")
@@ -527,7 +530,8 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
             parts.append(f"all samples: {full['delta']:+.4f}")
         status = ("not evaluated" if not statuses else "supported" if all(statuses)
                   else "partly supported" if any(statuses) else "not supported")
-        out.append({"claim": claim, "status": status, "detail": "; ".join(parts)})
+        out.append({"claim": claim, "status": status, "detail": "; ".join(parts), "gains": gains,
+                    "too_small": too_small, "all_samples": full["delta"] if full else None})
     else:
         out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_pretrain"})
 
@@ -536,7 +540,7 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
     if d:
         status = ("supported" if d["delta"] > d["noise"] else "supported (means only; within seed noise)"
                   if d["delta"] > 0 else "not supported")
-        out.append({"claim": claim, "status": status,
+        out.append({"claim": claim, "status": status, "delta": d["delta"],
                     "detail": f"seminar − seminar_no_alignment AUC = {d['delta']:+.4f} (seed std "
                               f"{d['a']['std']:.4f} / {d['b']['std']:.4f})"})
     else:
@@ -697,13 +701,6 @@ def _config_text(config: str) -> str:
     return ""
 
 
-def _machine() -> str:
-    import tensorflow as tf
-
-    return (f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
-
-
 def build_tables(cells: Dict[str, List[dict]]) -> dict:
     """{"metrics": {row: {metric: stat}}, "subset:<name>": {...}, "popularity": {...}}."""
     tables = {"metrics": {}, "popularity": {}, "still_improving": {}}
@@ -722,14 +719,14 @@ def build_tables(cells: Dict[str, List[dict]]) -> dict:
     return tables
 
 
-def _markdown(report: dict) -> str:
+def markdown(report: dict) -> str:
     from seminar_tf.evaluate import format_markdown_table
 
     tables = report["tables"]
     rows = [r for r in report["rows"] if r in tables["metrics"]]
     lines = [f"# SEMINAR comparison grid ({report['preset']} config)", "",
              f"Command: `{report['command']}`", "",
-             *([f"The cells were trained by: " + "; ".join(f"`{c}`" for c in report["grid_commands"]), ""]
+             *(["The cells were trained by: " + "; ".join(f"`{c}`" for c in report["grid_commands"]), ""]
                if report.get("grid_commands") and report["grid_commands"] != [report["command"]] else []),
              *([report["note"], ""] if report.get("note") else []),
              f"Machine: {report['machine']}. Wall time of this invocation {report['wall_seconds']:.0f} s "
@@ -938,7 +935,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
                " not fine-tuned with PQ.")
     dataset = f"{metadata.num_items} item rows, {metadata.num_queries} queries, channels {list(metadata.channels)}"
     report = {
-        "command": grid.command or COMMAND, "machine": _machine(), "preset": base.name,
+        "benchmark": "report", **stamp.stamp(grid.command or COMMAND), "preset": base.name,
         "config": grid.config, "config_summary": _config_summary(grid, base, cells),
         "grid_commands": grid_commands, "runs_dir": runs_dir, "grid_span": _grid_span(runs_dir),
         "note": grid.note, "config_text": _config_text(grid.config),
@@ -954,12 +951,14 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
         "wall_seconds": time.time() - started,
         # a cell's seconds include the PSU pretraining when that cell trained it (shared PSUs count once)
         "cell_seconds": float(sum(c.get("seconds", 0.0) for f in cells.values() for c in f)),
-        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     report["checks"] = checks(tables, [r for r in grid.models if r in cells])
+    from seminar_tf.evaluate import _json_ready
+
+    report = stamp.round_trip(_json_ready(report))
     _write_json(os.path.join(out, JSON_FILE), report)
     with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
-        f.write(_markdown(report))
+        f.write(markdown(report))  # rendered from the JSON payload alone (seminar-tf render re-renders it)
     progress(f"report: wrote {os.path.join(out, REPORT_FILE)}")
     return report
 

@@ -1,6 +1,7 @@
 """Configs: dotted ``--set SECTION.FIELD=VALUE`` overrides, parsed by each field's type, on every command."""
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -69,6 +70,29 @@ def test_the_beam_job_takes_build_overrides_only():
     args = parser.parse_args(["--input", "a", "--output", "b", "--set", "model.top_k=9"])
     with pytest.raises(ValueError, match="takes only build.FIELD=VALUE"):
         build_dataset.config_from_args(args)
+
+
+def test_flags_are_made_from_the_dataclasses_and_parsed_as_set_parses_them(capsys):
+    """One mechanism (config_lib.add_dataclass_arguments) makes the Beam job's, world's and finetune's flags."""
+    job = build_dataset.add_arguments(argparse.ArgumentParser())
+    args = job.parse_args(["--input", "a", "--output", "b", "--history-events", "impression, click",
+                           "--valid-fraction", "0.2"])
+    built = build_dataset.config_from_args(args)
+    assert built.history_events == ("impression", "click") and built.valid_fraction == 0.2
+    assert built.max_history == config_lib.BuildConfig().max_history
+    with pytest.raises(SystemExit):
+        job.parse_args(["--input", "a", "--output", "b", "--max-history", "many"])
+    assert "--max-history: 'many' is not a int" in capsys.readouterr().err
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["finetune", "--data", "d", "--top-k", "7", "--lora-targets", "text_encoder,image_encoder",
+                              "--content-id-weight", "0.5", "--epochs", "3"])
+    assert config_lib.given_fields(args, [*cli.FINETUNE_MODEL_FLAGS, *cli.EM3_FLAGS]) == {
+        "top_k": 7, "lora_targets": ("text_encoder", "image_encoder"), "content_id_weight": 0.5}
+    assert config_lib.given_fields(args, list(cli.TRAIN_FLAGS)) == {"epochs": 3}  # unset flags keep the preset's
+    assert set(cli.EM3_FLAGS) | set(cli.FINETUNE_MODEL_FLAGS) <= {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+    world = parser.parse_args(["world", "--out", "w", "--num-users", "12"])
+    assert world.num_users == 12
 
 
 def test_report_and_bench_carry_set_into_their_config_and_command(tmp_path):

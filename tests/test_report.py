@@ -2,12 +2,12 @@
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
 
 from seminar_tf import report
+from seminar_tf.bench import stamp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -122,7 +122,8 @@ def grid(dataset_dir, tmp_path_factory):
 def test_report_table_matches_report_json(grid):
     out, _ = grid
     payload, markdown = _written(out)
-    assert "Command: `seminar-tf report --data" in markdown and "--models seminar,din" in markdown
+    assert payload["command"].startswith("seminar-tf report --data") and "--models seminar,din" in payload["command"]
+    assert payload["commit"] == stamp.commit() and markdown == stamp.render(payload)  # the Markdown is the JSON
     assert payload["failed"] == [] and payload["missing"] == []
     rows = _table_rows(markdown, "## Test metrics")
     assert {"seminar", "din"} <= set(rows)
@@ -203,7 +204,7 @@ def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch)
     after, text = _written(out)
     assert sorted(after["reused"]) == ["din_s0", "din_s1", "seminar_s0", "seminar_s1"]
     assert after["tables"]["metrics"] == before["tables"]["metrics"]
-    assert re.search(r"cells reused with --resume: 4", text)
+    assert text == stamp.render(after)
 
     # --report-only trains nothing and lists the cells without a finished run
     models = argv.index("--models") + 1
@@ -211,7 +212,7 @@ def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch)
     assert cli.main(only) == 0
     partial, text = _written(out)
     assert partial["missing"] == ["twin_s0", "twin_s1"] and "twin" not in partial["cells"]
-    assert "twin_s0, twin_s1" in text and "The cells were trained by:" in text
+    assert partial["grid_commands"] != [partial["command"]] and text == stamp.render(partial)
 
 
 def test_checks_follow_the_numbers():
@@ -233,11 +234,13 @@ def test_checks_follow_the_numbers():
               "subset:warm_target": subset({"seminar": 0.65, "seminar_no_pretrain": 0.56}, 940)}
     beat, cold, align = report.checks(tables, rows)
     assert beat["status"] == "not supported"  # twin is ahead
-    assert "seminar − twin = -0.0100" in beat["detail"] and "eta" in beat["detail"]  # eta/sim rows not run
+    assert beat["deltas"] == pytest.approx({"twin": -0.01, "din": 0.10})
+    assert beat["rows_missing"] == ["eta", "sim_soft", "sim_hard"]  # not run
     assert cold["status"] == "supported"  # high share 0.14 > low 0.08; cold target 0.10 > warm 0.09; warm small
-    assert "warm has 10 samples" in cold["detail"] and "+0.1400 vs +0.0800" in cold["detail"]
-    assert "target item cold vs not: AUC gain of pretraining +0.1000 vs +0.0900" in cold["detail"]
-    assert align["status"] == "supported" and "+0.0400" in align["detail"]
+    assert cold["too_small"] == {"warm": 10} and "cold" not in cold["gains"]
+    assert cold["gains"]["cold_share_high"] == pytest.approx({"cold_share_high": 0.14, "cold_share_low": 0.08})
+    assert cold["gains"]["cold_target"] == pytest.approx({"cold_target": 0.10, "warm_target": 0.09})
+    assert align["status"] == "supported" and align["delta"] == pytest.approx(0.04)
     tables["metrics"]["twin"]["auc"] = stat(0.60)
     tables["subset:cold_share_low"]["seminar"]["auc"] = stat(0.70)
     beat, cold, _ = report.checks(tables, rows)

@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Tuple
 
 from seminar_tf import report as report_lib
 from seminar_tf import schema
+from seminar_tf.bench import stamp
 
 COMMAND = "seminar-tf bench movielens"
 RECBOLE_VERSION = "1.2.1"
@@ -196,17 +197,6 @@ def checks(rows: List[dict]) -> List[dict]:
     return out
 
 
-def _commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 # ---------------------------------------------------------------------------------------------- report
 def protocol_text(report: dict) -> str:
     build, samples = report["build"], report["dataset_stats"]["samples"]
@@ -229,8 +219,9 @@ def markdown(report: dict) -> str:
     from seminar_tf.evaluate import format_markdown_table
 
     fmt = report_lib.format_mean_std
+    external = report["external"]
     columns = ["row", "n", "AUC", "GAUC", "logloss", "HIT@10", "NDCG@10", "s / epoch",
-               f"external AUC ({EXTERNAL['library']} {EXTERNAL['version']})"]
+               f"external AUC ({external['library']} {external['version']})"]
     table = []
     for r in report["rows"]:
         entry = {"row": r["row"], "n": r["n"]}
@@ -258,7 +249,7 @@ def markdown(report: dict) -> str:
              "s / epoch: fine-tuning wall time over the epochs run (model build and the validation pass "
              "included)." + (f" PSU pretraining before fine-tuning: {psu}." if psu else ""), "",
              "Rows: " + "; ".join(f"`{r['row']}`: {r['description']}" for r in report["rows"]) + ".", "",
-             f"External reference: {EXTERNAL['note']} SIM's figure stands beside both sim_hard and sim_soft.", "",
+             f"External reference: {external['note']} SIM's figure stands beside both sim_hard and sim_soft.", "",
              "## Checks", "", "Computed from movielens.json (means over seeds); a row that loses stays in the "
              "tables.", "", format_markdown_table(check_rows, ["target", "status", "numbers"]).rstrip("\n"), ""]
     if report["failed"] or report["missing"]:
@@ -294,8 +285,7 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
         dataset_stats = json.load(f)
     rows = collect_rows(grid_report, config.models)
     report = {
-        "benchmark": "movielens", "command": grid.command, "commit": _commit(),
-        "machine": grid_report["machine"], "config": config.config, "seeds": config.seeds,
+        "benchmark": "movielens", **stamp.stamp(grid.command), "config": config.config, "seeds": config.seeds,
         "input": config.input_dir, "label_threshold": config.label_threshold, "num_negatives": config.num_negatives,
         "build": dataclasses.asdict(build_config(preset)),
         "dataset_stats": {k: dataset_stats.get(k) for k in ("rows_ok", "samples", "vocab_sizes", "channels")},
@@ -303,16 +293,14 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
         "failed": grid_report["failed"], "missing": grid_report["missing"], "reused": grid_report["reused"],
         "grid_report": os.path.join(grid.out_dir, report_lib.REPORT_FILE),
         "wall_seconds": time.time() - started,
-        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     report["protocol"] = protocol_text(report)
     report["checks"] = checks(rows)
     out = os.path.join(config.out_dir, "movielens")
-    os.makedirs(out, exist_ok=True)
-    report_lib._write_json(os.path.join(out, "movielens.json"), report)
-    with open(os.path.join(out, "movielens.json")) as f:  # the Markdown is rendered from the JSON as written
+    from seminar_tf.evaluate import _json_ready
+
+    stamp.write(_json_ready(report), out, "movielens.json")  # the Markdown is rendered from the JSON as written
+    with open(os.path.join(out, "movielens.json")) as f:
         written = json.load(f)
-    with open(os.path.join(out, report_lib.REPORT_FILE), "w", encoding="utf-8") as f:
-        f.write(markdown(written))
     _log(progress, f"wrote {os.path.join(out, report_lib.REPORT_FILE)}")
     return written

@@ -9,14 +9,13 @@ between consecutive sizes) says how build time scales (1.0 = linear).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import platform
 import time
 from typing import Callable, List, Optional
 
 from seminar_tf import config as config_lib
+from seminar_tf.bench import stamp
 
 COMMAND = "seminar-tf bench pipeline --sizes {sizes}"
 
@@ -72,35 +71,36 @@ def run(sizes: List[int], *, out_dir: str, work_dir: str, progress: Optional[Cal
         cur["growth_exponent"] = round(
             math.log(cur["build_s"] / prev["build_s"]) / math.log(cur["events"] / prev["events"]), 2)
     report = {
-        "benchmark": "pipeline",
-        "command": COMMAND.format(sizes=",".join(map(str, sizes))),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "benchmark": "pipeline", **stamp.stamp(COMMAND.format(sizes=",".join(map(str, sizes)))),
         "runner": "FnApiRunner",
         "load_average_before": load_before,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "build_config": dataclasses.asdict(preset.build),
         "rows": rows,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    return stamp.write(report, out_dir, "pipeline.json")
+
+
+def markdown(report: dict) -> str:
+    """pipeline.md from the report's JSON alone (reports of older generators lack the load averages)."""
+    load = (f"Load average (1/5/15 min) before: {report['load_average_before']}, after: "
+            f"{report['load_average_after']}." if "load_average_before" in report else
+            "Load average: not recorded by the generator that wrote this report.")
     lines = [
         "# Beam pipeline throughput",
         "",
         f"Command: `{report['command']}` ({report['machine']}, runner {report['runner']}, demo preset's build "
-        f"config: max_history={preset.build.max_history}).",
+        f"config: max_history={report['build_config']['max_history']}).",
+        f"Commit: {report.get('commit', 'not recorded')}.",
         "Baseline: a Beam job that only reads and parses the same events file, run in the same process.",
-        f"Load average (1/5/15 min) before: {report['load_average_before']}, after: {report['load_average_after']}.",
+        load,
         "",
         "| events | users | samples written | build s | events/s | read-only baseline s | build / baseline | growth exponent |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in report["rows"]:
         lines.append(
             f"| {r['events']:,} | {r['users']:,} | {r['samples']:,} | {r['build_s']} | {r['events_per_s']:,} | "
             f"{r['baseline_read_s']} | {r['build_over_baseline']} | {r.get('growth_exponent', '—')} |"
         )
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "pipeline.md"), "w") as f:
-        f.write(text)
-    return text
+    return "\n".join(lines) + "\n"

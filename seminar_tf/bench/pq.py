@@ -21,15 +21,14 @@ Three parts, one report (``benchmarks/pq.md`` + ``pq.json``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from seminar_tf import schema
+from seminar_tf.bench import stamp
 
 COMMAND = "seminar-tf bench pq"
 
@@ -464,7 +463,7 @@ def _fmt(value, digits=3):
     return str(value)
 
 
-def _markdown(report: Dict) -> str:
+def markdown(report: Dict) -> str:
     config = report["config"]
     lines = [
         "# Product-quantized GSU: recall, speed, model quality",
@@ -680,8 +679,7 @@ def run(out_dir: str = "benchmarks", work_dir: str = "runs/bench_pq",
     command = COMMAND + (f" --preset {preset}" if preset else "") + (
         f" (PQBenchConfig overrides: {changed})" if changed else "")
     report = {
-        "benchmark": "pq", "command": command,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "benchmark": "pq", **stamp.stamp(command),
         "tensorflow": tf.__version__, "faiss": faiss.__version__, "config": dataclasses.asdict(config),
         "quality": quality, "recall": recall, "speed": speed,
         "notes": [
@@ -699,11 +697,6 @@ def run(out_dir: str = "benchmarks", work_dir: str = "runs/bench_pq",
         report["notes"].append(f"Reused from {work_dir} (trained by an earlier run of this benchmark, not timed "
                                f"here): {', '.join(paths['reused'])}.")
     report["targets"] = _targets(report, config)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pq.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-    text = _markdown(report)
-    with open(os.path.join(out_dir, "pq.md"), "w") as f:
-        f.write(text)
+    text = stamp.write(report, out_dir, "pq.json", default=float)
     _log(progress, f"report -> {os.path.join(out_dir, 'pq.md')} ({report['wall_s']:.0f}s)")
     return text

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from seminar_tf import schema
+from seminar_tf.bench import stamp
 
 COMMAND = "seminar-tf bench serving"
 DEFAULT_RUN = os.path.join("runs", "demo", "ctr")
@@ -502,22 +502,14 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                      "client_encode": _percentiles(encode),
                      "concurrent": load, "in_process_concurrent": in_process_load, "sweep": sweep})
     report = {
-        "benchmark": "serving", "command": COMMAND, "model": source, "load_average_at_start": load_average,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-                   f"TensorFlow {tf.__version__}",
+        "benchmark": "serving", **stamp.stamp(COMMAND), "model": source, "load_average_at_start": load_average,
         "config": dataclasses.asdict(bench), "in_process_malloc": malloc, "rows": rows, "grid": grid,
         "paths": descriptions, "skipped": dict(SKIPPED_PATHS), "top_k": model.top_k,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "serving.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    text = _markdown(report)
-    with open(os.path.join(out_dir, "serving.md"), "w") as f:
-        f.write(text)
-    return text
+    return stamp.write(report, out_dir, "serving.json")
 
 
-def _markdown(report: dict) -> str:
+def markdown(report: dict) -> str:
     bench = report["config"]
     lines = [
         "# Serving: `rank` with a lifelong history",

@@ -1,0 +1,92 @@
+"""Benchmark reports as data: every report is a JSON stamped with the commit, the command and the machine, and its
+Markdown is rendered from that JSON alone (``render``), so the two never disagree and tests assert on the JSON.
+
+``seminar-tf render PATH.json`` re-renders a committed report's Markdown from its JSON.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+# benchmark name -> (module, Markdown file written beside the JSON); each module has ``markdown(report) -> str``
+RENDERERS: Dict[str, Tuple[str, str]] = {
+    "pipeline": ("seminar_tf.bench.pipeline", "pipeline.md"),
+    "pq": ("seminar_tf.bench.pq", "pq.md"),
+    "serving": ("seminar_tf.bench.serving", "serving.md"),
+    "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
+    "report": ("seminar_tf.report", "REPORT.md"),
+}
+
+
+def commit() -> str:
+    """HEAD of the repository this package runs from, marked when tracked files differ from it; "unknown" outside
+    a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    import tensorflow as tf
+
+    return (f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def stamp(command: str) -> dict:
+    """The provenance fields every report JSON carries: command, commit, machine, finished_at (UTC)."""
+    return {"command": command, "commit": commit(), "machine": machine(),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def benchmark_of(report: dict) -> str:
+    """The report's kind: its ``benchmark`` field (the grid report of ``seminar-tf report`` writes "report")."""
+    kind = report.get("benchmark") or ("report" if "cells" in report else None)
+    if kind not in RENDERERS:
+        raise ValueError(f"not a seminar-tf benchmark report (benchmark={kind!r}); known: {sorted(RENDERERS)}")
+    return kind
+
+
+def render(report: dict) -> str:
+    """The report's Markdown, from its JSON payload alone."""
+    module, _ = RENDERERS[benchmark_of(report)]
+    return importlib.import_module(module).markdown(report)
+
+
+def round_trip(report: dict, default: Optional[Callable] = None) -> dict:
+    """The payload as it reads back from its JSON file (what ``render`` sees when re-rendering)."""
+    return json.loads(json.dumps(report, default=default))
+
+
+def write(report: dict, out_dir: str, json_name: str, default: Optional[Callable] = None) -> str:
+    """Writes ``out_dir/json_name`` and the Markdown rendered from it (the JSON as read back); returns the Markdown."""
+    payload = round_trip(report, default)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, json_name), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    text = render(payload)
+    with open(os.path.join(out_dir, RENDERERS[benchmark_of(payload)][1]), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def render_file(json_path: str, out: Optional[str] = None) -> str:
+    """Re-renders a report JSON's Markdown (default: the benchmark's Markdown file beside it); returns its path."""
+    with open(json_path, encoding="utf-8") as f:
+        report = json.load(f)
+    path = out or os.path.join(os.path.dirname(json_path) or ".", RENDERERS[benchmark_of(report)][1])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(report))
+    return path
