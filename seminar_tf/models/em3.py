@@ -75,6 +75,7 @@ class EM3SeminarModel(SeminarModel):
             self.projection = ChannelProjection(len(self.channels), content.dim, name="gsu_projection")
             self.projection.trainable = not kwargs.get("freeze_projections", False)
             self.gate = ChannelGate(len(self.channels), mode="dynamic", name="gate")
+            self.retriever = self._gsu_retriever(self.gsu_mode)  # exact inference over the stored fused channels
         self.content_id_weight = float(content_id_weight)
         self.content_id_task = None
         if self.content_id_weight:
@@ -114,7 +115,7 @@ class EM3SeminarModel(SeminarModel):
         return tf.concat(parts, axis=-2)
 
     def _channels_are_content(self) -> bool:
-        return self.fusion is None
+        return getattr(self, "fusion", None) is None  # None also while SeminarModel.__init__ builds the GSU
 
     def encode_history(self, features, training=None):
         if self.fusion is None:

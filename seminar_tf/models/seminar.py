@@ -13,6 +13,10 @@ the history's item and query ids, so the content encoder runs only on the K pair
 ADC folds every trained map into the target, score_l = Σ_j (γ_j G_j u)·x̂_l^{PSU(j)}, exact on the target
 side; SDC is the paper's formula with the target quantized too and a centroid-product table.
 
+Retrieval is a component (``seminar_tf.models.retrievers``, docs/design.md §4): the mode selects the model's
+``retriever`` (``set_gsu_mode`` switches it) and the baselines plug in their own; ``score_pairs`` is one path for
+all of them (retriever scores → top-K → ESU → tower).
+
 The GSU also learns from an auxiliary loss (as SIM's soft search / TWIN): the GSU's own multi-head attention
 output over the whole history, head^GSU = Attention(q_t, K^GSU, V^GSU), feeds a small head trained on the
 same label (training only).
@@ -32,6 +36,8 @@ from seminar_tf.layers.pq import PQLookup
 from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.inputs import check_features
 from seminar_tf.models.psu import history_mask, per_replica_loss
+from seminar_tf.models.retrievers import (EXCLUDED, RetrievalContext, Retriever, gsu_retriever, indexed_scores,
+                                          mask_scores, pq_scores, projected_scores, stored_scores)
 from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask
 
 PQ_MODES = ("pq_adc", "pq_sdc")
@@ -87,6 +93,8 @@ class SeminarModel(tfrs.Model):
       aux_weight: weight of the GSU auxiliary loss (0 disables it).
       use_history: False gives the "no history" baseline (tower on target and user features only).
       freeze_content / freeze_projections: keep the restored PSU content weights / G_j fixed.
+      retriever: the retrieval step (``seminar_tf.models.retrievers``); None = SEMINAR's GSU of mode ``gsu``
+        (``set_gsu_mode`` switches it). A baseline passes its own (``gsu`` must then be "exact").
 
     Example:
 
@@ -127,6 +135,7 @@ class SeminarModel(tfrs.Model):
         category_affinity: bool = False,
         gsu_category_prior: bool = False,
         item_statistics_folds: int = 0,
+        retriever: Optional[Retriever] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -216,6 +225,10 @@ class SeminarModel(tfrs.Model):
                    if self.use_history else None)
         if gsu in PQ_MODES and self.pq is None:
             raise ValueError(f"gsu={gsu!r} needs the history (use_history=True)")
+        # The retrieval step (docs/design.md §4, §5): SEMINAR's GSU of the mode, or a baseline's own retriever.
+        if retriever is not None and gsu != "exact":
+            raise ValueError(f"a model with its own retriever needs gsu='exact', got {gsu!r}")
+        self.retriever = retriever if retriever is not None else self._gsu_retriever(gsu)
 
     def resize_pq(self, num_subspaces: int, num_centroids: int) -> None:
         """Replaces the PQ layer by an unfitted one of another S and C (e.g. to serve a run with codebooks of
@@ -237,8 +250,15 @@ class SeminarModel(tfrs.Model):
         self.gsu_mode = gsu
         if pq_rerank is not None:
             self.pq_rerank = int(pq_rerank)
+        if self.retriever.gsu_mode is not None:  # SEMINAR's GSU (a baseline keeps its own retriever)
+            self.retriever = self._gsu_retriever(gsu)
         # Keras caches traced train/test/predict functions; the next call must trace the new mode.
         self.train_function = self.test_function = self.predict_function = None
+
+    def _gsu_retriever(self, gsu: str) -> Retriever:
+        """SEMINAR's GSU retriever of mode ``gsu``; exact inference scores the stored channels when they are not
+        the content encoder's (``_channels_are_content``)."""
+        return gsu_retriever(gsu, self.pq_rerank, stored_channels=not self._channels_are_content())
 
     # -------------------------------------------------------------------------------------------- parts
     def _user_vectors(self, features):
@@ -312,78 +332,24 @@ class SeminarModel(tfrs.Model):
                                                   self.pq.pack_query_codes(codes))
         return tf.concat([query_words, words[..., self.pq.query_words:]], axis=-1)
 
-    def _pq_scores(self, q_t, gamma, features, target):
-        with tf.control_dependencies([self.pq.assert_fitted()]):
-            words = self.history_codes(features)
-        if self.gsu_mode == "pq_adc":
-            return self.pq.adc_scores(self.pq_targets(q_t, gamma), words)
-        return self.pq.sdc_scores(self.pq.encode(target), gamma, words, self.gsu_bilinear())
-
-    @staticmethod
-    def _unique_positions(indices, length):
-        """Distinct (row, position) pairs of indices [B, P] into rows of ``length``: (where int64 [U, 2], inverse
-        int32 [B·P] such that pair i of the flattened indices is where[inverse[i]])."""
-        length = tf.cast(length, tf.int64)
-        rows = tf.range(tf.shape(indices, out_type=tf.int64)[0])[:, None]
-        keys = tf.reshape(rows * length + tf.cast(indices, tf.int64), [-1])
-        unique, inverse = tf.unique(keys, out_idx=tf.int32)
-        return tf.stack([unique // length, unique % length], axis=-1), inverse
-
-    def _gather_unique(self, values, indices, fn):
-        """fn(values at the given positions), computed once per distinct (row, position): values [B, L, ...],
-        indices [B, P] → [B, P, ...] (the N targets' top-K lists of one history overlap)."""
-        where, inverse = self._unique_positions(indices, tf.shape(values)[1])
-        out = fn(tf.gather_nd(values, where))  # [U, ...]
-        return tf.reshape(tf.gather(out, inverse), tf.concat([tf.shape(indices), tf.shape(out)[1:]], axis=0))
-
-    def _encode_positions(self, features, indices, training=None):
-        """History channels after G_j at the given positions only: indices [B, P] → [B, P, C, d], each distinct
-        (row, position) encoded once (at L=10^4, N=100, K=64 about a third of the N·K positions are distinct)."""
-        where, inverse = self._unique_positions(indices, tf.shape(features[schema.SEQ_HISTORY_ITEM])[1])
-
-        def pick(name):
-            return tf.gather_nd(features[name], where)[None]  # [1, U, ...]
-
-        tokens = features.get(schema.HISTORY_QUERY_TOKENS)
-        encoded = self.projection(self.content(
-            pick(schema.SEQ_HISTORY_QUERY), pick(schema.SEQ_HISTORY_ITEM), training=training,
-            query_tokens=None if tokens is None else pick(schema.HISTORY_QUERY_TOKENS)))[0]  # [U, C, d]
-        return tf.reshape(tf.gather(encoded, inverse),
-                          tf.concat([tf.shape(indices), tf.shape(encoded)[1:]], axis=0))
-
     def gsu_scores(self, q_t, gamma, history, mask, features=None, target=None):
         """GSU relevance (1/H) Σ_h α_h^{GSU} of every history pair for every target: [B, N, L].
 
-        "exact": uses the folded target u = (1/H) Σ_h W_h^K (q_t W_h^Q)^T / √d, so score_l = Σ_j γ_j u·x_l^{GSU(j)}
-        without materialising a key matrix per target; ``history`` [B, L, C, d] are the channels after G_j. With
-        ``history`` None, ``target`` holds the stored history channels x^{PSU} [B, L, C, d] and G_j is folded
-        into the target side as for ADC: score_l = Σ_j (γ_j G_j u)·x_l^{PSU(j)} (the serving path).
-        "pq_adc" / "pq_sdc": the same score from the history's PQ codes (looked up from ``features``' history
-        ids; ``history`` is not needed); SDC also needs the target's stored channels ``target`` [B, N, C, d].
-        Masked positions get -1e9.
+        "exact": over ``history`` [B, L, C, d], the channels after G_j (``retrievers.ProjectedGSU``); with
+        ``history`` None, ``target`` holds the stored history channels x^{PSU} [B, L, C, d] and G_j is folded into
+        the target side (``StoredChannelGSU``). "pq_adc" / "pq_sdc": the same score from the history's PQ codes
+        (looked up from ``features``' history ids; ``history`` is not needed); SDC also needs the target's stored
+        channels ``target`` [B, N, C, d]. Masked positions get -1e9. ``score_pairs`` asks ``self.retriever``.
         """
-        if self.gsu_mode == "exact" and history is None:
-            # Inference: G_j folded into the target too (v_j = γ_j G_j u), so the L stored channels x^{PSU}
-            # need no projection; ``target`` holds them here [B, L, C, d]. One [N, C·d] x [C·d, L] matmul.
-            shape = tf.shape(target)
-            v = tf.reshape(self.pq_targets(q_t, gamma), [shape[0], -1, shape[2] * shape[3]])
-            scores = tf.matmul(v, tf.reshape(target, [shape[0], shape[1], -1]), transpose_b=True)
+        if self.gsu_mode == "exact" and history is not None:
+            scores = projected_scores(self.gsu, q_t, gamma, history)
         elif self.gsu_mode == "exact":
-            u = self.gsu.folded_query(q_t)  # [B, N, d]
-            # Fold γ into u: one [L, C·d] x [C·d, N] matmul per row instead of a [N, L, C] intermediate.
-            shape = tf.shape(history)
-            weights = tf.reshape(gamma[..., None] * u[:, :, None, :], [shape[0], -1, shape[2] * shape[3]])
-            scores = tf.einsum("blk,bnk->bnl", tf.reshape(history, [shape[0], shape[1], -1]), weights)
+            scores = stored_scores(self, q_t, gamma, target)
         else:
-            scores = self._pq_scores(q_t, gamma, features, target)
-        return self._mask_scores(scores, mask)
+            scores = pq_scores(self, self.gsu_mode[3:], q_t, gamma, features, target)
+        return mask_scores(scores, mask)
 
-    @staticmethod
-    def _mask_scores(scores, mask):
-        """GSU scores [B, N, L] with the positions masked out by ``mask`` [B, L] at -1e9 (no [B, N, L] select
-        when every position is real, as in a serving request without padding)."""
-        return tf.cond(tf.reduce_all(mask), lambda: scores,
-                       lambda: tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype)))
+    _mask_scores = staticmethod(mask_scores)
 
     def _channels_are_content(self) -> bool:
         """True when ``pair_channels`` is the content encoder itself (subclasses with other channels, e.g. fused
@@ -391,72 +357,16 @@ class SeminarModel(tfrs.Model):
         return True
 
     def indexed_gsu_scores(self, q_t, gamma, features):
-        """Exact GSU scores [B, N, L] (unmasked) from the history's item / query indices, at inference.
-
-        score_l = Σ_j v_j·x_l^{PSU(j)} with v_j = γ_j G_j u (``pq_targets``), split into the item channels' part and
-        the query channel's part. Each is scored once per distinct item (query) of the batch and gathered back
-        to the L positions (a long history repeats items and, much more, queries); unknown query text (OOV
-        index with tokens) gets one row per position, encoded from its tokens. When the batch holds more
-        distinct entries than L per row, that part is scored per position instead.
-        """
-        content = self.content
-        v = self.pq_targets(q_t, gamma)  # [B, N, C, d]
-        items = tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32)
-        shape = tf.shape(items)
-        scores = None  # built as [B, L, N] (row gathers), transposed once at the end
-        item_channels = content.item_channels
-        if item_channels:
-            unique, inverse = tf.unique(tf.reshape(items, [-1]), out_idx=tf.int32)
-
-            scores = self._score_rows(v, item_channels, tf.size(unique), inverse, shape,
-                                      lambda: content.encode_items_stacked(unique, training=False),
-                                      lambda: content.encode_items_stacked(items, training=False))
-        if schema.QUERY_CHANNEL in self.channels:
-            queries = tf.cast(features[schema.SEQ_HISTORY_QUERY], tf.int32)
-            tokens = features.get(schema.HISTORY_QUERY_TOKENS)
-            flat = tf.reshape(queries, [-1])
-            unique, inverse = tf.unique(flat, out_idx=tf.int32)
-            count = tf.size(unique)
-            if tokens is not None:  # unknown text: one extra row per OOV position, encoded from its tokens
-                unknown = tf.where(tf.equal(flat, schema.OOV_INDEX))  # [P, 1]
-                inverse = tf.tensor_scatter_nd_update(
-                    inverse, unknown, count + tf.range(tf.shape(unknown)[0], dtype=tf.int32))
-                count += tf.shape(unknown)[0]
-
-            def distinct_queries():
-                rows = content.encode_queries(unique, training=False)  # [U, d]
-                if tokens is None:
-                    return rows
-                unknown_tokens = tf.gather_nd(tf.reshape(tokens, [-1, tf.shape(tokens)[-1]]), unknown)
-                return tf.concat([rows, tf.cast(content.encode_query_tokens(unknown_tokens, training=False),
-                                                rows.dtype)], axis=0)
-
-            part = self._score_rows(v, [schema.QUERY_CHANNEL], count, inverse, shape, distinct_queries,
-                                    lambda: content.query_channel(queries, tokens, training=False))
-            scores = part if scores is None else scores + part
-        return tf.transpose(scores, [0, 2, 1])
-
-    def _score_rows(self, v, channels, count, inverse, shape, rows, per_position):
-        """Σ_{j ∈ channels} v_j·x_l^{(j)} as [B, L, N] for the history positions of ``shape`` [B, L].
-
-        ``rows()`` gives the channels of the ``count`` distinct entries [U, |channels|·d] and ``inverse`` [B·L]
-        each position's entry: scored once per entry, then gathered back per position, when U ≤ L (always for one
-        history); otherwise ``per_position()`` [B, L, |channels|·d] is scored directly.
-        """
-        batch, n = tf.shape(v)[0], tf.shape(v)[1]
-        w = tf.reshape(tf.gather(v, [self.channels.index(c) for c in channels], axis=2), [batch, n, -1])
-
-        def distinct():
-            s = tf.einsum("uk,bnk->bun", rows(), w)  # [B, U, N]
-            return tf.gather(s, tf.reshape(inverse, shape), batch_dims=1)  # [B, L, N]
-
-        return tf.cond(count <= shape[1], distinct, lambda: tf.matmul(per_position(), w, transpose_b=True))
+        """Exact GSU scores [B, N, L] (unmasked) from the history's item / query indices, at inference
+        (``retrievers.IndexedGSU``)."""
+        return indexed_scores(self, q_t, gamma, features)
 
     def score_pairs(self, features, queries, items, training=None) -> Dict[str, tf.Tensor]:
         """Scores N target pairs per row against that row's history, processed once: outputs [B, N, ...].
 
-        GSU over all L pairs → top-K per target → ESU exactly over those K → tower. Row format (``call``)
-        is N = 1; ranking N candidates for one history is the same call with N > 1.
+        The retriever (``self.retriever``) scores all L pairs → top-K per target → ESU exactly over those K →
+        tower. Row format (``call``) is N = 1; ranking N candidates for one history is the same call with N > 1.
+        ``top_k_valid`` [B, N, K] is False at slots past the kept steps.
         """
         target, q_t, gamma = self._targets(queries, items, training, features.get(schema.TARGET_QUERY_TOKENS))
         target_id = self.target_id_embedding(items, training)
@@ -465,29 +375,21 @@ class SeminarModel(tfrs.Model):
         outputs = {}
         lifelong = selected = valid = recent = attended = None
         if self.use_history:
-            stored = None
-            if self.gsu_mode == "exact" and training:
-                history, mask = self.encode_history(features, training)
-                scores = self.gsu_scores(q_t, gamma, history, mask)
-            elif self.gsu_mode == "exact" and self._channels_are_content():
-                # inference: scores from the history's indices, the content encoder runs on the K kept only
-                history, mask = None, history_mask(features)
-                scores = self._mask_scores(self.indexed_gsu_scores(q_t, gamma, features), mask)
-            elif self.gsu_mode == "exact":  # inference: score the stored channels, project only the K kept
-                history, mask = None, history_mask(features)
-                stored = self.pair_channels(features[schema.SEQ_HISTORY_QUERY], features[schema.SEQ_HISTORY_ITEM],
-                                            training, features.get(schema.HISTORY_QUERY_TOKENS))
-                scores = self.gsu_scores(q_t, gamma, None, mask, target=stored)
-            else:  # PQ: the content encoder runs only on the K kept pairs
-                history, mask = None, history_mask(features)
-                scores = self.gsu_scores(q_t, gamma, None, mask, features=features, target=target)  # [B, N, L]
-            if self.gsu_category_prior:
-                scores = self.category_prior(scores, mask, self.category_match(features, items))
+            retriever = self.retriever
+            history, stored = retriever.history_inputs(self, features, training)
+            mask = history_mask(features)
+            context = RetrievalContext(features=features, queries=queries, items=items, q_t=q_t, gamma=gamma,
+                                       mask=mask, model=self, training=training, target=target, history=history,
+                                       stored=stored)
+            scores, keep = retriever(context)  # [B, N, L]
             length = tf.shape(mask)[1]
-            rerank = self.pq_rerank if self.gsu_mode in PQ_MODES else 1
-            # Masked positions already score -1e9, below any real score: rank without a second mask, then
-            # check the kept positions against the history mask ([B, N·K] lookups instead of [B, N, L] selects).
-            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), None, self.top_k * rerank)
+            if keep is not None:  # the retriever's own subset of the real steps; every other step scores -1e9
+                keep = tf.logical_and(keep, mask[:, None, :])
+                scores = tf.where(keep, scores, tf.constant(EXCLUDED, scores.dtype))
+                keep = tf.reshape(keep, [-1, length])
+            # Masked positions score -1e9, below any real score: without a keep mask, rank without a second mask,
+            # then check the kept positions against the history mask ([B, N·K] lookups, not [B, N, L] selects).
+            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), keep, self.top_k * retriever.rerank)
             k = tf.shape(indices)[1]
             flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K] (N*rK with re-ranking)
             valid = tf.logical_and(valid, tf.reshape(tf.gather(mask, flat_indices, batch_dims=1), [-1, k]))
@@ -496,18 +398,12 @@ class SeminarModel(tfrs.Model):
 
             def pick(positions):
                 """History channels after G_j at positions [B, P] → [B, P, C, d]."""
-                if history is not None:
-                    return tf.gather(history, positions, batch_dims=1)
-                if stored is not None:  # project each distinct kept position once (the N lists overlap)
-                    return self._gather_unique(stored, positions, self.projection)
-                return self._encode_positions(features, positions, training)
+                return retriever.pick(context, positions)
 
             picked = pick(flat_indices)  # [B, N*K, C, d]
-            if rerank > 1:  # exact GSU scores of the r·K PQ candidates, Σ_j γ_j u·x^{GSU(j)}; keep the K best
+            if retriever.rerank > 1:  # the retriever re-scores the r·K candidates and keeps the K best
                 candidates = tf.reshape(picked, [batch * n, k, len(self.channels), dim])
-                u = tf.reshape(self.gsu.folded_query(q_t), [-1, dim])
-                exact = tf.einsum("xrcd,xd,xc->xr", candidates, u, tf.reshape(gamma, [batch * n, -1]))
-                local, valid = top_k_positions(exact, valid, self.top_k)
+                local, valid = retriever.refine(context, candidates, valid, self.top_k)
                 indices = tf.gather(indices, local, batch_dims=1)
                 picked = tf.gather(candidates, local, batch_dims=1)
                 k = tf.shape(indices)[1]
@@ -516,15 +412,12 @@ class SeminarModel(tfrs.Model):
             lifelong, attended = self.esu_readout(features, target_id, q_t, selected, indices, valid, training)
             if self.recent is not None:
                 recent = self.recent_readout(features, target_id, q_t, gamma, mask, pick, training)
-            outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]))
+            outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]),
+                           top_k_valid=tf.reshape(valid, [batch, n, k]))
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
-                # (PQ modes: over the decoded history, x̂^{PSU(j)} G_j, as the GSU sees it)
-                if history is None and stored is not None:
-                    history = self.projection(stored)
-                elif history is None:
-                    history = self.projection(self.pq.decode(self.pq.unpack(self.history_codes(features, training))))
-                readout, _ = self.gsu.gated_call(q_t, history, gamma, mask, training=training)
+                # (over the history as the retriever sees it, e.g. decoded from PQ codes)
+                readout, _ = self.gsu.gated_call(q_t, retriever.aux_history(context), gamma, mask, training=training)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
         logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
                                  extra=[recent, attended], items=items)
