@@ -9,6 +9,9 @@ bucket. Rows change the preset's ``ModelConfig`` through ``dataclasses.replace``
 
 Every finished cell writes ``OUT/runs/<row>_s<seed>/cell.json``; ``--resume`` reuses those (long grids get
 killed), and an unfinished training resumes from its last epoch (``train.fit``'s BackupAndRestore).
+
+This module runs and measures the grid; the rows, tables and checks are ``seminar_tf.report_tables`` and
+REPORT.md / the figures ``seminar_tf.report_render`` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import numpy as np
 
 from seminar_tf import schema
 from seminar_tf.bench import stamp
+from seminar_tf.report_render import markdown, plot_bars, plot_learning_curves, plot_recall  # noqa: F401
+from seminar_tf.report_tables import (CTR_METRICS, DEFAULT_ROWS, MIN_SUBSET_SAMPLES, MUST_BEAT,  # noqa: F401
+                                      RANKING_METRICS, ROWS, TABLE_METRICS, Row, aggregate, build_tables, checks,
+                                      format_mean_std)
 
 COMMAND = "seminar-tf report"
 REPORT_FILE = "REPORT.md"
@@ -35,62 +42,6 @@ CELL_FILE = "cell.json"
 PSU_FILE = "psu.json"
 TRAINED_FILE = "trained.json"
 RUNS_DIR = "runs"
-CTR_METRICS = ("auc", "gauc", "logloss")
-RANKING_METRICS = ("hit@1", "hit@5", "hit@10", "hit@50", "ndcg@5", "ndcg@10", "ndcg@50", "mrr")
-TABLE_METRICS = CTR_METRICS + RANKING_METRICS
-MIN_SUBSET_SAMPLES = 50  # smaller subsets are too noisy to compare AUC gains on
-MUST_BEAT = ("twin", "eta", "sim_soft", "sim_hard", "din")  # the claim "SEMINAR beats TWIN, ETA, SIM and DIN"
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One row of the grid: how its PSU is pretrained and how it is fine-tuned / evaluated."""
-
-    name: str
-    description: str
-    architecture: str = "seminar"
-    pretrained: bool = True  # fine-tuning restores the PSU's content weights (--init-from)
-    pretrain_changes: Tuple[Tuple[str, object], ...] = ()  # ModelConfig changes of the PSU stage
-    finetune_changes: Tuple[Tuple[str, object], ...] = ()  # ModelConfig changes of the fine-tuning stage
-    drop_channels: Tuple[str, ...] = ()  # channels removed in both stages
-    pq_eval_of: Optional[str] = None  # no training: evaluate that row's run with a pq_adc GSU
-    finetune_epochs: Optional[int] = None  # fine-tuning epochs of this row (default: the config's / --epochs)
-
-
-ROWS: Dict[str, Row] = {r.name: r for r in [
-    Row("seminar", "SEMINAR, PSU-initialised (next pair + alignment + relevance), exact GSU"),
-    Row("seminar_no_pretrain", "SEMINAR trained from scratch (no PSU)", pretrained=False),
-    Row("din", "DIN: target attention over the newest K history steps (from scratch)", "din", pretrained=False),
-    Row("sim_hard", "SIM hard search: history steps of the target's category (from scratch)", "sim_hard",
-        pretrained=False),
-    Row("sim_soft", "SIM soft search: top-K by embedding inner product (from scratch)", "sim_soft", pretrained=False),
-    Row("eta", "ETA: top-K by SimHash Hamming distance (from scratch)", "eta", pretrained=False),
-    Row("twin", "TWIN: consistent GSU/ESU target attention (from scratch)", "twin", pretrained=False),
-    Row("no_history", "the SEMINAR tower without the user history (use_history=False, from scratch)",
-        finetune_changes=(("use_history", False),), pretrained=False),
-    Row("seminar_no_alignment", "SEMINAR, PSU pretrained without the alignment loss (align_weight=0)",
-        pretrain_changes=(("align_weight", 0.0),)),
-    Row("seminar_no_relevance", "SEMINAR, PSU pretrained without the query-item relevance loss "
-        "(relevance_weight=0)", pretrain_changes=(("relevance_weight", 0.0),)),
-    Row("seminar_no_query_channel", "SEMINAR without the query channel in both stages",
-        drop_channels=(schema.QUERY_CHANNEL,)),
-    Row("seminar_pq_adc", "the seminar run evaluated with a pq_adc GSU (codebooks fitted on it by fit-codebooks); "
-        "no extra training", pq_eval_of="seminar"),
-    Row("seminar_em3_fusion", "SEMINAR + EM3 Fusion-Q-Former (fusion_queries=2)",
-        finetune_changes=(("fusion_queries", 2),)),
-    Row("seminar_em3_content_id", "SEMINAR + EM3 content-ID contrastive loss (content_id_weight=0.1)",
-        finetune_changes=(("content_id_weight", 0.1),)),
-    Row("seminar_em3_lora", "SEMINAR + EM3 LoRA adapters on the restored content (lora_rank=4)",
-        finetune_changes=(("lora_rank", 4),)),
-    # Longer fine-tuning (a check that the comparison is not decided by under-trained baselines)
-    Row("seminar_ep4", "seminar with 4 fine-tuning epochs (early stopping keeps the best)", finetune_epochs=4),
-    Row("din_ep4", "din with 4 fine-tuning epochs", "din", pretrained=False, finetune_epochs=4),
-    Row("twin_ep4", "twin with 4 fine-tuning epochs", "twin", pretrained=False, finetune_epochs=4),
-    Row("sim_hard_ep4", "sim_hard with 4 fine-tuning epochs", "sim_hard", pretrained=False, finetune_epochs=4),
-]}
-DEFAULT_ROWS = ("seminar", "seminar_no_pretrain", "din", "twin", "eta", "sim_soft", "seminar_no_alignment",
-                "seminar_pq_adc", "sim_hard", "seminar_no_relevance", "seminar_no_query_channel",
-                "seminar_em3_fusion", "seminar_em3_content_id", "seminar_em3_lora")
 
 
 def _progress_fn(progress):
@@ -428,215 +379,7 @@ def error_summary(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
-    vals = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
-                      dtype=np.float64)
-    if not len(vals):
-        return float("nan"), float("nan"), 0
-    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, int(len(vals))
-
-
-def aggregate(cells: Dict[str, List[dict]], key: Callable[[dict], Optional[float]]) -> Dict[str, dict]:
-    """{row: {"mean", "std", "n"}} of ``key(cell)`` over the row's finished seeds (std: sample std, 0 for one)."""
-    out = {}
-    for row, finished in cells.items():
-        mean, std, n = _mean_std([key(c) for c in finished])
-        out[row] = {"mean": mean, "std": std, "n": n}
-    return out
-
-
-def format_mean_std(stat: dict, digits: int = 4) -> str:
-    if not stat or stat.get("n", 0) == 0:
-        return "–"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------------------------- checks
-def _delta(tables, row_a, row_b, metric="auc", table="metrics"):
-    a, b = tables[table].get(row_a, {}).get(metric), tables[table].get(row_b, {}).get(metric)
-    if not a or not b or not a["n"] or not b["n"]:
-        return None
-    return {"a": a, "b": b, "delta": a["mean"] - b["mean"], "noise": math.hypot(a["std"], b["std"])}
-
-
-def _beats_check(tables: dict, rows: Sequence[str], suffix: str = "") -> Optional[dict]:
-    """"SEMINAR beats the baselines" on the rows named with ``suffix`` (None if a suffixed grid has none)."""
-    seminar = "seminar" + suffix
-    beaten = [b + suffix for b in MUST_BEAT if b + suffix in rows]
-    deltas = {b: _delta(tables, seminar, b) for b in beaten}
-    found = {b: d for b, d in deltas.items() if d}
-    claim = "SEMINAR beats TWIN, ETA, SIM and DIN (test AUC, mean over seeds)"
-    if suffix:
-        claim += f" — rows {seminar}, " + ", ".join(beaten)
-    if seminar not in rows or not found:
-        if suffix:
-            return None
-        return {"claim": claim, "status": "not evaluated", "detail": "needs the seminar row and a baseline row"}
-    lost = [b for b, d in found.items() if d["delta"] <= 0]
-    detail = "; ".join(f"{seminar} − {b} = {d['delta']:+.4f} (seed std {d['a']['std']:.4f} / "
-                       f"{d['b']['std']:.4f})" for b, d in found.items())
-    weak = [b for b, d in found.items() if 0 < d["delta"] <= d["noise"]]
-    missing = [b + suffix for b in MUST_BEAT if b + suffix not in found] if not suffix else []
-    status = "supported" if not lost else "not supported"
-    if not lost and weak:
-        status = "supported (means only; within seed noise for " + ", ".join(weak) + ")"
-    if missing:
-        detail += f"; rows not run or failed: {', '.join(missing)}"
-    improving = [r for r in [seminar, *found] if tables.get("still_improving", {}).get(r)]
-    if improving:
-        detail += (f". Validation AUC still rising at the last epoch (under-trained, the gap may shrink with "
-                   f"more epochs): {', '.join(improving)}")
-    scratch = {b: _delta(tables, "seminar_no_pretrain", b) for b in found} if not suffix else {}
-    scratch = {b: d for b, d in scratch.items() if d}
-    if scratch:
-        detail += ". Architecture only (seminar_no_pretrain, also from scratch, vs each): " + "; ".join(
-            f"{b} {d['delta']:+.4f}" for b, d in scratch.items())
-    return {"claim": claim, "status": status, "detail": detail,
-            "deltas": {b: d["delta"] for b, d in found.items()}, "rows_missing": missing}
-
-
-def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
-    """The issue's expected claims, each with whether this run supports it and the numbers. With ``*_ep4``
-    rows (longer fine-tuning) the first claim is checked again on them."""
-    out = [_beats_check(tables, rows)]
-    longer = _beats_check(tables, rows, "_ep4")
-
-    claim = "pretraining helps most on the cold-id subset"
-    if "seminar" in rows and "seminar_no_pretrain" in rows:
-        parts, statuses, gains, too_small = [], [], {}, {}
-        for hi, lo, label in (("cold", "warm", "history holds a cold id vs not"),
-                              ("cold_share_high", "cold_share_low", "cold-id share of the history above vs at "
-                                                                     "or below the median"),
-                              ("cold_target", "warm_target", "target item cold vs not")):
-            if f"subset:{hi}" not in tables:
-                continue
-            d_hi = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{hi}")
-            d_lo = _delta(tables, "seminar", "seminar_no_pretrain", table=f"subset:{lo}")
-            small = [(name, int(size)) for name in (hi, lo)
-                     for size in [tables.get(f"subset:{name}", {}).get("seminar", {}).get("num_samples", {}).get(
-                         "mean", 0) or 0] if size < MIN_SUBSET_SAMPLES]
-            too_small.update(small)
-            if small:
-                parts.append(f"{label}: not compared, " + ", ".join(f"{n} has {k} samples" for n, k in small)
-                             + f" (< {MIN_SUBSET_SAMPLES})")
-            elif d_hi and d_lo:
-                parts.append(f"{label}: AUC gain of pretraining {d_hi['delta']:+.4f} vs {d_lo['delta']:+.4f}")
-                statuses.append(d_hi["delta"] > d_lo["delta"])
-                gains[hi] = {hi: d_hi["delta"], lo: d_lo["delta"]}
-            else:
-                parts.append(f"{label}: a subset is empty, not comparable")
-        full = _delta(tables, "seminar", "seminar_no_pretrain")
-        if full:
-            parts.append(f"all samples: {full['delta']:+.4f}")
-        status = ("not evaluated" if not statuses else "supported" if all(statuses)
-                  else "partly supported" if any(statuses) else "not supported")
-        out.append({"claim": claim, "status": status, "detail": "; ".join(parts), "gains": gains,
-                    "too_small": too_small, "all_samples": full["delta"] if full else None})
-    else:
-        out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_pretrain"})
-
-    claim = "the alignment loss matters when channels are misaligned (the world plants misaligned image/text)"
-    d = _delta(tables, "seminar", "seminar_no_alignment") if "seminar_no_alignment" in rows else None
-    if d:
-        status = ("supported" if d["delta"] > d["noise"] else "supported (means only; within seed noise)"
-                  if d["delta"] > 0 else "not supported")
-        out.append({"claim": claim, "status": status, "delta": d["delta"],
-                    "detail": f"seminar − seminar_no_alignment AUC = {d['delta']:+.4f} (seed std "
-                              f"{d['a']['std']:.4f} / {d['b']['std']:.4f})"})
-    else:
-        out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_alignment"})
-    if longer:
-        out.append(longer)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # 20 distinct colours: a full grid has more rows than the default cycle's 10
-    plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=[plt.cm.tab20(i) for i in range(20)])
-    return plt
-
-
-def plot_learning_curves(cells: Dict[str, List[dict]], path: str, metric: str = "val_auc") -> Optional[str]:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    drawn = 0
-    for row, finished in cells.items():
-        curves = [c["history"].get(metric) for c in finished if c.get("history", {}).get(metric)]
-        if not curves:
-            continue
-        length = max(len(c) for c in curves)
-        mean = [np.mean([c[i] for c in curves if len(c) > i]) for i in range(length)]
-        ax.plot(range(1, length + 1), mean, marker="o", label=row)
-        drawn += 1
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metric} (mean over seeds)")
-    ax.set_title("Learning curves")
-    if drawn:
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_bars(values: Dict[str, Dict[str, dict]], path: str, title: str, ylabel: str,
-              xlabel: str = "") -> str:
-    """values: {group (x tick): {series: {"mean", "std"}}} as grouped bars with seed-std error bars."""
-    plt = _plt()
-    groups = list(values)
-    series = list(dict.fromkeys(s for g in values.values() for s in g))
-    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.8 * len(groups) * max(1, len(series)) / 3)), 4.5))
-    width = 0.8 / max(1, len(series))
-    for i, name in enumerate(series):
-        means = [values[g].get(name, {}).get("mean", np.nan) for g in groups]
-        stds = [values[g].get(name, {}).get("std", 0.0) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, means, width, yerr=stds, label=name)
-    ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels(groups, fontsize=8)
-    finite = [v.get("mean") for g in values.values() for v in g.values()
-              if v.get("mean") is not None and np.isfinite(v.get("mean"))]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    if series:
-        ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_recall(recall: dict, path: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ks = recall["ks"]
-    for row in recall["rows"]:
-        ax.plot(ks, [row[f"recall@{k}"] for k in ks], marker="o", label=f"{row['codebooks']} {row['method']}")
-    ax.set_xscale("log")
-    ax.set_xlabel("K")
-    ax.set_ylabel("top-K recall vs exact GSU")
-    ax.set_title(f"PQ recall, L={recall['L']} (seminar run, seed 0)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def pq_recall(run_dir: str, grid: GridConfig, base, progress) -> dict:
     """Top-K recall of PQ vs exact GSU on a run's embeddings, trained vs random codebooks (bench pq's code)."""
     from seminar_tf.bench import pq as pq_bench
@@ -699,121 +442,6 @@ def _config_text(config: str) -> str:
         with open(config, encoding="utf-8") as f:
             return f.read()
     return ""
-
-
-def build_tables(cells: Dict[str, List[dict]]) -> dict:
-    """{"metrics": {row: {metric: stat}}, "subset:<name>": {...}, "popularity": {...}}."""
-    tables = {"metrics": {}, "popularity": {}, "still_improving": {}}
-    for row, finished in cells.items():
-        curves = [c.get("history", {}).get("val_auc") or [] for c in finished]
-        tables["still_improving"][row] = bool(curves) and all(len(v) > 1 and v[-1] > v[-2] for v in curves)
-        tables["metrics"][row] = {m: aggregate({row: finished}, lambda c, m=m: c["metrics"].get(m))[row]
-                                  for m in TABLE_METRICS}
-        tables["popularity"][row] = {m: aggregate({row: finished}, lambda c, m=m: c["popularity"].get(m))[row]
-                                     for m in TABLE_METRICS}
-        subsets = finished[0]["subsets"] if finished else {}
-        for name in subsets:
-            table = tables.setdefault(f"subset:{name}", {})
-            table[row] = {m: aggregate({row: finished}, lambda c, m=m, s=name: c["subsets"][s].get(m))[row]
-                          for m in ("auc", "gauc", "logloss", "num_samples")}
-    return tables
-
-
-def markdown(report: dict) -> str:
-    from seminar_tf.evaluate import format_markdown_table
-
-    tables = report["tables"]
-    rows = [r for r in report["rows"] if r in tables["metrics"]]
-    lines = [f"# SEMINAR comparison grid ({report['preset']} config)", "",
-             f"Command: `{report['command']}`", "",
-             *(["The cells were trained by: " + "; ".join(f"`{c}`" for c in report["grid_commands"]), ""]
-               if report.get("grid_commands") and report["grid_commands"] != [report["command"]] else []),
-             *([report["note"], ""] if report.get("note") else []),
-             f"Machine: {report['machine']}. Wall time of this invocation {report['wall_seconds']:.0f} s "
-             f"(cells reused with --resume: {len(report['reused'])}; summed cell time "
-             f"{report['cell_seconds']:.0f} s; grid span {report['grid_span']}). Finished {report['finished_at']}.",
-             "",
-             f"Data: `{report['data']}` ({report['dataset']}). Config: {report['config_summary']}", "",
-             *([f"`{report['config']}`:", "", "```yaml", report["config_text"].rstrip(), "```", ""]
-               if report.get("config_text") else []),
-             f"Seeds: {report['seeds']} (model init, data order); the world and dataset are fixed. "
-             "Values are mean ± sample std over the seeds that finished (n column).", "",
-             "## Rows", "", format_markdown_table(
-                 [{"row": r, "what": ROWS[r].description} for r in report["rows"]], ["row", "what"]),
-             "PSU: shared by the rows with the same pretraining config at a seed; the baselines (DIN, SIM, ETA, "
-             "TWIN) are trained from scratch as in the paper, so `seminar_no_pretrain` is their "
-             "architecture-only counterpart. " + report["pq_note"], "",
-             "## Test metrics", "",
-             "AUC, GAUC, logloss on ctr/test; HIT/NDCG@K and MRR: each pretrain/test next pair against "
-             f"{report['num_negatives']} sampled negatives (NDCG@1 = HIT@1).", ""]
-    columns = ["model", "n"] + [m.upper() for m in TABLE_METRICS]
-    table_rows = []
-    for r in rows:
-        stats = tables["metrics"][r]
-        entry = {"model": r, "n": stats["auc"]["n"],
-                 "val AUC rising at last epoch": "yes" if tables["still_improving"].get(r) else "no"}
-        entry.update({c: format_mean_std(stats[m]) for c, m in zip(columns[2:], TABLE_METRICS)})
-        table_rows.append(entry)
-    pop = tables["popularity"].get(rows[0]) if rows else None
-    if pop:
-        entry = {"model": "popularity (reference)", "n": pop["auc"]["n"]}
-        entry.update({c: format_mean_std(pop[m]) for c, m in zip(columns[2:], TABLE_METRICS)})
-        table_rows.append(entry)
-    lines += [format_markdown_table(table_rows, columns + ["val AUC rising at last epoch"]),
-              "Last column: yes when every seed's validation AUC rose in the last epoch (still learning when the "
-              "epoch budget ran out; early stopping keeps the best epoch's weights otherwise).", ""]
-
-    sizes = report["subset_sizes"]
-    lines += ["## Cold-id subset", "",
-              f"Cold ids: item ids that never occur as a target in ctr/train ({report['cold_ids']} of "
-              f"{report['num_items']} item rows). **cold**: ctr/test samples whose history holds at least one "
-              f"({sizes['cold']} of {sizes['all']} samples); **warm**: the others ({sizes['warm']}). Because "
-              "most histories hold some cold id, the samples are also split at the median share of cold ids in "
-              f"the history ({report['cold_share_median']:.3f}): **high** ({sizes['cold_share_high']}) vs "
-              f"**low** ({sizes['cold_share_low']}). **cold target**: samples whose target item is a cold id "
-              f"({sizes.get('cold_target', 0)}); **warm target**: the others ({sizes.get('warm_target', 0)}).", ""]
-    names = {"cold": "cold", "warm": "warm", "high": "cold_share_high", "low": "cold_share_low",
-             "cold target": "cold_target", "warm target": "warm_target"}
-    columns = ["model"] + [f"{s} AUC" for s in names] + ["cold GAUC", "cold logloss"]
-    table_rows = []
-    for r in rows:
-        entry = {"model": r}
-        for short, subset in names.items():
-            entry[f"{short} AUC"] = format_mean_std(tables.get(f"subset:{subset}", {}).get(r, {}).get("auc"))
-        entry["cold GAUC"] = format_mean_std(tables.get("subset:cold", {}).get(r, {}).get("gauc"))
-        entry["cold logloss"] = format_mean_std(tables.get("subset:cold", {}).get(r, {}).get("logloss"))
-        table_rows.append(entry)
-    lines += [format_markdown_table(table_rows, columns), ""]
-
-    buckets = [k.split(":", 1)[1] for k in tables if k.startswith("subset:length")]
-    lines += ["## AUC by history length", "",
-              "ctr/test samples bucketed by history length (quantile edges, [lo, hi)); sizes: " + ", ".join(
-                  f"{b} {sizes.get(b, 0)}" for b in buckets) + ".", ""]
-    columns = ["model"] + buckets
-    table_rows = [{"model": r, **{b: format_mean_std(tables[f"subset:{b}"].get(r, {}).get("auc")) for b in buckets}}
-                  for r in rows]
-    lines += [format_markdown_table(table_rows, columns), ""]
-
-    recall = report.get("pq_recall")
-    lines += ["## PQ top-K recall", ""]
-    if recall and recall.get("rows"):
-        lines += [f"On the seminar run's (seed 0) final embeddings, `seminar_tf.bench.pq` recall code: "
-                  f"{recall['targets']} ctr/test targets, random histories of L={recall['L']} pairs; "
-                  "recall@K = share of the PQ top K whose exact score reaches the exact K-th score.", ""]
-        columns = ["codebooks", "method"] + [f"recall@{k}" for k in recall["ks"]]
-        lines += [format_markdown_table(recall["rows"], columns), ""]
-    else:
-        lines += [f"Not computed: {recall.get('error') if recall else 'no finished seminar run'}", ""]
-
-    lines += ["## Checks", "", "Expected on the planted world; each stated with this run's numbers.", ""]
-    lines += [format_markdown_table(report["checks"], ["claim", "status", "detail"]), ""]
-    if report["failed"]:
-        lines += ["## Failed cells", "", format_markdown_table(report["failed"], ["cell", "error"]), ""]
-    if report["missing"]:
-        lines += [f"Cells without a finished run (not run, killed, or --report-only): "
-                  f"{', '.join(report['missing'])}.", ""]
-    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
-    return "\n".join(lines)
 
 
 def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> dict:

@@ -20,7 +20,7 @@ RENDERERS: Dict[str, Tuple[str, str]] = {
     "pq": ("seminar_tf.bench.pq", "pq.md"),
     "serving": ("seminar_tf.bench.serving", "serving.md"),
     "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
-    "report": ("seminar_tf.report", "REPORT.md"),
+    "report": ("seminar_tf.report_render", "REPORT.md"),
 }
 
 
