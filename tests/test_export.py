@@ -208,6 +208,10 @@ def test_a_run_copied_away_from_its_dataset_reloads_fits_codebooks_exports_and_e
 
     with pytest.raises(FileNotFoundError, match="--data"):
         experiment.evaluate(ctr)
+    shutil.copytree(run["data"], tmp_path / "moved")  # the dataset, now somewhere else: evaluate reads it there
+    metrics = experiment.evaluate(ctr, str(tmp_path / "moved"), out_dir=str(tmp_path / "eval"), num_negatives=5)
+    original = experiment.evaluate(run["ctr"], run["data"], out_dir=str(tmp_path / "eval0"), num_negatives=5)
+    assert metrics["model"]["auc"] == pytest.approx(original["model"]["auc"], abs=1e-6)
     other = tmp_path / "other"
     other.mkdir()
     meta = json.loads((tmp_path / "ctr" / experiment.RUN_DATASET_DIR / schema.METADATA_FILE).read_text())

@@ -17,8 +17,8 @@ from typing import Callable, Dict, Optional, Tuple
 # benchmark name -> (module, Markdown file written beside the JSON); each module has ``markdown(report) -> str``
 RENDERERS: Dict[str, Tuple[str, str]] = {
     "pipeline": ("seminar_tf.bench.pipeline", "pipeline.md"),
-    "pq": ("seminar_tf.bench.pq", "pq.md"),
-    "serving": ("seminar_tf.bench.serving", "serving.md"),
+    "pq": ("seminar_tf.bench.pq_report", "pq.md"),
+    "serving": ("seminar_tf.bench.serving_report", "serving.md"),
     "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
     "report": ("seminar_tf.report_render", "REPORT.md"),
 }

@@ -41,6 +41,7 @@ MODELS = BASELINES + ("seminar",)
 DEFAULT_CATEGORY_ATTRIBUTE = "category_id"
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class RetrievalBaseline(SeminarModel):
     """A ``SeminarModel`` whose retrieval step is a baseline's ``Retriever`` (``seminar_tf.models.retrievers``).
 
@@ -59,6 +60,7 @@ class RetrievalBaseline(SeminarModel):
         self.pq = None  # SEMINAR's PQ codebooks score with SEMINAR's GSU, which baselines replace
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class DIN(RetrievalBaseline):
     """DIN (Zhou et al. 2018): target attention over the ``short_history`` newest steps only, no GSU
     (``DINRetriever``).
@@ -73,6 +75,7 @@ class DIN(RetrievalBaseline):
         self.short_history = int(short_history)
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class SIMHard(RetrievalBaseline):
     """SIM hard search (Pi et al. 2020): the K newest steps whose item category equals the target item's
     (``SIMHardRetriever``).
@@ -96,6 +99,7 @@ class SIMHard(RetrievalBaseline):
         return self.retriever.category_column
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class SIMSoft(RetrievalBaseline):
     """SIM soft search: score_l = q_t · k_l = Σ_j γ_j q_t · x_l^(j) (inner product, no projections;
     ``SIMSoftRetriever``).
@@ -107,6 +111,7 @@ class SIMSoft(RetrievalBaseline):
         super().__init__(content, retriever or SIMSoftRetriever(name="retriever"), **kwargs)
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class ETA(RetrievalBaseline):
     """ETA (Chen et al. 2021): SimHash signatures s(x) = [x R > 0] ∈ {0,1}^m with fixed random hyperplanes
     R [d, m]; score_l = -Hamming(s(q_t), s(k_l)), k_l = Σ_j γ_j x_l^(j); ties go to the older step
@@ -135,6 +140,7 @@ class ETA(RetrievalBaseline):
         return self.retriever.signatures(vectors)
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class TWIN(RetrievalBaseline):
     """TWIN (Chang et al. 2023): the GSU scores all L steps with the ESU's own attention parameters,
     score_l = (1/H) Σ_h α_h^{ESU}(q_t, k_l), so GSU and ESU rank steps consistently (``TWINRetriever``).
@@ -147,6 +153,7 @@ class TWIN(RetrievalBaseline):
         self.gsu = self.esu  # one attention: the auxiliary read-out (with aux_weight) uses the ESU too
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class QIN(RetrievalBaseline):
     """QIN-style query-first search for personalized search ranking (Guo et al. 2023, relevance search unit;
     ``QINRetriever``).

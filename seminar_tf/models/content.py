@@ -11,7 +11,7 @@ Paper (PSU): x = [Q W_q, T W_t, I W_i, A W_a] ∈ R^{(M+1)×L×d}; each encoder 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import tensorflow as tf

@@ -23,6 +23,7 @@ from seminar_tf.models.seminar_builders import given, seminar_arguments
 from seminar_tf.tasks import ContentIdContrastiveTask
 
 
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class EM3SeminarModel(SeminarModel):
     """SEMINAR with EM3's Fusion-Q-Former channels and content-ID contrastive loss.
 

@@ -8,7 +8,7 @@ x_{1:L-1}); that representation must pick the true next pair x_L among sampled a
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs

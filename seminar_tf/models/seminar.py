@@ -24,6 +24,8 @@ same label (training only).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -74,6 +76,56 @@ class ChannelProjection(tf.keras.layers.Layer):
         return config
 
 
+_BUILDING = set()  # ids of models inside their outermost __init__ (a subclass's __init__ calls its parents')
+_LAYER_KEY = "__layer__"
+
+
+def _records_arguments(init):
+    """Wraps a model class's ``__init__`` so that the outermost call (the class the user built) records its
+    arguments for ``get_config``."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        outer = id(self) not in _BUILDING
+        _BUILDING.add(id(self))
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if outer:
+                _BUILDING.discard(id(self))
+        if outer:
+            bound = inspect.signature(init).bind(self, *args, **kwargs)
+            arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
+            for name, parameter in inspect.signature(init).parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name, {}))
+            object.__setattr__(self, "_init_arguments", arguments)  # plain attribute: not tracked by Keras
+
+    return wrapper
+
+
+def _to_config(value):
+    """A constructor argument as JSON-ready config: layers (content encoder, retriever, fusion) serialized."""
+    if isinstance(value, tf.keras.layers.Layer):
+        return {_LAYER_KEY: tf.keras.layers.serialize(value)}
+    if isinstance(value, dict):
+        return {k: _to_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_config(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def _from_config(value):
+    if isinstance(value, dict):
+        if set(value) == {_LAYER_KEY}:
+            return tf.keras.layers.deserialize(value[_LAYER_KEY])
+        return {k: _from_config(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_from_config(v) for v in value)
+    return value
+
+
+@tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class SeminarModel(tfrs.Model):
     """SEMINAR CTR/PSR model. ``call`` returns a dict: logit, probability, gsu_scores, top_k (and aux_logit
     when training).
@@ -229,6 +281,22 @@ class SeminarModel(tfrs.Model):
         if retriever is not None and gsu != "exact":
             raise ValueError(f"a model with its own retriever needs gsu='exact', got {gsu!r}")
         self.retriever = retriever if retriever is not None else self._gsu_retriever(gsu)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _records_arguments(cls.__dict__["__init__"])
+
+    def get_config(self) -> dict:
+        """The arguments this model was constructed with, JSON-ready; the content encoder (and a retriever or
+        Fusion-Q-Former passed in) as their Keras configs. ``type(model).from_config(config)`` builds the same
+        architecture; the weights (item / query tables included) come from a checkpoint. LoRA adapters are placed
+        after construction (``experiment``) and are not part of it."""
+        return _to_config(dict(self._init_arguments))
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        return cls(**_from_config(dict(config)))
 
     def resize_pq(self, num_subspaces: int, num_centroids: int) -> None:
         """Replaces the PQ layer by an unfitted one of another S and C (e.g. to serve a run with codebooks of
@@ -625,3 +693,6 @@ class SeminarModel(tfrs.Model):
         if self.aux_task is not None and "aux_logit" in outputs:
             loss += self.aux_task(labels, outputs["aux_logit"])
         return per_replica_loss(loss)
+
+
+SeminarModel.__init__ = _records_arguments(SeminarModel.__init__)
