@@ -190,7 +190,7 @@ def _snapshot_if_chief(data_dir: str, model_dir: str, progress=None) -> None:
                        f"{snapshot_dataset(data_dir, model_dir)}")
 
 
-def _variables_batch(metadata: schema.DatasetMetadata, kind: str):
+def variables_batch(metadata: schema.DatasetMetadata, kind: str):
     """A small synthetic batch with the dataset's structure: calling a model on it creates its variables."""
     return next(iter(reader.synthetic_dataset(metadata, kind, 2, 1, max_history=4)))
 
@@ -366,7 +366,7 @@ def load_model(model_dir: str, data_dir: Optional[str] = None, gsu: Optional[str
     mode = gsu or preset.model.gsu
     # Built (called once) in exact mode: the PQ variables exist in every mode and get their values from the weights.
     model = builders.build_model(dataclasses.replace(preset.model, gsu="exact"), metadata)
-    model(_variables_batch(metadata, schema.CTR_DIR))
+    model(variables_batch(metadata, schema.CTR_DIR))
     _apply_lora(model, preset.model)  # as finetune placed them: the adapters' weights are in the checkpoint
     train.load_weights(model, model_dir)
     if codebooks:

@@ -547,7 +547,7 @@ def load_psu(psu_dir: str, data_dir: Optional[str] = None, metadata: Optional[sc
     metadata = metadata or reader.load_metadata(experiment.contract_dir(psu_dir, data_dir))
     preset = experiment.preset_of_run(psu_dir)
     psu = builders.build_psu(preset.model, metadata)
-    psu(next(iter(reader.synthetic_dataset(metadata, schema.PRETRAIN_DIR, 2, 1, max_history=4))))
+    psu(experiment.variables_batch(metadata, schema.PRETRAIN_DIR))
     train.load_weights(psu, psu_dir)
     return psu
 

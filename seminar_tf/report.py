@@ -584,9 +584,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
     from seminar_tf.evaluate import _json_ready
 
     report = stamp.round_trip(_json_ready(report))
-    _write_json(os.path.join(out, JSON_FILE), report)
-    with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
-        f.write(markdown(report))  # rendered from the JSON payload alone (seminar-tf render re-renders it)
+    stamp.write(report, out, JSON_FILE)  # REPORT.md rendered from the JSON alone (seminar-tf render re-renders it)
     progress(f"report: wrote {os.path.join(out, REPORT_FILE)}")
     return report
 

@@ -69,16 +69,21 @@ def round_trip(report: dict, default: Optional[Callable] = None) -> dict:
     return json.loads(json.dumps(report, default=default))
 
 
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # a killed run never leaves a half-written report
+
+
 def write(report: dict, out_dir: str, json_name: str, default: Optional[Callable] = None) -> str:
-    """Writes ``out_dir/json_name`` and the Markdown rendered from it (the JSON as read back); returns the Markdown."""
+    """Writes ``out_dir/json_name`` and the Markdown rendered from it (the JSON as read back), each replaced
+    atomically; returns the Markdown."""
     payload = round_trip(report, default)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, json_name), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    _write_text(os.path.join(out_dir, json_name), json.dumps(payload, indent=2) + "\n")
     text = render(payload)
-    with open(os.path.join(out_dir, RENDERERS[benchmark_of(payload)][1]), "w", encoding="utf-8") as f:
-        f.write(text)
+    _write_text(os.path.join(out_dir, RENDERERS[benchmark_of(payload)][1]), text)
     return text
 
 
