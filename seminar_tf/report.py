@@ -451,6 +451,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
     grid.validate()
     progress = _progress_fn(progress)
     started = time.time()
+    commit = stamp.commit()  # before this run writes anything (its plots may land in a tracked --out)
     runs_dir = grid.runs()
     os.makedirs(runs_dir, exist_ok=True)
     os.makedirs(grid.out_dir, exist_ok=True)
@@ -563,7 +564,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
                " not fine-tuned with PQ.")
     dataset = f"{metadata.num_items} item rows, {metadata.num_queries} queries, channels {list(metadata.channels)}"
     report = {
-        "benchmark": "report", **stamp.stamp(grid.command or COMMAND), "preset": base.name,
+        "benchmark": "report", **stamp.stamp(grid.command or COMMAND, revision=commit), "preset": base.name,
         "config": grid.config, "config_summary": _config_summary(grid, base, cells),
         "grid_commands": grid_commands, "runs_dir": runs_dir, "grid_span": _grid_span(runs_dir),
         "note": grid.note, "config_text": _config_text(grid.config),

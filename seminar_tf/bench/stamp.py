@@ -44,9 +44,10 @@ def machine() -> str:
             f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
 
 
-def stamp(command: str) -> dict:
-    """The provenance fields every report JSON carries: command, commit, machine, finished_at (UTC)."""
-    return {"command": command, "commit": commit(), "machine": machine(),
+def stamp(command: str, revision: Optional[str] = None) -> dict:
+    """The provenance fields every report JSON carries: command, commit (``revision``, read before the run wrote
+    its outputs; default: ``commit()`` now), machine, finished_at (UTC)."""
+    return {"command": command, "commit": revision or commit(), "machine": machine(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
