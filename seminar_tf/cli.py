@@ -26,10 +26,7 @@ def _progress(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- dataclass flags
-# Flags are made from the config dataclasses by one mechanism (``config.add_dataclass_arguments``), re-exported.
-add_dataclass_arguments = config_lib.add_dataclass_arguments
-dataclass_from_args = config_lib.dataclass_from_args
-
+# Flags are made from the config dataclasses by one mechanism (``config.add_dataclass_arguments``).
 # Training flags of pretrain / finetune (``TrainConfig`` fields; unset = the preset's)
 TRAIN_FLAGS = {"epochs": "override the preset's number of epochs",
                "batch_size": "override the preset's global batch size",
@@ -63,7 +60,7 @@ def _add_world(sub) -> None:
         "impression labels from a known click model. Deterministic for a seed.",
     )
     p.add_argument("--out", required=True, help="output directory for items/events/users files and world_truth")
-    add_dataclass_arguments(p, WorldConfig)
+    config_lib.add_dataclass_arguments(p, WorldConfig)
     config_lib.add_set_argument(p, "world")
     p.set_defaults(handler=_run_world, takes_extra=False)
 
@@ -72,7 +69,7 @@ def _run_world(args, extra) -> int:
     from seminar_tf.data.world import WorldConfig, generate_world
 
     try:
-        config = config_lib.override_section(dataclass_from_args(WorldConfig, args), "world", args.set)
+        config = config_lib.override_section(config_lib.dataclass_from_args(WorldConfig, args), "world", args.set)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     summary = generate_world(config, args.out, progress=_progress)

@@ -81,8 +81,12 @@ def dataset_facts(data_dir: str) -> dict:
     return facts
 
 
+def _config_path(model_dir: str) -> str:
+    return os.path.join(run_model_dir(model_dir), train.CONFIG_FILE)
+
+
 def read_run_config(model_dir: str) -> dict:
-    path = os.path.join(train.resolve_run_dirs(model_dir).model_dir, train.CONFIG_FILE)
+    path = _config_path(model_dir)
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a run directory of seminar-tf")
     with tf.io.gfile.GFile(path) as f:
@@ -91,7 +95,7 @@ def read_run_config(model_dir: str) -> dict:
 
 def is_run(model_dir: str) -> bool:
     """True when ``model_dir`` holds a seminar-tf run (its config.json)."""
-    return tf.io.gfile.exists(os.path.join(train.resolve_run_dirs(model_dir).model_dir, train.CONFIG_FILE))
+    return tf.io.gfile.exists(_config_path(model_dir))
 
 
 def preset_of_run(model_dir: str) -> config_lib.Preset:

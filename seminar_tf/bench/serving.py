@@ -88,6 +88,7 @@ def _has_weights(model_dir: str) -> bool:
 def _synthetic_model(work_dir: str, max_history: int, preset_name: str = "demo"):
     """A SEMINAR model of a preset's sizes with random weights and synthetic vocabularies under work_dir."""
     from seminar_tf import config as config_lib
+    from seminar_tf import experiment
     from seminar_tf.data import reader
     from seminar_tf.models import builders
 
@@ -115,7 +116,7 @@ def _synthetic_model(work_dir: str, max_history: int, preset_name: str = "demo")
             f.write("\n".join(lines) + "\n")
     item_table, query_table = reader.synthetic_tables(metadata)
     model = builders.build_seminar(preset.model, metadata, item_table, query_table)
-    model(next(iter(reader.synthetic_dataset(metadata, schema.CTR_DIR, 2, 1, max_history=8))))
+    model(experiment.variables_batch(metadata, schema.CTR_DIR))
     return model, metadata, vocab_dir, (f"{preset_name}-size SEMINAR (d={preset.model.dim}, K={preset.model.top_k}, "
                                         f"{world.num_items} items) with random weights: no trained run was given "
                                         "or found (latency does not depend on the weights)")

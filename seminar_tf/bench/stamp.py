@@ -93,6 +93,5 @@ def render_file(json_path: str, out: Optional[str] = None) -> str:
     with open(json_path, encoding="utf-8") as f:
         report = json.load(f)
     path = out or os.path.join(os.path.dirname(json_path) or ".", RENDERERS[benchmark_of(report)][1])
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(report))
+    _write_text(path, render(report))
     return path
