@@ -481,8 +481,15 @@ def _add_report(sub) -> None:
     report.add_cli(sub)
 
 
+def _add_probe(sub) -> None:
+    from seminar_tf import probe
+
+    probe.add_cli(sub)
+
+
 _COMMANDS: List[Callable] = [_add_world, _add_build, _add_pretrain, _add_finetune, _add_evaluate, _add_fit_codebooks,
-                             _add_export, _add_serving, _add_demo, _add_bench, _add_render, _add_report]
+                             _add_export, _add_serving, _add_demo, _add_bench, _add_render, _add_report,
+                             _add_probe]
 
 
 def build_parser() -> argparse.ArgumentParser:
