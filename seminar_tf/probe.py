@@ -5,7 +5,7 @@ vocabulary with the run's content encoder (a PSU run's restored content, or a fi
 
 * per pair of item channels (text, image, attributes), the **cross-modal recall@1**: how often an item's own
   channel-b embedding is the nearest, by cosine, to its channel-a embedding among ``candidates`` other items'.
-  This is what L_align (docs/design.md §3, the chunked CLIP loss) trains;
+  This is what L_align (docs/design.md §4, the chunked CLIP loss) trains;
 * per pair, the **label separation**: the mean cross-channel cosine of two items with the same label minus that of
   two items with different labels (does the cross-channel score carry the label?);
 * per channel and for the fused item (the sum of the L2-normalised channels), the **neighbour purity**: the share
