@@ -385,6 +385,8 @@ def _add_bench(sub) -> None:
     ml.add_argument("--label-threshold", type=float, default=4.0, help="label = rating >= this (default: 4.0)")
     ml.add_argument("--resume", action="store_true",
                     help="reuse the built dataset (WORK/dataset/metadata.json) and finished cells")
+    ml.add_argument("--note", default="", help="a paragraph the report prints under its header (e.g. which commit "
+                    "trained the cells --resume reuses)")
     p.set_defaults(handler=_run_bench, takes_extra=False)
 
 
@@ -426,7 +428,7 @@ def _run_bench(args, extra) -> int:
                 cache_dir=args.cache_dir, config=args.config, overrides=tuple(args.set), seeds=args.seeds,
                 models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
                 pretrain_epochs=args.pretrain_epochs, num_negatives=args.num_negatives,
-                label_threshold=args.label_threshold, resume=args.resume)
+                label_threshold=args.label_threshold, resume=args.resume, note=args.note)
             if os.path.basename(sys.argv[0]).startswith("seminar-tf"):
                 config.command = "seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             try:

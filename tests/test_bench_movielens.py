@@ -81,12 +81,25 @@ def test_bench_movielens_end_to_end(tmp_path):
     assert by_target["SEMINAR test AUC >= 0.800 (mean of seeds)"]["reference_value"] == 0.8
     assert by_target["din >= FuxiCTR DIN (test AUC)"]["reference_value"] == 0.780
 
+    # GAUC against popularity: the difference of the means, with a paired bootstrap interval over users
+    intervals = payload["gauc_vs_popularity"]
+    assert set(intervals) == {"seminar", "din"}
+    for name, value in intervals.items():
+        assert value["difference"] == pytest.approx(_mean(rows, name, "gauc") - _mean(rows, "popularity", "gauc"))
+        assert value["low"] <= value["difference"] <= value["high"] and value["se"] > 0 and value["users"] > 1
+    assert by_target["SEMINAR GAUC > popularity"]["interval"] == intervals["seminar"]
+    report_md = (out / "movielens" / "REPORT.md").read_text()
+    assert "## GAUC against popularity" in report_md and "paired bootstrap over" in report_md
+
     # --resume reuses the dataset and the finished cells: the same numbers, no retraining
-    assert cli.main(argv + ["--resume"]) == 0
+    assert cli.main(argv + ["--resume", "--note", "Cells trained on an earlier commit."]) == 0
     with open(out / "movielens" / "movielens.json") as f:
         again = json.load(f)
     assert sorted(again["reused"]) == ["din_s0", "seminar_s0"]
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in payload["rows"]]
+    assert again["gauc_vs_popularity"] == intervals  # the stored scores give the same bootstrap
+    assert again["note"] == "Cells trained on an earlier commit." and "--note" in again["command"]
+    assert "Cells trained on an earlier commit." in (out / "movielens" / "REPORT.md").read_text()
 
 
 def test_fetch_ml100k_extracts_from_a_cached_wheel_without_pip(tmp_path, monkeypatch):
@@ -121,3 +134,7 @@ def test_checks_follow_the_numbers():
         "SEMINAR >= no_history (test AUC)": "not evaluated",
         "din >= FuxiCTR DIN (test AUC)": "pass", "twin >= FuxiCTR TWIN (test AUC)": "pass",
         "SEMINAR GAUC > popularity": "pass", "SEMINAR HIT@10 > popularity": "fail"}
+    interval = {"difference": 0.05, "se": 0.01, "low": 0.03, "high": 0.07, "level": 0.95, "users": 9, "draws": 10}
+    by_target = {c["target"]: c for c in movielens.checks(rows, {"seminar": interval})}
+    assert by_target["SEMINAR GAUC > popularity"]["interval"] == interval
+    assert "interval" not in by_target["SEMINAR HIT@10 > popularity"]

@@ -392,3 +392,28 @@ def test_write_report_comparison_table_and_gfile_path(tmp_path):
         "| SEMINAR | 0.8000 | 0.7000 |  |",
         "| DIN | 0.7500 |  | 0.5000 |",
     ]
+
+
+def test_paired_gauc_difference_matches_gauc_and_its_interval_follows_the_users():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(200), 10)
+    labels = rng.integers(0, 2, users.size)
+    labels[::10] = 1 - labels[1::10]  # every user holds both classes
+    noise = rng.standard_normal(users.size)
+    good, weak = labels + 0.8 * noise, labels + 3.0 * rng.standard_normal(users.size)
+    out = evaluate.paired_gauc_difference(users, labels, good, weak, draws=500)
+    assert out["difference"] == pytest.approx(
+        evaluate.gauc(users, labels, good) - evaluate.gauc(users, labels, weak))
+    assert out["users"] == 200 and out["draws"] == 500
+    assert 0 < out["low"] < out["difference"] < out["high"]  # a clear win: the interval excludes 0
+    same = evaluate.paired_gauc_difference(users, labels, weak, weak, draws=100)
+    assert same["difference"] == 0.0 and same["se"] == 0.0  # paired: identical scores never differ
+    # a list of seeds: the difference of their mean GAUC
+    seeds = evaluate.paired_gauc_difference(users, labels, [good, weak], weak, draws=100)
+    mean_gauc = (evaluate.gauc(users, labels, good) + evaluate.gauc(users, labels, weak)) / 2
+    assert seeds["difference"] == pytest.approx(mean_gauc - evaluate.gauc(users, labels, weak))
+    # fewer users, wider interval
+    few = evaluate.paired_gauc_difference(users[:200], labels[:200], good[:200], weak[:200], draws=500)
+    assert few["high"] - few["low"] > out["high"] - out["low"]
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluate.paired_gauc_difference(users, labels, good[:-1], weak)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from seminar_tf import report as report_lib
 from seminar_tf import schema
@@ -60,6 +60,7 @@ class MovieLensBenchConfig:
     num_negatives: int = 99
     label_threshold: float = 4.0
     resume: bool = False
+    note: str = ""  # a paragraph under the report's header (e.g. where reused cells were trained)
     command: str = ""
 
     def cli(self) -> str:
@@ -165,6 +166,33 @@ def collect_rows(grid_report: dict, models) -> List[dict]:
     return rows
 
 
+def gauc_intervals(data_dir: str, runs_dir: str, grid_report: dict, models, draws: int = 2000) -> Dict[str, dict]:
+    """Per row: its seeds' mean GAUC minus popularity's on ctr/test, with a paired bootstrap over users
+    (``evaluate.paired_gauc_difference``), from the scores the grid stored per cell (``<cell>/scores.npz``)."""
+    import numpy as np
+
+    from seminar_tf import evaluate as evaluate_lib
+    from seminar_tf import experiment
+    from seminar_tf.data import reader
+
+    targets = report_lib.ctr_test_targets(data_dir)
+    popularity = experiment.popularity_scores(data_dir, reader.load_metadata(data_dir))[targets["item"]]
+    out = {}
+    for name in models:
+        scores, users = [], None
+        for cell in grid_report["cells"].get(name, []):
+            cell_dir = os.path.join(runs_dir, f"{name}_s{cell['seed']}")
+            with open(os.path.join(cell_dir, report_lib.CELL_FILE)) as f:
+                users = np.asarray(json.load(f)["users"], dtype=object)
+            stored = np.load(os.path.join(cell_dir, "scores.npz"))
+            if not np.array_equal(stored["label"], targets["label"]):
+                raise ValueError(f"{cell_dir}: its per-sample labels are not ctr/test's in reading order")
+            scores.append(stored["probability"])
+        if scores:
+            out[name] = evaluate_lib.paired_gauc_difference(users, targets["label"], scores, popularity, draws=draws)
+    return out
+
+
 def _check(target: str, row: str, metric: str, value, op: str, reference: str, reference_value) -> dict:
     known = all(v is not None and not math.isnan(v) for v in (value, reference_value))
     passed = known and (value >= reference_value if op == ">=" else value > reference_value)
@@ -173,8 +201,9 @@ def _check(target: str, row: str, metric: str, value, op: str, reference: str, r
             "status": "not evaluated" if not known else "pass" if passed else "fail"}
 
 
-def checks(rows: List[dict]) -> List[dict]:
-    """The issue's targets, each computed from the rows' means (``value op reference_value``)."""
+def checks(rows: List[dict], intervals: Optional[Dict[str, dict]] = None) -> List[dict]:
+    """The issue's targets, each computed from the rows' means (``value op reference_value``); the GAUC check
+    carries SEMINAR's paired-bootstrap interval of the difference (``gauc_intervals``) when given."""
     by_name = {r["row"]: r for r in rows}
 
     def mean(name, metric):
@@ -194,6 +223,8 @@ def checks(rows: List[dict]) -> List[dict]:
     for metric in ("gauc", "hit@10"):
         out.append(_check(f"SEMINAR {metric.upper()} > popularity", "seminar", metric, mean("seminar", metric), ">",
                           "popularity", mean("popularity", metric)))
+    if intervals and "seminar" in intervals:
+        out[-2]["interval"] = intervals["seminar"]
     return out
 
 
@@ -215,6 +246,11 @@ def protocol_text(report: dict) -> str:
             f"{report['num_negatives']} sampled items the user never rated).")
 
 
+def _interval(value: dict) -> str:
+    return (f"{value['difference']:+.4f}, {value['level']:.0%} interval [{value['low']:+.4f}, {value['high']:+.4f}]"
+            f" (paired bootstrap over {value['users']} users)")
+
+
 def markdown(report: dict) -> str:
     from seminar_tf.evaluate import format_markdown_table
 
@@ -232,13 +268,15 @@ def markdown(report: dict) -> str:
     psu = "; ".join(f"{r['row']} {fmt(r['pretrain_seconds'], 0)} s" for r in report["rows"]
                     if _stat(r["pretrain_seconds"]) and r["pretrain_seconds"]["mean"] > 0)
     check_rows = [{"target": c["target"], "status": c["status"],
-                   "numbers": "–" if c["value"] is None else
-                   f"{c['value']:.4f} {c['op']} {c['reference_value']:.4f} ({c['reference']})"}
+                   "numbers": ("–" if c["value"] is None else
+                               f"{c['value']:.4f} {c['op']} {c['reference_value']:.4f} ({c['reference']})")
+                   + (f"; difference {_interval(c['interval'])}" if c.get("interval") else "")}
                   for c in report["checks"]]
     lines = [f"# SEMINAR on MovieLens ({report['config']} config)", "",
              f"Command: `{report['command']}`", "",
              f"Commit: {report['commit']}. Machine: {report['machine']}. Wall time {report['wall_seconds']:.0f} s "
              f"(cells reused with --resume: {len(report['reused'])}). Finished {report['finished_at']}.", "",
+             *([report["note"], ""] if report.get("note") else []),
              "## Protocol", "", report["protocol"], "",
              f"Seeds: {report['seeds']} per row (model init, data order); values are mean ± sample std over the "
              "seeds that finished (n). Hyper-parameters are not chosen here: every row trains with the "
@@ -252,6 +290,17 @@ def markdown(report: dict) -> str:
              f"External reference: {external['note']} SIM's figure stands beside both sim_hard and sim_soft.", "",
              "## Checks", "", "Computed from movielens.json (means over seeds); a row that loses stays in the "
              "tables.", "", format_markdown_table(check_rows, ["target", "status", "numbers"]).rstrip("\n"), ""]
+    intervals = report.get("gauc_vs_popularity")
+    if intervals:
+        first = next(iter(intervals.values()))
+        lines += ["## GAUC against popularity", "",
+                  f"Each row's mean GAUC over its seeds minus item popularity's, on the same test samples, with a "
+                  f"paired bootstrap over the {first['users']} users who have both classes ({first['draws']} draws; "
+                  "each draw resamples users and recomputes both GAUCs). The interval is the test split's sampling "
+                  "noise, not the seeds' spread.", "",
+                  format_markdown_table([{"row": name, "GAUC − popularity": _interval(v), "bootstrap SE":
+                                          f"{v['se']:.4f}"} for name, v in intervals.items()],
+                                        ["row", "GAUC − popularity", "bootstrap SE"]).rstrip("\n"), ""]
     if report["failed"] or report["missing"]:
         lines += ["## Cells without results", "",
                   *[f"- `{f['cell']}` failed: {f['error']}" for f in report["failed"]],
@@ -291,11 +340,12 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
         "dataset_stats": {k: dataset_stats.get(k) for k in ("rows_ok", "samples", "vocab_sizes", "channels")},
         "adapter_stats": adapter_stats, "rows": rows, "external": {k: v for k, v in EXTERNAL.items() if k != "auc"},
         "failed": grid_report["failed"], "missing": grid_report["missing"], "reused": grid_report["reused"],
-        "grid_report": os.path.join(grid.out_dir, report_lib.REPORT_FILE),
+        "grid_report": os.path.join(grid.out_dir, report_lib.REPORT_FILE), "note": config.note,
         "wall_seconds": time.time() - started,
     }
     report["protocol"] = protocol_text(report)
-    report["checks"] = checks(rows)
+    report["gauc_vs_popularity"] = gauc_intervals(data_dir, runs_dir, grid_report, config.models)
+    report["checks"] = checks(rows, report["gauc_vs_popularity"])
     out = os.path.join(config.out_dir, "movielens")
     from seminar_tf.evaluate import _json_ready
 
