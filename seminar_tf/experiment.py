@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -327,7 +327,8 @@ def finetune(data_dir: str, model_dir: str, preset: config_lib.Preset, init_from
             quantization.apply_codebooks(model, pq_codebooks)
         model(next(iter(make_dataset("valid", None))))  # create the variables, then restore into them
         if getattr(model, "item_statistics", None) is not None:
-            model.set_item_statistics(item_statistics_table(data_dir, metadata, model.item_statistics_folds))
+            model.set_item_statistics(item_statistics_table(data_dir, metadata, model.item_statistics_folds,
+                                                            preset.model.item_statistics_columns))
         if init_from:
             _log(progress, f"finetune: restored PSU content from {restore_content(model, init_from)}")
         _apply_lora(model, preset.model, progress)
@@ -422,17 +423,20 @@ def _smoothed_rate(clicks, shown, prior: float, prior_weight: float = 5.0):
     return (clicks + prior_weight * prior) / (shown + prior_weight)
 
 
-def item_statistics_table(data_dir: str, metadata, folds: int) -> np.ndarray:
-    """The item-statistics table [folds + 1, num_items, 2] of ``SeminarModel.set_item_statistics``: per item the
-    train-split click log-odds, smoothed toward the global rate as ``popularity_scores`` smooths it, and
-    log1p(impressions)/5. Row f < folds counts only the rows whose user is not in fold f (user_index % folds), so a
-    training row's feature never holds its own label; row ``folds`` counts every row (evaluation and serving)."""
+def item_statistics_table(data_dir: str, metadata, folds: int,
+                          columns: Sequence[str] = config_lib.ITEM_STATISTICS_COLUMNS) -> np.ndarray:
+    """The item-statistics table [folds + 1, num_items, len(columns)] of ``SeminarModel.set_item_statistics``: per
+    item the train-split click log-odds ("log_odds"), smoothed toward the global rate as ``popularity_scores``
+    smooths it, and log1p(impressions)/5 ("log_count"), in the order of ``columns``. Row f < folds counts only the
+    rows whose user is not in fold f (user_index % folds), so a training row's feature never holds its own label;
+    row ``folds`` counts every row (evaluation and serving)."""
     clicks, shown = _train_item_counts(data_dir, metadata, folds)
     total_clicks, total_shown = clicks.sum(0), shown.sum(0)
     clicks = np.concatenate([total_clicks - clicks, total_clicks[None]])  # leave each fold out; then every fold
     shown = np.concatenate([total_shown - shown, total_shown[None]])
     rate = _smoothed_rate(clicks, shown, total_clicks.sum() / max(total_shown.sum(), 1))
-    return np.stack([np.log(rate / (1 - rate)), np.log1p(shown) / 5.0], axis=-1).astype(np.float32)
+    values = {"log_odds": np.log(rate / (1 - rate)), "log_count": np.log1p(shown) / 5.0}
+    return np.stack([values[c] for c in columns], axis=-1).astype(np.float32)
 
 
 def popularity_scores(data_dir: str, metadata) -> np.ndarray:

@@ -118,6 +118,8 @@ def test_report_and_bench_carry_set_into_their_config_and_command(tmp_path):
     (dict(lora_rank=2, freeze_content=True), "contradict"),
     (dict(lora_rank=2, lora_targets=("tower",)), "lora_targets"),
     (dict(fusion_queries=2, gsu="pq_adc"), "needs model.gsu 'exact'"),
+    (dict(item_statistics_columns=("log_rate",)), r"model.item_statistics_columns \['log_rate'\]"),
+    (dict(item_statistics_columns=("log_count", "log_count")), "each once"),
 ])
 def test_model_config_validate_is_the_one_check(changes, message):
     import dataclasses

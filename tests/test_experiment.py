@@ -125,6 +125,11 @@ def test_item_statistics_table_leaves_each_users_fold_out(dataset_dir):
         assert only_here.any()
         prior = labels.mean()
         np.testing.assert_allclose(table[fold, only_here, 0], np.log(prior / (1 - prior)), rtol=1e-5)
+    # model.item_statistics_columns picks the columns, in its order
+    count_only = experiment.item_statistics_table(dataset_dir, metadata, 3, columns=("log_count",))
+    np.testing.assert_array_equal(count_only, table[..., 1:])
+    swapped = experiment.item_statistics_table(dataset_dir, metadata, 3, columns=("log_count", "log_odds"))
+    np.testing.assert_array_equal(swapped, table[..., ::-1])
 
 
 @pytest.mark.slow
@@ -139,6 +144,14 @@ def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_pa
     metadata = experiment.reader.load_metadata(dataset_dir)
     np.testing.assert_allclose(model.item_statistics.numpy(), experiment.item_statistics_table(dataset_dir, metadata, 3),
                                rtol=1e-6)
+    # only the log-count column (--set model.item_statistics_columns=log_count): a one-column table, reloaded
+    count_run = str(tmp_path / "count")
+    assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", count_run, "--config", str(path), "--epochs",
+                     "1", "--steps-per-epoch", "2", "--no-pretrain", "--set", "model.item_statistics_columns=log_count"]) == 0
+    model, preset, _ = experiment.load_model(count_run)
+    assert preset.model.item_statistics_columns == ("log_count",)
+    np.testing.assert_allclose(model.item_statistics.numpy(),
+                               experiment.item_statistics_table(dataset_dir, metadata, 3)[..., 1:], rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -467,6 +467,14 @@ def test_item_statistics_read_the_users_fold_in_training_and_the_full_row_otherw
     assert not model.item_statistics.trainable
     with pytest.raises(ValueError, match="item_statistics_folds"):
         builders.build_seminar(CONFIG, ID_METADATA, *_tables(ID_METADATA)).set_item_statistics(table)
+    # one column (model.item_statistics_columns): a [F+1, items, 1] table, and the config round-trips it
+    one = builders.build_seminar(dataclasses.replace(config, item_statistics_columns=("log_count",)), ID_METADATA,
+                                 *_tables(ID_METADATA))
+    one(batch)
+    assert one.item_statistics.shape == (4, ID_METADATA.num_items, 1)
+    one.set_item_statistics(table[..., 1:])
+    assert one.item_statistics_features(batch, items).shape[-1] == 1
+    assert one.get_config()["item_statistics_columns"] == 1
 
 
 def test_gsu_category_prior_keeps_the_targets_category_first():

@@ -187,6 +187,7 @@ class SeminarModel(tfrs.Model):
         category_affinity: bool = False,
         gsu_category_prior: bool = False,
         item_statistics_folds: int = 0,
+        item_statistics_columns: int = 2,
         retriever: Optional[Retriever] = None,
         **kwargs,
     ):
@@ -257,7 +258,8 @@ class SeminarModel(tfrs.Model):
         # the fold of its own user, so its own label never enters its feature); row F (all folds) serves.
         self.item_statistics_folds = int(item_statistics_folds)
         self.item_statistics = (self.add_weight(
-            name="item_statistics", shape=[self.item_statistics_folds + 1, content.num_items, 2],
+            name="item_statistics", shape=[self.item_statistics_folds + 1, content.num_items,
+                                           int(item_statistics_columns)],
             initializer="zeros", trainable=False) if self.item_statistics_folds else None)
         hidden = []
         for units in tower_units:
@@ -580,13 +582,14 @@ class SeminarModel(tfrs.Model):
         return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
 
     def set_item_statistics(self, table) -> None:
-        """Loads the item-statistics table [F+1, num_items, 2] (``item_statistics_table``)."""
+        """Loads the item-statistics table [F+1, num_items, columns] (``item_statistics_table``)."""
         if self.item_statistics is None:
             raise ValueError("this model was built without item statistics (model.item_statistics_folds = 0)")
         self.item_statistics.assign(tf.cast(table, self.item_statistics.dtype))
 
     def item_statistics_features(self, features, items, training=None):
-        """[B, N, 2]: the targets' (click log-odds, log1p count) from the fold table (training) or the full row."""
+        """[B, N, columns]: the targets' statistics (click log-odds, log1p count, or one of them) from the fold
+        table (training) or the full row."""
         folds = self.item_statistics_folds
         items = tf.cast(items, tf.int64)
         if training and schema.CTX_USER_INDEX in features:

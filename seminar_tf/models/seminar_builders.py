@@ -67,7 +67,8 @@ def id_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> dict:
                 affinity_column=(attribute_column(metadata, config.category_attribute)
                                  if config.category_affinity or config.gsu_category_prior else 0),
                 category_affinity=config.category_affinity, gsu_category_prior=config.gsu_category_prior,
-                item_statistics_folds=config.item_statistics_folds)
+                item_statistics_folds=config.item_statistics_folds,
+                item_statistics_columns=len(config.item_statistics_columns))
 
 
 def attribute_column(metadata: schema.DatasetMetadata, attribute: str) -> int:
