@@ -223,8 +223,8 @@ def checks(rows: List[dict], intervals: Optional[Dict[str, dict]] = None) -> Lis
     for metric in ("gauc", "hit@10"):
         out.append(_check(f"SEMINAR {metric.upper()} > popularity", "seminar", metric, mean("seminar", metric), ">",
                           "popularity", mean("popularity", metric)))
-    if intervals and "seminar" in intervals:
-        out[-2]["interval"] = intervals["seminar"]
+        if metric == "gauc" and intervals and "seminar" in intervals:
+            out[-1]["interval"] = intervals["seminar"]
     return out
 
 
