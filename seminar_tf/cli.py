@@ -258,11 +258,14 @@ def _add_evaluate(sub) -> None:
         "evaluate", help="AUC, GAUC, logloss on the CTR test split; HIT/NDCG@1,5,10,50 and MRR (leave-last-out)",
         description="Scores DATASET_DIR/ctr/test (AUC, GAUC, logloss) and the ranking protocol on "
         "DATASET_DIR/pretrain/test: each true next pair against 99 sampled items the user never touched. A "
-        "popularity baseline is reported beside the model. Writes JSON and a Markdown table.")
+        "popularity baseline is reported beside the model. Writes JSON and a Markdown table. --split valid scores "
+        "the valid split instead (its report is written beside the test one, never over it).")
     p.add_argument("--model-dir", required=True, help="fine-tuned run directory")
     p.add_argument("--data", default=None, help="dataset directory (default: the one the run was trained on)")
     p.add_argument("--out", default=None, help="report directory (default: MODEL_DIR/eval)")
     p.add_argument("--num-negatives", type=int, default=99, help="sampled negatives per positive (default: 99)")
+    p.add_argument("--split", choices=["valid", "test"], default="test",
+                   help="which split to score (default: test); choose hyper-parameters on valid, read test once")
     quantization.add_gsu_arguments(p, what="to evaluate with", gsu_default="the run's",
                                    codebooks_default="the ones saved with the run's weights")
     p.set_defaults(handler=_run_evaluate, takes_extra=False)
@@ -273,7 +276,7 @@ def _run_evaluate(args, extra) -> int:
 
     metrics = experiment.evaluate(args.model_dir, args.data, args.out, num_negatives=args.num_negatives,
                                   progress=_progress, gsu=args.gsu, codebooks=args.codebooks,
-                                  pq_rerank=args.pq_rerank)
+                                  pq_rerank=args.pq_rerank, split=args.split)
     _print_metrics_table(metrics)
     return 0
 

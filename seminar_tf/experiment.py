@@ -448,14 +448,17 @@ def popularity_scores(data_dir: str, metadata) -> np.ndarray:
 def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None,
              num_negatives: int = 99, batch_size: int = 64,
              progress: Optional[Callable[[str], None]] = None, gsu: Optional[str] = None,
-             codebooks: Optional[str] = None, pq_rerank: Optional[int] = None) -> Dict:
-    """CTR metrics (AUC, GAUC, logloss) on ctr/test and the leave-last-out ranking protocol on pretrain/test.
+             codebooks: Optional[str] = None, pq_rerank: Optional[int] = None, split: str = "test") -> Dict:
+    """CTR metrics (AUC, GAUC, logloss) on ctr/test and the leave-last-out ranking protocol on pretrain/test;
+    ``split="valid"`` reads the valid split instead (for choosing hyper-parameters without reading test).
 
     Ranking: each pretrain/test example's true next pair against ``num_negatives`` sampled items the user
     never touched, scored by the CTR model as targets (HIT/NDCG@1,5,10,50, MRR). A popularity baseline is
     reported beside the model. ``gsu`` / ``codebooks`` / ``pq_rerank``: as in ``load_model`` (e.g. evaluate an
     exact-trained run with a pq_adc GSU).
     """
+    if split not in ("valid", "test"):
+        raise ValueError(f"evaluate: split {split!r}: choose 'valid' or 'test'")
     model, preset, data_dir = load_model(model_dir, data_dir, gsu=gsu, codebooks=codebooks, pq_rerank=pq_rerank)
     if not data_dir or not tf.io.gfile.exists(f"{data_dir.rstrip('/')}/{schema.METADATA_FILE}"):
         raise FileNotFoundError(f"evaluate {model_dir}: the dataset {data_dir!r} it was trained on is not there; "
@@ -464,10 +467,10 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
     max_history = preset.build.max_history
 
     def ctr_data():
-        return reader.make_dataset(data_dir, schema.CTR_DIR, "test", batch_size, metadata=metadata,
+        return reader.make_dataset(data_dir, schema.CTR_DIR, split, batch_size, metadata=metadata,
                                    max_history=max_history)
 
-    _log(progress, "evaluate: CTR test split")
+    _log(progress, f"evaluate: CTR {split} split")
     predict = tf.function(lambda b: model(b)["probability"])
     ctr = evaluate_lib.evaluate_ctr(lambda b: predict(b).numpy(), ctr_data())
     popularity = popularity_scores(data_dir, metadata)
@@ -480,17 +483,18 @@ def evaluate(model_dir: str, data_dir: Optional[str] = None, out_dir: Optional[s
         queries = np.repeat(batch[schema.CTX_TARGET_QUERY].numpy()[:, None], candidates.shape[1], axis=1)
         return score_candidates(batch, tf.constant(queries), tf.constant(candidates, tf.int64)).numpy()
 
-    ranking_data = reader.make_dataset(data_dir, schema.PRETRAIN_DIR, "test", 8, metadata=metadata,
+    ranking_data = reader.make_dataset(data_dir, schema.PRETRAIN_DIR, split, 8, metadata=metadata,
                                        max_history=max_history)
     ranking = evaluate_lib.evaluate_ranking(rank_fn, ranking_data, metadata.num_items, num_negatives=num_negatives)
     ranking_popularity = evaluate_lib.evaluate_ranking(
-        lambda b, c: popularity[c], reader.make_dataset(data_dir, schema.PRETRAIN_DIR, "test", 8, metadata=metadata,
+        lambda b, c: popularity[c], reader.make_dataset(data_dir, schema.PRETRAIN_DIR, split, 8, metadata=metadata,
                                                         max_history=max_history),
         metadata.num_items, num_negatives=num_negatives)
     metrics = {"model": {**ctr, **ranking}, "popularity": {**ctr_popularity, **ranking_popularity},
-               "run": model_dir, "data": data_dir, "gsu": preset.model.gsu}
+               "run": model_dir, "data": data_dir, "gsu": preset.model.gsu, "split": split}
     out_dir = out_dir or os.path.join(train.resolve_run_dirs(model_dir).model_dir, EVAL_DIR)
     architecture = ARCHITECTURE_TITLES.get(preset.model.architecture, preset.model.architecture)
-    evaluate_lib.write_report(metrics, out_dir, title=f"{architecture} evaluation ({preset.name} preset)")
+    on = "" if split == "test" else f" on the {split} split"  # a valid-split report never replaces the test one
+    evaluate_lib.write_report(metrics, out_dir, title=f"{architecture} evaluation ({preset.name} preset){on}")
     _log(progress, f"evaluate: report -> {out_dir}")
     return metrics

@@ -59,6 +59,24 @@ def test_finetune_records_its_init_and_evaluate_writes_the_report(runs, dataset_
     np.testing.assert_allclose(metrics["popularity"]["auc"], _rank_auc(labels, popular), rtol=1e-6)
     hits = [metrics["model"][f"hit@{k}"] for k in (1, 5, 10, 50)]
     assert hits == sorted(hits) and metrics["model"]["hit@1"] <= metrics["model"]["mrr"] <= 1.0
+    assert metrics["split"] == "test"
+
+    # --split valid scores the valid split, in a report of its own beside the test one
+    assert cli.main(["evaluate", "--model-dir", ctr, "--num-negatives", "20", "--split", "valid"]) == 0
+    reports = sorted(tf.io.gfile.glob(os.path.join(ctr, "eval", "*.json")))
+    assert len(reports) == 2
+    valid = [json.load(open(r))["metrics"] for r in reports]
+    valid = next(m for m in valid if m["split"] == "valid")
+    labels, scores = [], []
+    for batch in experiment.reader.make_dataset(dataset_dir, schema.CTR_DIR, "valid", 16, metadata=metadata,
+                                                max_history=preset.build.max_history):
+        labels.append(batch[schema.CTX_LABEL].numpy())
+        scores.append(model(batch)["probability"].numpy())
+    labels, scores = map(np.concatenate, (labels, scores))
+    assert valid["model"]["num_samples"] == len(labels)
+    np.testing.assert_allclose(valid["model"]["auc"], _rank_auc(labels, scores), rtol=1e-4)
+    with pytest.raises(ValueError, match="split 'train'"):
+        experiment.evaluate(ctr, split="train")
 
 
 def _rank_auc(labels, scores):
