@@ -258,6 +258,8 @@ class ModelConfig:
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
+    ranking_weight: float = 0.0  # within-user pairwise ranking loss beside L_ctr (the batch's same-user pairs;
+    # it targets GAUC); 0 = off
     category_attribute: str = "category_id"  # SIM hard search: the item attribute that is the category
     short_history: int = 0  # DIN: the newest steps it attends over; 0 = top_k
     simhash_bits: int = 32  # ETA: SimHash signature bits
@@ -300,7 +302,7 @@ class ModelConfig:
         if self.short_history < 0 or not 1 <= self.simhash_bits <= 64:
             raise ValueError(f"need model.short_history >= 0 and 1 <= model.simhash_bits <= 64, got "
                              f"{self.short_history} and {self.simhash_bits}")
-        for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha"):
+        for name in ("fusion_queries", "content_id_weight", "lora_rank", "lora_alpha", "ranking_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0 (0 switches it off), got {getattr(self, name)}")
         unknown = [c for c in self.item_statistics_columns if c not in ITEM_STATISTICS_COLUMNS]

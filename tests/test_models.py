@@ -506,3 +506,25 @@ def test_gsu_category_prior_keeps_the_targets_category_first():
     assert differs  # the prior changed which steps some row keeps
     with pytest.raises(ValueError, match="category_attribute"):
         builders.build_seminar(dataclasses.replace(config, category_attribute="genre"), ID_METADATA)
+
+
+@pytest.mark.parametrize("architecture", ["seminar", "din"])
+def test_ranking_weight_adds_the_within_user_pairwise_loss(architecture):
+    """model.ranking_weight adds weight · RankNet over the batch's same-user pairs to L_ctr (the batch's
+    user_id groups them); 0 builds no ranking task, and serving inputs need no user_id."""
+    config = dataclasses.replace(CONFIG, architecture=architecture, aux_weight=0.0)
+    batch = dict(_batch())
+    plain = builders.build_model(config, METADATA, *_tables())
+    assert plain.ranking_task is None
+    model = builders.build_model(dataclasses.replace(config, ranking_weight=0.5), METADATA, *_tables())
+    logits = model(batch)["logit"].numpy()
+    labels = batch[schema.CTX_LABEL].numpy()
+    users = batch[schema.CTX_USER_ID].numpy()
+    bce = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))))
+    pairs = [(i, j) for i in range(len(labels)) for j in range(len(labels))
+             if users[i] == users[j] and labels[i] > labels[j]]
+    assert pairs
+    rank = np.mean([np.log1p(np.exp(logits[j] - logits[i])) for i, j in pairs])
+    np.testing.assert_allclose(float(model.compute_loss(batch)), bce + 0.5 * rank, rtol=1e-4)
+    serving = {k: v for k, v in batch.items() if k != schema.CTX_USER_ID}
+    np.testing.assert_allclose(model(serving)["logit"].numpy(), logits, rtol=1e-6)

@@ -17,6 +17,7 @@ from seminar_tf.tasks import (
     GSUAuxiliaryTask,
     NextPairTask,
     QueryItemRelevanceTask,
+    UserRankingTask,
     chunked_clip_loss,
 )
 
@@ -440,6 +441,49 @@ def test_gsu_auxiliary_task_is_weighted_bce():
     assert values["gsu_aux_auc"] == pytest.approx(np_weighted_auc(labels, logits, np.ones(32)), abs=0.01)
 
 
+def np_user_ranking(labels, logits, groups, weights):
+    """Explicit double loop: every same-group pair with label_i > label_j."""
+    total = norm = 0.0
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if groups[i] == groups[j] and labels[i] > labels[j]:
+                w = weights[i] * weights[j]
+                total += w * np.log1p(np.exp(-(float(logits[i]) - float(logits[j]))))
+                norm += w
+    return total / norm if norm else 0.0
+
+
+def test_user_ranking_task_matches_numpy_over_same_user_pairs_only():
+    rng = np.random.default_rng(21)
+    labels = (rng.random(40) < 0.45).astype(np.float32)
+    logits = rng.normal(size=40).astype(np.float32)
+    groups = np.array([b"u%d" % (i % 6) for i in range(40)])
+    weights = rng.uniform(0.5, 2.0, size=40).astype(np.float32)
+    weights[-3:] = 0.0  # padding rows
+    task = UserRankingTask(weight=0.5)
+    loss = float(task(labels, logits, groups, sample_weight=weights))
+    np.testing.assert_allclose(loss, 0.5 * np_user_ranking(labels, logits, groups, weights), rtol=1e-5)
+    pairs = sum(1 for i in range(40) for j in range(40) if groups[i] == groups[j] and labels[i] > labels[j]
+                and weights[i] * weights[j] > 0)
+    assert metric_values(task)["user_rank_pairs"] == pytest.approx(pairs)
+
+    # Only within-user order counts: a shift of one user's logits, or a cross-user pair, changes nothing ...
+    shifted = logits + np.where(groups == b"u2", 5.0, 0.0).astype(np.float32)
+    np.testing.assert_allclose(float(UserRankingTask(weight=0.5)(labels, shifted, groups, sample_weight=weights)),
+                               loss, rtol=1e-5)
+    # ... and with one user per row there is no pair at all.
+    unique = np.array([b"u%d" % i for i in range(40)])
+    assert float(UserRankingTask()(labels, logits, unique)) == 0.0
+    # Ranking a user's positive above the negatives lowers the loss.
+    better = logits + 2.0 * labels
+    assert float(UserRankingTask()(labels, better, groups)) < float(UserRankingTask()(labels, logits, groups))
+
+
+def test_user_ranking_task_rejects_a_negative_weight():
+    with pytest.raises(ValueError, match="weight"):
+        UserRankingTask(weight=-0.1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ContentIdContrastiveTask
 def test_content_id_contrastive_matches_numpy_with_duplicates_and_padding():
@@ -471,6 +515,8 @@ def _all_masked_losses(variables):
         "ctr": CTRTask()(tf.ones([4]), tf.reduce_sum(v, -1), sample_weight=tf.zeros([4])),
         "gsu": GSUAuxiliaryTask()(tf.ones([4]), tf.reduce_sum(v, -1), sample_weight=tf.zeros([4])),
         "content_id": ContentIdContrastiveTask()(v, -v, sample_weight=tf.zeros([4])),
+        "user_rank": UserRankingTask()(tf.constant([1.0, 0.0, 1.0, 0.0]), tf.reduce_sum(v, -1),
+                                       tf.constant([b"a", b"a", b"b", b"b"]), sample_weight=tf.zeros([4])),
     }
 
 
@@ -494,6 +540,7 @@ def test_fully_masked_inputs_give_zero_loss_and_finite_gradients():
     ContentIdContrastiveTask(temperature=0.2, normalize=False),
     CTRTask(metric_prefix="psr_"),
     GSUAuxiliaryTask(weight=0.3),
+    UserRankingTask(weight=0.4, metric_prefix="rank_"),
 ])
 def test_config_round_trip(task):
     clone = type(task).from_config(task.get_config())

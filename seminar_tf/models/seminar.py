@@ -40,7 +40,7 @@ from seminar_tf.models.inputs import check_features
 from seminar_tf.models.psu import history_mask, per_replica_loss
 from seminar_tf.models.retrievers import (EXCLUDED, RetrievalContext, Retriever, gsu_retriever, indexed_scores,
                                           mask_scores, pq_scores, projected_scores, stored_scores)
-from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask
+from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask, UserRankingTask
 
 PQ_MODES = ("pq_adc", "pq_sdc")
 
@@ -143,6 +143,8 @@ class SeminarModel(tfrs.Model):
       user_attribute_sizes: {name: vocabulary size} of user profile features for the tower.
       tower_units: hidden layers of the CTR tower.
       aux_weight: weight of the GSU auxiliary loss (0 disables it).
+      ranking_weight: weight of the within-user pairwise ranking loss beside L_ctr (``UserRankingTask``; pairs of
+        one ``user_id`` in the batch; 0 disables it).
       use_history: False gives the "no history" baseline (tower on target and user features only).
       freeze_content / freeze_projections: keep the restored PSU content weights / G_j fixed.
       retriever: the retrieval step (``seminar_tf.models.retrievers``); None = SEMINAR's GSU of mode ``gsu``
@@ -188,6 +190,7 @@ class SeminarModel(tfrs.Model):
         gsu_category_prior: bool = False,
         item_statistics_folds: int = 0,
         item_statistics_columns: int = 2,
+        ranking_weight: float = 0.0,
         retriever: Optional[Retriever] = None,
         **kwargs,
     ):
@@ -272,6 +275,7 @@ class SeminarModel(tfrs.Model):
         self.aux_head.build([None, None, 2 * dim])  # used only in training; built now so checkpoints always hold it
         self.task = CTRTask(name="ctr")
         self.aux_task = GSUAuxiliaryTask(weight=aux_weight, name="gsu_aux") if aux_weight else None
+        self.ranking_task = UserRankingTask(weight=ranking_weight, name="user_rank") if ranking_weight else None
         # Codebooks and code tables of every item and query: non-trainable, saved with the model (also for
         # "exact", so that a trained model can switch its GSU to PQ once codebooks are fitted on it).
         self.pq = (PQLookup(self.channels, dim, pq_subspaces, pq_centroids, num_items=content.num_items,
@@ -695,6 +699,8 @@ class SeminarModel(tfrs.Model):
         loss = self.task(labels, outputs["logit"])
         if self.aux_task is not None and "aux_logit" in outputs:
             loss += self.aux_task(labels, outputs["aux_logit"])
+        if self.ranking_task is not None:
+            loss += self.ranking_task(labels, outputs["logit"], features[schema.CTX_USER_ID])
         return per_replica_loss(loss)
 
 

@@ -90,7 +90,7 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
         freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
         dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
         pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, gsu_identity_init=config.gsu_identity_init,
-        **id_arguments(config, metadata))
+        ranking_weight=config.ranking_weight, **id_arguments(config, metadata))
 
 
 def given(argument, field):
@@ -104,4 +104,4 @@ def seminar_arguments(config: ModelConfig, metadata: schema.DatasetMetadata) -> 
                 user_attribute_sizes=dict(metadata.user_attributes), user_embedding_dim=config.user_embedding_dim,
                 tower_units=config.tower_units, use_history=config.use_history,
                 freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
-                dropout=config.dropout, **id_arguments(config, metadata))
+                dropout=config.dropout, ranking_weight=config.ranking_weight, **id_arguments(config, metadata))

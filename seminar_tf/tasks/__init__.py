@@ -8,7 +8,7 @@ from seminar_tf.tasks.pretrain import (
     QueryItemRelevanceTask,
     chunked_clip_loss,
 )
-from seminar_tf.tasks.ranking import CTRTask, GSUAuxiliaryTask
+from seminar_tf.tasks.ranking import CTRTask, GSUAuxiliaryTask, UserRankingTask
 
 __all__ = [
     "ALIGNMENT_CHANNELS",
@@ -18,5 +18,6 @@ __all__ = [
     "GSUAuxiliaryTask",
     "NextPairTask",
     "QueryItemRelevanceTask",
+    "UserRankingTask",
     "chunked_clip_loss",
 ]
