@@ -3,8 +3,8 @@ optional within-user pairwise ranking loss.
 
 CTRTask and GSUAuxiliaryTask wrap ``tfrs.tasks.Ranking`` with a from-logits binary cross-entropy and AUC /
 logloss metrics. The Ranking loss is sum-reduced and divided here by Σ sample_weight, so the loss is the
-sample-weighted mean BCE: padding rows (weight 0) change neither its value nor its scale, it equals the ``logloss`` metric, and
-a sum reduction is what Keras allows under ``tf.distribute`` strategies.
+sample-weighted mean BCE: padding rows (weight 0) change neither its value nor its scale, it equals the
+``logloss`` metric, and a sum reduction is what Keras allows under ``tf.distribute`` strategies.
 """
 
 from typing import Dict, Optional
