@@ -110,6 +110,8 @@ class WorldConfig:
     image_scale: float = _field(7.0, "norm scale of image embeddings relative to the text frame")
     image_offset_norm: float = _field(3.0, "norm of the constant offset added to image embeddings")
     image_noise: float = _field(0.3, "per-dimension std of image embedding noise")
+    image_missing_fraction: float = _field(0.0, "share of items written without an image embedding (a catalog "
+                                                "whose images are partly missing)")
     # items and attributes
     dominant_topic_weight: float = _field(0.8, "mean weight of an item's dominant topic")
     history_only_item_fraction: float = _field(0.1, "share of items never shown as impression targets")
@@ -181,6 +183,9 @@ class WorldConfig:
                      "valid_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
+        if not 0.0 <= self.image_missing_fraction < 1.0:
+            problems.append("image_missing_fraction must be in [0, 1) (the dataset's image width comes from the "
+                            "items that keep an image)")
         if not 0.0 < self.long_term_window < 1.0 or not 0.0 < self.impression_window <= 1.0:
             problems.append("long_term_window must be in (0, 1) and impression_window in (0, 1]")
         if not 0.6 <= self.dominant_topic_weight <= 1.0:
@@ -242,6 +247,7 @@ class ModelConfig:
     align_projection: bool = False  # L_align on PSU-only projection heads, not on the retrieval embeddings
     align_negatives: str = "sequence"  # L_align negatives: "sequence" (the chunk's other steps) | "batch" (other users)
     relevance_weight: float = 1.0
+    missing_image: str = "zero"  # an item without an image: its image channel is "zero" or its "text" channel
     user_embedding_dim: int = 8
     # Id and feedback features (fine-tuning; SEMINAR and every baseline)
     use_user_id: bool = True  # user-id embedding in the tower (the dataset's vocab/users.txt; unseen users -> OOV)
@@ -299,6 +305,8 @@ class ModelConfig:
             raise ValueError(f"model.gsu {self.gsu!r}: choose one of {list(GSU_MODES)}")
         if self.align_negatives not in ("sequence", "batch"):
             raise ValueError(f"model.align_negatives {self.align_negatives!r}: choose 'sequence' or 'batch'")
+        if self.missing_image not in ("zero", "text"):
+            raise ValueError(f"model.missing_image {self.missing_image!r}: choose 'zero' or 'text'")
         if self.short_history < 0 or not 1 <= self.simhash_bits <= 64:
             raise ValueError(f"need model.short_history >= 0 and 1 <= model.simhash_bits <= 64, got "
                              f"{self.short_history} and {self.simhash_bits}")

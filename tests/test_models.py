@@ -528,3 +528,58 @@ def test_ranking_weight_adds_the_within_user_pairwise_loss(architecture):
     np.testing.assert_allclose(float(model.compute_loss(batch)), bce + 0.5 * rank, rtol=1e-4)
     serving = {k: v for k, v in batch.items() if k != schema.CTX_USER_ID}
     np.testing.assert_allclose(model(serving)["logit"].numpy(), logits, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["zero", "text"])
+def test_an_item_without_an_image_is_never_encoded_as_an_image_of_zeros(mode):
+    item_table, query_table = _tables()
+    item_table.image_embedding[[5, 9]] = 0.0  # what the pipeline writes for a missing image
+    content = builders.build_content_encoder(dataclasses.replace(CONFIG, missing_image=mode), METADATA,
+                                             item_table, query_table)
+    content.encode_items(tf.constant([7], tf.int64))
+    for weight in content.image_encoder.weights:  # a trained encoder: biases no longer zero
+        weight.assign(tf.random.stateless_normal(weight.shape, seed=[1, 2]))
+    items = tf.constant([[5, 7, 9, 0], [1, 9, 7, 5]], tf.int64)
+    np.testing.assert_array_equal(content.image_present(items).numpy(),
+                                  [[False, True, False, False], [False, False, True, False]])
+    encoded = {c: v.numpy() for c, v in content.encode_items(items).items()}
+    image = encoded[schema.IMAGE_CHANNEL]
+    expected = content.image_encoder(tf.constant(item_table.image_embedding[[7]])).numpy()[0]
+    np.testing.assert_allclose(image[0, 1], expected, rtol=1e-5, atol=1e-6)  # an item with an image: unchanged
+    assert np.abs(content.image_encoder(tf.zeros([1, METADATA.image_dim])).numpy()).sum() > 0  # zeros encode to
+    # the encoder's bias, which would make every image-less item look alike
+    missing = image[[0, 0, 1, 1], [0, 2, 1, 3]]
+    if mode == "zero":
+        np.testing.assert_array_equal(missing, 0.0)
+    else:
+        np.testing.assert_allclose(missing, encoded[schema.TEXT_CHANNEL][[0, 0, 1, 1], [0, 2, 1, 3]], rtol=1e-6)
+    np.testing.assert_array_equal(image[0, 3], 0.0)  # padding has no content either way
+    assert ContentEncoder.from_config(content.get_config()).missing_image == mode
+
+
+def test_missing_image_settings_are_checked():
+    with pytest.raises(ValueError, match="missing_image must be one of"):
+        builders.build_content_encoder(dataclasses.replace(CONFIG, missing_image="mean"), METADATA)
+    with pytest.raises(ValueError, match="model.missing_image 'mean'"):
+        dataclasses.replace(CONFIG, missing_image="mean").validate()
+    with pytest.raises(ValueError, match="needs the text channel"):
+        builders.build_content_encoder(dataclasses.replace(CONFIG, missing_image="text",
+                                                           channels=("query", "image", "attributes")), METADATA)
+
+
+def test_psu_aligns_image_pairs_only_at_steps_whose_item_has_an_image():
+    features = _batch("pretrain")
+    ids = features[schema.SEQ_HISTORY_ITEM].numpy()
+    item_table, query_table = _tables()
+    item_table.image_embedding[ids[0, 0]] = 0.0
+    model = builders.build_psu(CONFIG, METADATA, item_table, query_table)
+    seen = {}
+    original = model.alignment_task.call
+
+    def spy(channel_embeddings, mask, compute_metrics=True, ids=None, present=None):
+        seen.update(present=present, ids=ids)
+        return original(channel_embeddings, mask, compute_metrics, ids, present)
+
+    model.alignment_task.call = spy
+    model.compute_loss(features)
+    np.testing.assert_array_equal(seen["present"][schema.IMAGE_CHANNEL].numpy(), (ids != ids[0, 0]) & (ids > 1))

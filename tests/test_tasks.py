@@ -326,6 +326,30 @@ def test_alignment_batch_negatives_contrast_other_users_steps_at_the_same_positi
         AlignmentTask(negatives="users")
 
 
+@pytest.mark.parametrize("negatives", ["sequence", "batch"])
+def test_alignment_pairs_with_a_missing_channel_skip_those_steps(negatives):
+    """``present``: a pair of channels is aligned at the steps that have both (as anchors and as negatives); a
+    pair without the missing channel is untouched. Checked against the NumPy loss with those steps masked."""
+    rng = np.random.default_rng(11)
+    batch, length, dim = 3, 8, 8
+    text, image, attrs = (rng.normal(size=(batch, length, dim)).astype(np.float32) for _ in range(3))
+    mask = np.ones((batch, length), bool)
+    mask[2, 6:] = False
+    has_image = rng.random((batch, length)) > 0.3
+    task = AlignmentTask(num_chunks=2, temperature=0.1, negatives=negatives)
+    got = float(task({TEXT: text, IMAGE: image, ATTRS: attrs}, mask, present={IMAGE: has_image}))
+
+    def clip(a, b, m):
+        if negatives == "batch":
+            return np_chunked_clip(a.transpose(1, 0, 2), b.transpose(1, 0, 2), m.T, 1, 0.1)
+        return np_chunked_clip(a, b, m, 2, 0.1)
+
+    want = clip(text, image, mask & has_image) + clip(text, attrs, mask) + clip(image, attrs, mask & has_image)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    everywhere = float(task({TEXT: text, IMAGE: image, ATTRS: attrs}, mask))
+    assert abs(everywhere - got) > 1e-3
+
+
 def test_alignment_accuracy_is_one_for_identical_channels():
     rng = np.random.default_rng(7)
     text = rng.normal(size=(2, 8, 16)).astype(np.float32)

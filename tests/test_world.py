@@ -369,10 +369,33 @@ def test_split_column_follows_each_users_timeline(tmp_path):
 def test_invalid_configs_are_refused(tmp_path):
     for bad in (dict(format="xml"), dict(num_topics=3), dict(search_fraction=1.5),
                 dict(min_history_events=50, max_history_events=10),
-                dict(impression_long_term_share=0.7, impression_short_term_share=0.5)):
+                dict(impression_long_term_share=0.7, impression_short_term_share=0.5),
+                dict(image_missing_fraction=1.0)):
         with pytest.raises(ValueError, match="invalid WorldConfig"):
             generate_world(dataclasses.replace(TINY, **bad), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_image_missing_fraction_drops_only_those_items_images(tmp_path, tiny):
+    """A catalog with missing images: that share of items is written without an image embedding (null in JSONL,
+    an empty cell in CSV); every other byte of the world is the default world's."""
+    config = dataclasses.replace(TINY, image_missing_fraction=0.25)
+    out_dir = str(tmp_path / "jsonl")
+    generate_world(config, out_dir)
+    _, items = read_table(out_dir, "items", "jsonl")
+    missing = {row[schema.ITEM_ID] for row in items if row[schema.IMAGE_EMBEDDING] is None}
+    assert len(missing) == round(0.25 * TINY.num_items)
+    assert missing == set(load_truth(out_dir)["image"]["missing_item_ids"])
+    for row, full in zip(items, tiny["items"]):
+        assert row == (dict(full, **{schema.IMAGE_EMBEDDING: None}) if row[schema.ITEM_ID] in missing else full)
+    assert filecmp.cmp(os.path.join(out_dir, "events.jsonl"), os.path.join(tiny["out_dir"], "events.jsonl"),
+                       shallow=False)
+    assert load_truth(tiny["out_dir"])["image"]["missing_item_ids"] == []
+    csv_dir = str(tmp_path / "csv")
+    generate_world(dataclasses.replace(config, format="csv"), csv_dir)
+    with open(os.path.join(csv_dir, "items.csv"), newline="", encoding="utf-8") as f:
+        cells = {row[schema.ITEM_ID]: row[schema.IMAGE_EMBEDDING] for row in csv.DictReader(f)}
+    assert {item for item, cell in cells.items() if cell == ""} == missing
 
 
 @pytest.mark.slow

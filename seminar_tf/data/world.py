@@ -12,7 +12,9 @@ built so that the paper's claims can be checked on it:
   topics on orthonormal axes (the "text" frame: a bag of title words mapped to topics lies in it), ``R`` is
   a random orthogonal matrix and ``offset`` a fixed vector. So image embeddings carry the topic, but at
   ~``image_scale`` times the norm and in a rotated frame: a plain dot product of unaligned text and image
-  vectors is uninformative, while ``R^T (image - offset) / image_scale`` recovers the text frame.
+  vectors is uninformative, while ``R^T (image - offset) / image_scale`` recovers the text frame. A share
+  ``image_missing_fraction`` of the items (default 0) is written without an image embedding, as in a catalog
+  whose images are partly missing: their topic is then in the title and attributes only.
 * **Users.** Each user has 1-2 *long-term* topics that appear only in the oldest ``long_term_window`` share
   of the click history (and never later), *short-term* topics that drift in phases of
   ~``short_term_phase_events`` events over the whole timeline, and a few *casual* topics as background.
@@ -264,7 +266,10 @@ def _make_image_embeddings(config: WorldConfig, mixture: np.ndarray, rng: np.ran
     offset *= config.image_offset_norm / max(np.linalg.norm(offset), 1e-12)
     clean = config.image_scale * (mixture @ topic_embedding) @ rotation.T + offset
     embeddings = np.round(clean + config.image_noise * rng.standard_normal(clean.shape), 5)
-    return dict(embeddings=embeddings, topic_embedding=topic_embedding, rotation=rotation, offset=offset)
+    missing = np.zeros(len(embeddings), bool)  # items written without an image (image_missing_fraction)
+    missing[rng.permutation(len(embeddings))[:round(config.image_missing_fraction * len(embeddings))]] = True
+    return dict(embeddings=embeddings, topic_embedding=topic_embedding, rotation=rotation, offset=offset,
+                missing=missing)
 
 
 # ------------------------------------------------------------------------------------------------ users
@@ -441,7 +446,8 @@ def _write_table(out_dir: str, table: str, fmt: str, columns: Dict[str, list], l
                 f.write(dumps(dict(zip(names, row))))
                 f.write("\n")
         else:
-            values = [[json.dumps(v, separators=(",", ":")) for v in columns[name]] if name in list_columns
+            values = [["" if v is None else json.dumps(v, separators=(",", ":")) for v in columns[name]]
+                      if name in list_columns
                       else columns[name] for name in names]
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(names)
@@ -512,6 +518,7 @@ def _truth_document(config: WorldConfig, vocab: dict, items: dict, image: dict, 
             "rotation": np.round(image["rotation"], 10).tolist(),
             "offset": np.round(image["offset"], 10).tolist(),
             "topic_embedding": image["topic_embedding"].tolist(),
+            "missing_item_ids": [item_names[i] for i in np.flatnonzero(image["missing"]).tolist()],
         },
         "users": {
             "user_id": user_names,
@@ -624,7 +631,8 @@ def generate_world(config: WorldConfig, out_dir: str, progress: Optional[Callabl
     paths["items"] = _write_table(out_dir, "items", fmt, {
         schema.ITEM_ID: item_names,
         schema.TITLE: items["titles"],
-        schema.IMAGE_EMBEDDING: image["embeddings"].tolist(),
+        schema.IMAGE_EMBEDDING: [None if missing else row for row, missing in
+                                 zip(image["embeddings"].tolist(), image["missing"].tolist())],
         AUTHOR_ID: [f"a{a}" for a in items["authors"].tolist()],
         CATEGORY_ID: [f"c{c}" for c in items["categories"].tolist()],
     }, list_columns=(schema.IMAGE_EMBEDDING,))

@@ -19,6 +19,8 @@ import tensorflow as tf
 from seminar_tf import schema
 from seminar_tf.layers import AttributeEncoder, ImageEncoder, TextEncoder
 
+MISSING_IMAGE_MODES = ("zero", "text")
+
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class ContentEncoder(tf.keras.layers.Layer):
@@ -32,6 +34,11 @@ class ContentEncoder(tf.keras.layers.Layer):
       channels: the channels to produce, a subset of ``schema.CHANNELS`` in that order.
       dim: d, the common width of every channel.
       token_dim: width of token and attribute embeddings before W_m.
+      missing_image: the image channel of an item without an image (its image-embedding row is all zeros, which is
+        what the pipeline writes for a missing one): ``"zero"`` (default), the zero vector, so it adds nothing to
+        the fused item or to any attention score, as a padding step's channels do; ``"text"``, the item's text
+        channel in its place (cross-modal completion, which is sound where L_align has put text and image in one
+        space). Either way, an item's missing image is never encoded as if it were an image of zeros.
 
     Example:
 
@@ -57,9 +64,12 @@ class ContentEncoder(tf.keras.layers.Layer):
         dim: int,
         token_dim: int = 32,
         dropout: float = 0.0,
+        missing_image: str = "zero",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if missing_image not in MISSING_IMAGE_MODES:
+            raise ValueError(f"missing_image must be one of {MISSING_IMAGE_MODES}, got {missing_image!r}")
         unknown = [c for c in channels if c not in schema.CHANNELS]
         if unknown or not channels:
             raise ValueError(f"channels must be a non-empty subset of {schema.CHANNELS}, got {list(channels)}")
@@ -76,6 +86,10 @@ class ContentEncoder(tf.keras.layers.Layer):
         self.dim = int(dim)
         self.token_dim = int(token_dim)
         self.dropout = float(dropout)
+        self.missing_image = missing_image
+        if (missing_image == "text" and schema.IMAGE_CHANNEL in self.channels
+                and schema.TEXT_CHANNEL not in self.channels):
+            raise ValueError("missing_image='text' needs the text channel beside the image channel")
 
         self.title_tokens = self.add_weight(
             name="title_tokens", shape=[self.num_items, self.title_length], dtype=tf.int32,
@@ -196,12 +210,28 @@ class ContentEncoder(tf.keras.layers.Layer):
             out[schema.TEXT_CHANNEL] = self.text_encoder(tokens, training=training)
         if schema.IMAGE_CHANNEL in self.channels:
             pixels = tf.gather(self.image_embedding, unique)
-            out[schema.IMAGE_CHANNEL] = self.image_encoder(pixels, training=training)
+            image = self.image_encoder(pixels, training=training)
+            present = self._has_image(pixels)[:, None]
+            out[schema.IMAGE_CHANNEL] = (image * tf.cast(present, image.dtype) if self.missing_image == "zero"
+                                         else tf.where(present, image, out[schema.TEXT_CHANNEL]))
         if schema.ATTRIBUTES_CHANNEL in self.channels:
             ids = tf.gather(self.attributes, unique)
             out[schema.ATTRIBUTES_CHANNEL] = self.attribute_encoder(ids)
         is_item = tf.cast(unique >= len(schema.RESERVED), tf.float32)[:, None]  # PAD/OOV rows carry no content
         return {name: self._scatter_back(value * is_item, position, item_indices) for name, value in out.items()}
+
+    @staticmethod
+    def _has_image(pixels) -> tf.Tensor:
+        return tf.reduce_any(tf.not_equal(pixels, 0.0), axis=-1)
+
+    def image_present(self, item_indices) -> tf.Tensor:
+        """[...] bool: the item has an image (a non-zero image-embedding row); False for PAD/OOV and, without an
+        image channel, everywhere."""
+        if self.image_embedding is None:
+            return tf.zeros(tf.shape(item_indices), tf.bool)
+        item_indices = self._check_range(item_indices, self.num_items, "item index")
+        return self._has_image(tf.gather(self.image_embedding, item_indices)) & (
+            item_indices >= len(schema.RESERVED))
 
     def encode_items_stacked(self, item_indices, training=None) -> tf.Tensor:
         """``encode_items``' channels concatenated in ``item_channels`` order: [..., J_item·d] (from the serving
@@ -255,6 +285,6 @@ class ContentEncoder(tf.keras.layers.Layer):
             num_items=self.num_items, num_queries=self.num_queries, num_tokens=self.num_tokens,
             title_length=self.title_length, query_length=self.query_length, image_dim=self.image_dim,
             attribute_vocab_sizes=list(self.attribute_vocab_sizes), channels=list(self.channels),
-            dim=self.dim, token_dim=self.token_dim, dropout=self.dropout,
+            dim=self.dim, token_dim=self.token_dim, dropout=self.dropout, missing_image=self.missing_image,
         )
         return config

@@ -134,7 +134,10 @@ class PSUModel(tfrs.Model):
         if weights["alignment"]:
             aligned = by_channel if self.align_heads is None else {c: head(by_channel[c])
                                                                    for c, head in self.align_heads.items()}
-            loss += weights["alignment"] * self.alignment_task(aligned, mask, ids=features[schema.SEQ_HISTORY_ITEM])
+            present = ({schema.IMAGE_CHANNEL: self.content.image_present(features[schema.SEQ_HISTORY_ITEM])}
+                       if schema.IMAGE_CHANNEL in self.channels else None)  # no image, no image pair to align
+            loss += weights["alignment"] * self.alignment_task(aligned, mask, ids=features[schema.SEQ_HISTORY_ITEM],
+                                                               present=present)
         if weights["relevance"] and schema.QUERY_CHANNEL in self.channels:
             item_vectors = merge_channels(history, item_gamma(outputs["gamma"], self.channels))
             searched = mask & (features[schema.SEQ_HISTORY_QUERY] > schema.EMPTY_QUERY_INDEX)

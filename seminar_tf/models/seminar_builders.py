@@ -37,7 +37,7 @@ def build_content_encoder(config: ModelConfig, metadata: schema.DatasetMetadata,
         title_length=metadata.max_title_tokens, query_length=metadata.max_query_tokens,
         image_dim=metadata.image_dim, attribute_vocab_sizes=attribute_sizes,
         channels=resolve_channels(config, metadata), dim=config.dim, token_dim=config.token_dim,
-        dropout=config.dropout, name="content")
+        dropout=config.dropout, missing_image=config.missing_image, name="content")
     if item_table is not None and query_table is not None:
         content.set_tables(item_table.title_tokens, item_table.attributes, query_table.tokens,
                            item_table.image_embedding)

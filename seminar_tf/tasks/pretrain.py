@@ -309,21 +309,29 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
 
     def call(
         self, channel_embeddings: Mapping[str, tf.Tensor], mask: tf.Tensor, compute_metrics: bool = True,
-        ids: Optional[tf.Tensor] = None,
+        ids: Optional[tf.Tensor] = None, present: Optional[Mapping[str, tf.Tensor]] = None,
     ) -> tf.Tensor:
-        """``ids`` [B, L] (item indices, optional): positions holding the anchor's own item are no negatives."""
+        """``ids`` [B, L] (item indices, optional): positions holding the anchor's own item are no negatives.
+        ``present`` {channel: [B, L] bool} (optional): where a channel's content exists (an item's image may be
+        missing); a pair of channels is aligned only at the steps that have both, as anchors and as negatives."""
         pairs = self.active_pairs(list(channel_embeddings))
         num_chunks = self.num_chunks
+        present = dict(present or {})
         if self.negatives == "batch":  # position l of every user is one "sequence": negatives from other users
             channel_embeddings = {c: tf.transpose(x, [1, 0, 2]) for c, x in channel_embeddings.items()}
             mask = tf.transpose(mask)
             ids = None if ids is None else tf.transpose(ids)
+            present = {c: tf.transpose(p) for c, p in present.items()}
             num_chunks = 1
         loss = tf.constant(0.0, tf.float32)
         per_anchor_all, valid_all, correct_all = [], [], []
         for a, b in pairs:
+            pair_mask = tf.cast(mask, tf.bool)
+            for channel in (a, b):
+                if channel in present:
+                    pair_mask &= tf.cast(present[channel], tf.bool)
             per_anchor, valid, correct = _chunked_clip_terms(
-                channel_embeddings[a], channel_embeddings[b], mask, num_chunks, self.temperature, ids
+                channel_embeddings[a], channel_embeddings[b], pair_mask, num_chunks, self.temperature, ids
             )
             loss += _weighted_mean(per_anchor, valid)
             valid_all.append(valid)
