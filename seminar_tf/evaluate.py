@@ -192,6 +192,51 @@ def paired_gauc_difference(user_ids, labels, scores, reference, draws: int = 200
             "level": level, "users": int(kept.sum()), "draws": int(draws)}
 
 
+def paired_auc_difference(user_ids, labels, scores, reference, draws: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> Dict[str, float]:
+    """AUC(scores) − AUC(reference) on the same samples, with a paired bootstrap over users (a user's samples are
+    drawn together, as they are not independent): each draw weights every sample by how often its user was
+    drawn and recomputes both AUCs, so the interval reflects which users the test split happened to hold.
+
+    ``scores`` and ``reference``: one score vector [n] each, or a list of them (seeds); the difference is that of
+    the seeds' mean AUCs. Returns difference, se (std of the draws), low / high (the central ``level`` interval of
+    the draws), users, draws.
+    """
+    y = _binary_labels(labels)
+    users = _to_numpy(user_ids).reshape(-1)
+    if len(users) != len(y):
+        raise ValueError(f"user_ids and labels differ in length: {len(users)} vs {len(y)}")
+    lists = [[v] if np.ndim(v) == 1 else list(v) for v in (scores, reference)]
+    if not all(lists):
+        raise ValueError("paired_auc_difference needs at least one score vector on each side")
+    vectors = []
+    for side in lists:
+        vectors.append([_to_numpy(v).reshape(-1).astype(np.float64) for v in side])
+        for v in vectors[-1]:
+            if len(v) != len(y):
+                raise ValueError(f"labels and scores differ in length: {len(y)} vs {len(v)}")
+            _check_finite("scores", v)
+    _, user_index = np.unique(users, return_inverse=True)
+    user_index = user_index.reshape(-1).astype(np.int64)
+    num_users = int(user_index.max()) + 1 if user_index.size else 0
+    zeros = np.zeros(len(y), np.int64)
+
+    def difference(weights):
+        means = [np.mean([_grouped_auc(zeros, y, v, weights, 1)[0][0] for v in side]) for side in vectors]
+        return means[0] - means[1]
+
+    point = difference(np.ones(len(y)))
+    if np.isnan(point):
+        raise ValueError("paired_auc_difference: the samples lack positives or negatives")
+    rng = np.random.default_rng(seed)
+    boot = np.array([difference(np.bincount(rng.integers(0, num_users, num_users), minlength=num_users)[user_index]
+                                .astype(np.float64)) for _ in range(draws)])
+    boot = boot[~np.isnan(boot)]
+    tail = (1.0 - level) / 2.0
+    return {"difference": float(point), "se": float(np.std(boot)), "low": float(np.quantile(boot, tail)),
+            "high": float(np.quantile(boot, 1.0 - tail)), "level": level, "users": num_users, "draws": int(len(boot))}
+
+
 def logloss(labels, probabilities, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy −[y log p + (1−y) log(1−p)], with p clipped to [eps, 1−eps].
 

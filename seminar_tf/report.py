@@ -362,6 +362,28 @@ def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progre
     return payload
 
 
+def paired_differences(payloads: Dict[str, dict], rows: Sequence[str], seeds: int,
+                       reference: str = "seminar") -> Dict[str, dict]:
+    """Test AUC of ``reference`` minus each other row's (means over their finished seeds), with the paired
+    bootstrap over users of ``evaluate.paired_auc_difference``; {} without a finished reference cell."""
+    from seminar_tf.evaluate import paired_auc_difference
+
+    def finished(row):
+        return [payloads[f"{row}_s{s}"]["_scores"] for s in range(seeds) if f"{row}_s{s}" in payloads]
+
+    mine = finished(reference)
+    if not mine:
+        return {}
+    users = np.asarray([u.decode() if isinstance(u, bytes) else str(u) for u in mine[0]["user"]])
+    out = {}
+    for row in rows:
+        other = finished(row) if row != reference else []
+        if other:
+            out[row] = paired_auc_difference(users, mine[0]["label"], [c["probability"] for c in mine],
+                                             [c["probability"] for c in other])
+    return out
+
+
 def _cell_summary(payload: dict, edges, share_median) -> dict:
     scores = payload.pop("_scores")
     groups = sample_groups(scores, edges, share_median)
@@ -521,6 +543,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
         cold_target = cold_targets(targets["item"], seen)
         for payload in payloads.values():
             payload["_scores"]["cold_target"] = cold_target
+    paired = paired_differences(payloads, grid.models, grid.seeds)
     edges = length_bucket_edges(any_scores["length"], grid.length_buckets) if any_scores is not None else [0, 1]
     share_median = float(np.median(any_scores["cold_share"])) if any_scores is not None else 0.0
     cells: Dict[str, List[dict]] = {}
@@ -573,7 +596,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
             metadata.num_items - len(schema.RESERVED) - np.isin(np.arange(len(schema.RESERVED), metadata.num_items),
                                                                 seen).sum()),
         "cold_share_median": share_median, "subset_sizes": sizes, "length_edges": edges,
-        "tables": tables, "pq_recall": recall, "pq_note": pq_note,
+        "tables": tables, "paired_auc": paired, "pq_recall": recall, "pq_note": pq_note,
         "cells": {row: [{k: v for k, v in c.items() if k not in ("popularity",)} for c in finished]
                   for row, finished in cells.items()},
         "reused": reused, "failed": failed, "missing": missing, "plots": plots,
@@ -581,7 +604,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
         # a cell's seconds include the PSU pretraining when that cell trained it (shared PSUs count once)
         "cell_seconds": float(sum(c.get("seconds", 0.0) for f in cells.values() for c in f)),
     }
-    report["checks"] = checks(tables, [r for r in grid.models if r in cells])
+    report["checks"] = checks(tables, [r for r in grid.models if r in cells], paired)
     from seminar_tf.evaluate import _json_ready
 
     report = stamp.round_trip(_json_ready(report))

@@ -181,6 +181,20 @@ def markdown(report: dict) -> str:
     else:
         lines += [f"Not computed: {recall.get('error') if recall else 'no finished seminar run'}", ""]
 
+    paired = report.get("paired_auc")
+    if paired:
+        first = next(iter(paired.values()))
+        lines += ["## Paired test-AUC differences against seminar", "",
+                  f"seminar's test AUC minus each row's (means over the finished seeds), with a paired bootstrap "
+                  f"over the {first['users']} test users ({first['draws']} draws; each draw reweights every sample "
+                  "by how often its user was drawn and recomputes both AUCs). The interval reflects which users the "
+                  "test split holds, not the seeds: where it holds 0, this test split cannot tell the two rows "
+                  "apart.", ""]
+        table_rows = [{"row": r, "seminar − row": f"{d['difference']:+.4f}",
+                       f"{d['level']:.0%} interval": f"[{d['low']:+.4f}, {d['high']:+.4f}]", "se": f"{d['se']:.4f}"}
+                      for r, d in paired.items()]
+        lines += [format_markdown_table(table_rows, ["row", "seminar − row", f"{first['level']:.0%} interval",
+                                                     "se"]), ""]
     lines += ["## Checks", "", "Expected on the planted world; each stated with this run's numbers.", ""]
     lines += [format_markdown_table(report["checks"], ["claim", "status", "detail"]), ""]
     if report["failed"]:

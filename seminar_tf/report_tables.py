@@ -141,9 +141,17 @@ def _beats_check(tables: dict, rows: Sequence[str], suffix: str = "") -> Optiona
             "deltas": {b: d["delta"] for b, d in found.items()}, "rows_missing": missing}
 
 
-def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
+def _interval_text(difference: Optional[dict]) -> str:
+    if not difference:
+        return ""
+    return (f"; paired over the {difference['users']} test users: {difference['difference']:+.4f}, "
+            f"{difference['level']:.0%} interval [{difference['low']:+.4f}, {difference['high']:+.4f}]")
+
+
+def checks(tables: dict, rows: Sequence[str], paired: Optional[dict] = None) -> List[dict]:
     """The issue's expected claims, each with whether this run supports it and the numbers. With ``*_ep4``
-    rows (longer fine-tuning) the first claim is checked again on them."""
+    rows (longer fine-tuning) the first claim is checked again on them. ``paired`` (``report.paired_differences``)
+    adds the paired interval of seminar − seminar_no_alignment to the alignment claim."""
     out = [_beats_check(tables, rows)]
     longer = _beats_check(tables, rows, "_ep4")
 
@@ -188,7 +196,8 @@ def checks(tables: dict, rows: Sequence[str]) -> List[dict]:
                   if d["delta"] > 0 else "not supported")
         out.append({"claim": claim, "status": status, "delta": d["delta"],
                     "detail": f"seminar − seminar_no_alignment AUC = {d['delta']:+.4f} (seed std "
-                              f"{d['a']['std']:.4f} / {d['b']['std']:.4f})"})
+                              f"{d['a']['std']:.4f} / {d['b']['std']:.4f})" + _interval_text(
+                                  (paired or {}).get("seminar_no_alignment"))})
     else:
         out.append({"claim": claim, "status": "not evaluated", "detail": "needs seminar and seminar_no_alignment"})
     if longer:

@@ -417,3 +417,30 @@ def test_paired_gauc_difference_matches_gauc_and_its_interval_follows_the_users(
     assert few["high"] - few["low"] > out["high"] - out["low"]
     with pytest.raises(ValueError, match="differ in length"):
         evaluate.paired_gauc_difference(users, labels, good[:-1], weak)
+
+
+def test_paired_auc_difference_matches_auc_and_resamples_whole_users():
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(300), 4)
+    labels = rng.integers(0, 2, users.size)
+    good, weak = labels + 0.8 * rng.standard_normal(users.size), labels + 3.0 * rng.standard_normal(users.size)
+    out = evaluate.paired_auc_difference(users, labels, good, weak, draws=400)
+    assert out["difference"] == pytest.approx(evaluate.auc(labels, good) - evaluate.auc(labels, weak))
+    assert out["users"] == 300 and out["draws"] == 400
+    assert 0 < out["low"] < out["difference"] < out["high"]  # a clear win: the interval excludes 0
+    same = evaluate.paired_auc_difference(users, labels, [good, weak], [good, weak], draws=50)
+    assert same["difference"] == 0.0 and same["se"] == 0.0  # paired: identical scores never differ
+    seeds = evaluate.paired_auc_difference(users, labels, [good, weak], weak, draws=50)
+    assert seeds["difference"] == pytest.approx((evaluate.auc(labels, good) - evaluate.auc(labels, weak)) / 2)
+    # one draw: every sample weighted by how often its user was drawn
+    picks = np.random.default_rng(7).integers(0, 300, 300)
+    weights = np.bincount(picks, minlength=300)[users]
+    one = evaluate.paired_auc_difference(users, labels, good, weak, draws=1, seed=7)
+    assert one["low"] == pytest.approx(evaluate.auc(labels, good, weights) - evaluate.auc(labels, weak, weights))
+    # the same scores with every user's samples duplicated within the user: as many users, the same interval
+    # (a per-sample bootstrap would narrow it)
+    twice = evaluate.paired_auc_difference(np.repeat(users, 2), np.repeat(labels, 2), np.repeat(good, 2),
+                                           np.repeat(weak, 2), draws=400)
+    assert twice["se"] == pytest.approx(out["se"], rel=0.2)
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluate.paired_auc_difference(users, labels, good[:-1], weak)

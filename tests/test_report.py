@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from seminar_tf import report
+from seminar_tf import evaluate, report
 from seminar_tf.bench import stamp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,6 +170,19 @@ def test_cold_table_and_checks_are_computed_from_the_cells(grid):
     assert f"seminar − din = {delta:+.4f}" in first["detail"]
     assert first["status"].startswith("supported") == (delta > 0)
     assert payload["checks"][1]["status"] == "not evaluated"  # no seminar_no_pretrain row in this grid
+    # seminar − din, paired over the test users, from the cells' per-sample scores
+    scores = {row: [np.load(os.path.join(out, "runs", f"{row}_s{s}", "scores.npz")) for s in (0, 1)]
+              for row in ("seminar", "din")}
+    labels = scores["seminar"][0]["label"]
+    want = np.mean([evaluate.auc(labels, c["probability"]) for c in scores["seminar"]]) - np.mean(
+        [evaluate.auc(labels, c["probability"]) for c in scores["din"]])
+    paired = payload["paired_auc"]
+    assert set(paired) == {"din"} and paired["din"]["difference"] == pytest.approx(want)
+    assert paired["din"]["low"] <= paired["din"]["difference"] <= paired["din"]["high"]
+    with open(os.path.join(out, "runs", "seminar_s0", "cell.json")) as f:
+        assert paired["din"]["users"] == len(set(json.load(f)["users"]))
+    row = _table_rows(markdown, "## Paired test-AUC differences against seminar")["din"]
+    assert row["seminar − row"] == f"{paired['din']['difference']:+.4f}"
 
 
 @pytest.mark.slow
@@ -241,6 +254,10 @@ def test_checks_follow_the_numbers():
     assert cold["gains"]["cold_share_high"] == pytest.approx({"cold_share_high": 0.14, "cold_share_low": 0.08})
     assert cold["gains"]["cold_target"] == pytest.approx({"cold_target": 0.10, "warm_target": 0.09})
     assert align["status"] == "supported" and align["delta"] == pytest.approx(0.04)
+    assert "paired" not in align["detail"]
+    interval = {"difference": 0.04, "low": -0.01, "high": 0.09, "level": 0.95, "users": 500}
+    _, _, align = report.checks(tables, rows, {"seminar_no_alignment": interval})
+    assert align["detail"].endswith("paired over the 500 test users: +0.0400, 95% interval [-0.0100, +0.0900]")
     tables["metrics"]["twin"]["auc"] = stat(0.60)
     tables["subset:cold_share_low"]["seminar"]["auc"] = stat(0.70)
     beat, cold, _ = report.checks(tables, rows)
