@@ -166,9 +166,7 @@ def paired_gauc_difference(user_ids, labels, scores, reference, draws: int = 200
     vectors = [scores] if np.ndim(scores) == 1 else list(scores)
     if not vectors:
         raise ValueError("paired_gauc_difference needs at least one score vector")
-    _, user_index = np.unique(users, return_inverse=True)
-    user_index = user_index.reshape(-1).astype(np.int64)
-    num_users = int(user_index.max()) + 1 if user_index.size else 0
+    user_index, num_users = _user_index(users)
 
     def per_user(values):
         s = _to_numpy(values).reshape(-1).astype(np.float64)
@@ -186,10 +184,22 @@ def paired_gauc_difference(user_ids, labels, scores, reference, draws: int = 200
     delta = (model - base)[kept]
     picks = np.random.default_rng(seed).integers(0, len(delta), size=(draws, len(delta)))
     boot = np.sum(weight[picks] * delta[picks], axis=1) / np.sum(weight[picks], axis=1)
+    return _bootstrap_summary(np.sum(weight * delta) / np.sum(weight), boot, level, int(kept.sum()))
+
+
+def _user_index(users: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(index of each sample's user in [0, U), U)."""
+    _, index = np.unique(users, return_inverse=True)
+    index = index.reshape(-1).astype(np.int64)
+    return index, int(index.max()) + 1 if index.size else 0
+
+
+def _bootstrap_summary(point: float, boot: np.ndarray, level: float, users: int) -> Dict[str, float]:
+    """A paired difference and its bootstrap draws as difference, se, low / high (the central ``level``
+    interval), level, users, draws."""
     tail = (1.0 - level) / 2.0
-    return {"difference": float(np.sum(weight * delta) / np.sum(weight)), "se": float(np.std(boot)),
-            "low": float(np.quantile(boot, tail)), "high": float(np.quantile(boot, 1.0 - tail)),
-            "level": level, "users": int(kept.sum()), "draws": int(draws)}
+    return {"difference": float(point), "se": float(np.std(boot)), "low": float(np.quantile(boot, tail)),
+            "high": float(np.quantile(boot, 1.0 - tail)), "level": level, "users": users, "draws": int(len(boot))}
 
 
 def paired_auc_difference(user_ids, labels, scores, reference, draws: int = 2000, seed: int = 0,
@@ -216,9 +226,7 @@ def paired_auc_difference(user_ids, labels, scores, reference, draws: int = 2000
             if len(v) != len(y):
                 raise ValueError(f"labels and scores differ in length: {len(y)} vs {len(v)}")
             _check_finite("scores", v)
-    _, user_index = np.unique(users, return_inverse=True)
-    user_index = user_index.reshape(-1).astype(np.int64)
-    num_users = int(user_index.max()) + 1 if user_index.size else 0
+    user_index, num_users = _user_index(users)
     zeros = np.zeros(len(y), np.int64)
 
     def difference(weights):
@@ -231,10 +239,7 @@ def paired_auc_difference(user_ids, labels, scores, reference, draws: int = 2000
     rng = np.random.default_rng(seed)
     boot = np.array([difference(np.bincount(rng.integers(0, num_users, num_users), minlength=num_users)[user_index]
                                 .astype(np.float64)) for _ in range(draws)])
-    boot = boot[~np.isnan(boot)]
-    tail = (1.0 - level) / 2.0
-    return {"difference": float(point), "se": float(np.std(boot)), "low": float(np.quantile(boot, tail)),
-            "high": float(np.quantile(boot, 1.0 - tail)), "level": level, "users": num_users, "draws": int(len(boot))}
+    return _bootstrap_summary(point, boot[~np.isnan(boot)], level, num_users)
 
 
 def logloss(labels, probabilities, eps: float = 1e-7) -> float:
