@@ -88,6 +88,10 @@ def test_bench_movielens_end_to_end(tmp_path):
         assert value["difference"] == pytest.approx(_mean(rows, name, "gauc") - _mean(rows, "popularity", "gauc"))
         assert value["low"] <= value["difference"] <= value["high"] and value["se"] > 0 and value["users"] > 1
     assert by_target["SEMINAR GAUC > popularity"]["interval"] == intervals["seminar"]
+    # SEMINAR >= din carries the paired interval of the AUC difference (the grid's paired_auc)
+    auc_interval = by_target["SEMINAR >= din (test AUC)"]["interval"]
+    assert auc_interval["difference"] == pytest.approx(_mean(rows, "seminar", "auc") - _mean(rows, "din", "auc"))
+    assert auc_interval["low"] <= auc_interval["difference"] <= auc_interval["high"]
     report_md = (out / "movielens" / "REPORT.md").read_text()
     assert "## GAUC against popularity" in report_md and "paired bootstrap over" in report_md
 
@@ -98,6 +102,7 @@ def test_bench_movielens_end_to_end(tmp_path):
     assert sorted(again["reused"]) == ["din_s0", "seminar_s0"]
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in payload["rows"]]
     assert again["gauc_vs_popularity"] == intervals  # the stored scores give the same bootstrap
+    assert again["checks"] == payload["checks"]
     assert again["note"] == "Cells trained on an earlier commit." and "--note" in again["command"]
     assert "Cells trained on an earlier commit." in (out / "movielens" / "REPORT.md").read_text()
 
@@ -138,3 +143,7 @@ def test_checks_follow_the_numbers():
     by_target = {c["target"]: c for c in movielens.checks(rows, {"seminar": interval})}
     assert by_target["SEMINAR GAUC > popularity"]["interval"] == interval
     assert "interval" not in by_target["SEMINAR HIT@10 > popularity"]
+    assert "interval" not in by_target["SEMINAR >= din (test AUC)"]
+    by_target = {c["target"]: c for c in movielens.checks(rows, auc_intervals={"din": interval})}
+    assert by_target["SEMINAR >= din (test AUC)"]["interval"] == interval
+    assert "interval" not in by_target["SEMINAR >= twin (test AUC)"]

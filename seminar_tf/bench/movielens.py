@@ -201,9 +201,12 @@ def _check(target: str, row: str, metric: str, value, op: str, reference: str, r
             "status": "not evaluated" if not known else "pass" if passed else "fail"}
 
 
-def checks(rows: List[dict], intervals: Optional[Dict[str, dict]] = None) -> List[dict]:
+def checks(rows: List[dict], intervals: Optional[Dict[str, dict]] = None,
+           auc_intervals: Optional[Dict[str, dict]] = None) -> List[dict]:
     """The issue's targets, each computed from the rows' means (``value op reference_value``); the GAUC check
-    carries SEMINAR's paired-bootstrap interval of the difference (``gauc_intervals``) when given."""
+    carries SEMINAR's paired-bootstrap interval of the difference (``gauc_intervals``) when given, and each
+    "SEMINAR >= baseline" check the paired interval of SEMINAR's test AUC minus the baseline's
+    (``auc_intervals``: the grid report's ``paired_auc``) when given."""
     by_name = {r["row"]: r for r in rows}
 
     def mean(name, metric):
@@ -213,8 +216,11 @@ def checks(rows: List[dict], intervals: Optional[Dict[str, dict]] = None) -> Lis
     out = [_check(f"SEMINAR test AUC >= {SEMINAR_AUC_TARGET:.3f} (mean of seeds)", "seminar", "auc",
                   mean("seminar", "auc"), ">=", "target", SEMINAR_AUC_TARGET)]
     baselines = [r["row"] for r in rows if r["kind"] == "baseline"]
-    out += [_check(f"SEMINAR >= {b} (test AUC)", "seminar", "auc", mean("seminar", "auc"), ">=", b, mean(b, "auc"))
-            for b in baselines]
+    for b in baselines:
+        out.append(_check(f"SEMINAR >= {b} (test AUC)", "seminar", "auc", mean("seminar", "auc"), ">=", b,
+                          mean(b, "auc")))
+        if auc_intervals and b in auc_intervals:
+            out[-1]["interval"] = auc_intervals[b]
     for b in baselines:
         if by_name[b]["external"]:
             ext = by_name[b]["external"]
@@ -347,7 +353,7 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
     }
     report["protocol"] = protocol_text(report)
     report["gauc_vs_popularity"] = gauc_intervals(data_dir, runs_dir, grid_report, config.models)
-    report["checks"] = checks(rows, report["gauc_vs_popularity"])
+    report["checks"] = checks(rows, report["gauc_vs_popularity"], grid_report.get("paired_auc"))
     out = os.path.join(config.out_dir, "movielens")
     from seminar_tf.evaluate import _json_ready
 
