@@ -472,6 +472,15 @@ def _format_cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def format_interval_table(intervals: Mapping[str, dict], difference_column: str, se_column: str = "se") -> str:
+    """A Markdown table of paired differences (``paired_auc_difference`` / ``paired_gauc_difference`` results by
+    row): the row, the difference, its interval and the bootstrap standard error."""
+    level = f"{next(iter(intervals.values()))['level']:.0%} interval" if intervals else "interval"
+    rows = [{"row": name, difference_column: f"{d['difference']:+.4f}", level: f"[{d['low']:+.4f}, {d['high']:+.4f}]",
+             se_column: f"{d['se']:.4f}"} for name, d in intervals.items()]
+    return format_markdown_table(rows, ["row", difference_column, level, se_column])
+
+
 def format_markdown_table(rows: List[dict], columns: List[str]) -> str:
     """A GitHub Markdown table: one header row of ``columns``, one line per row (missing keys left blank).
 

@@ -96,7 +96,7 @@ def plot_recall(recall: dict, path: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    from seminar_tf.evaluate import format_markdown_table
+    from seminar_tf.evaluate import format_interval_table, format_markdown_table
 
     tables = report["tables"]
     rows = [r for r in report["rows"] if r in tables["metrics"]]
@@ -190,11 +190,7 @@ def markdown(report: dict) -> str:
                   "by how often its user was drawn and recomputes both AUCs). The interval reflects which users the "
                   "test split holds, not the seeds: where it holds 0, this test split cannot tell the two rows "
                   "apart.", ""]
-        table_rows = [{"row": r, "seminar − row": f"{d['difference']:+.4f}",
-                       f"{d['level']:.0%} interval": f"[{d['low']:+.4f}, {d['high']:+.4f}]", "se": f"{d['se']:.4f}"}
-                      for r, d in paired.items()]
-        lines += [format_markdown_table(table_rows, ["row", "seminar − row", f"{first['level']:.0%} interval",
-                                                     "se"]), ""]
+        lines += [format_interval_table(paired, "seminar − row"), ""]
     lines += ["## Checks", "", "Expected on the planted world; each stated with this run's numbers.", ""]
     lines += [format_markdown_table(report["checks"], ["claim", "status", "detail"]), ""]
     if report["failed"]:

@@ -258,7 +258,7 @@ def _interval(value: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    from seminar_tf.evaluate import format_markdown_table
+    from seminar_tf.evaluate import format_interval_table, format_markdown_table
 
     fmt = report_lib.format_mean_std
     external = report["external"]
@@ -304,11 +304,7 @@ def markdown(report: dict) -> str:
                   f"paired bootstrap over the {first['users']} users who have both classes ({first['draws']} draws; "
                   "each draw resamples users and recomputes both GAUCs). The interval is the test split's sampling "
                   "noise, not the seeds' spread.", "",
-                  format_markdown_table([{"row": name, "GAUC − popularity": f"{v['difference']:+.4f}",
-                                          f"{v['level']:.0%} interval": f"[{v['low']:+.4f}, {v['high']:+.4f}]",
-                                          "bootstrap SE": f"{v['se']:.4f}"} for name, v in intervals.items()],
-                                        ["row", "GAUC − popularity", f"{first['level']:.0%} interval",
-                                         "bootstrap SE"]).rstrip("\n"), ""]
+                  format_interval_table(intervals, "GAUC − popularity", "bootstrap SE").rstrip("\n"), ""]
     if report["failed"] or report["missing"]:
         lines += ["## Cells without results", "",
                   *[f"- `{f['cell']}` failed: {f['error']}" for f in report["failed"]],
