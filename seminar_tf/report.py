@@ -362,6 +362,11 @@ def run_cell(grid: GridConfig, base, row: Row, seed: int, metadata, seen, progre
     return payload
 
 
+def user_strings(users) -> List[str]:
+    """A cell's per-sample user ids (bytes from the reader, str once reloaded from cell.json) as str."""
+    return [u.decode() if isinstance(u, bytes) else str(u) for u in users]
+
+
 def paired_differences(payloads: Dict[str, dict], rows: Sequence[str], seeds: int,
                        reference: str = "seminar") -> Dict[str, dict]:
     """Test AUC of ``reference`` minus each other row's (means over their finished seeds), with the paired
@@ -374,7 +379,7 @@ def paired_differences(payloads: Dict[str, dict], rows: Sequence[str], seeds: in
     mine = finished(reference)
     if not mine:
         return {}
-    users = np.asarray([u.decode() if isinstance(u, bytes) else str(u) for u in mine[0]["user"]])
+    users = np.asarray(user_strings(mine[0]["user"]))
     out = {}
     for row in rows:
         other = finished(row) if row != reference else []
@@ -526,7 +531,7 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
                 failed.append({"cell": cell, "error": error_summary(error)})
                 continue
             stored = {k: v for k, v in payload.items() if k != "_scores"}
-            stored["users"] = [u.decode() if isinstance(u, bytes) else str(u) for u in payload["_scores"]["user"]]
+            stored["users"] = user_strings(payload["_scores"]["user"])
             _write_json(marker, stored)
             payloads[cell] = {**stored, "_scores": payload["_scores"]}
             progress(f"report: {cell} AUC {payload['metrics']['auc']:.4f} ({payload['seconds']:.0f} s)")
