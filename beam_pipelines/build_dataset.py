@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,9 @@ _FLAG_HELP = {
     "attribute_min_count": "item/user attribute values seen fewer times map to OOV",
     "user_min_count": "users with fewer train-split events map to the OOV user id (vocab/users.txt)",
     "num_shards": "TFRecord shards per output (0 = let the runner decide)",
+    "ordered_shards": "with num_shards > 0: each record's shard and place in it follow from a hash of its bytes, so "
+    "every build of the same input writes byte-identical files (training reads the same order, runs reproduce); "
+    "a shard is then sorted on one worker, so it must fit in its memory",
     "image_dim": "image_embedding length (0 = the most common length in the items table)",
     "seed": "seed of the negative sampling (per-sample deterministic)",
 }
@@ -431,11 +435,11 @@ class _DatasetGraph:
         for kind in schema.EXAMPLE_KINDS:
             for split in schema.SPLITS:
                 examples = built[tx.output_tag(kind, split)]
-                examples | f"Write_{kind}_{split}" >> _write_tfrecords(join(self.out, kind, split), config.num_shards)
+                examples | f"Write_{kind}_{split}" >> _write_tfrecords(join(self.out, kind, split), config)
 
     def tables(self) -> None:
         """The item and query tables (content the model stores as weights)."""
-        v, join, shards = self.v, FileSystems.join, self.config.num_shards
+        v, join, config = self.v, FileSystems.join, self.config
         (
             v.vocab_items
             | "ItemExamples"
@@ -445,7 +449,7 @@ class _DatasetGraph:
                 _singleton(v.item_attribute_indexes),
                 _singleton(v.image_dim),
             )
-            | "WriteItemTable" >> _write_tfrecords(join(self.out, schema.ITEM_TABLE_DIR, "items"), shards)
+            | "WriteItemTable" >> _write_tfrecords(join(self.out, schema.ITEM_TABLE_DIR, "items"), config)
         )
         first_query = len(schema.QUERY_RESERVED)
         (
@@ -453,7 +457,7 @@ class _DatasetGraph:
             | "QueryEntries" >> beam.FlatMap(lambda q: list(enumerate(q[0]))[first_query:])
             | "QueryExamples" >> beam.Map(lambda iq, tokens: tx.query_example(iq[0], iq[1], tokens),
                                           _singleton(v.token_index))
-            | "WriteQueryTable" >> _write_tfrecords(join(self.out, schema.QUERY_TABLE_DIR, "queries"), shards)
+            | "WriteQueryTable" >> _write_tfrecords(join(self.out, schema.QUERY_TABLE_DIR, "queries"), config)
         )
 
     def vocabulary_files(self) -> None:
@@ -537,10 +541,51 @@ def _construct(p: beam.Pipeline, files: Dict[str, Optional[raw_io.TableFiles]], 
         getattr(graph, stage)()
 
 
-def _write_tfrecords(prefix: str, num_shards: int):
+def _write_tfrecords(prefix: str, config: BuildConfig):
+    if config.ordered_shards and config.num_shards > 0:
+        return _OrderedShards(prefix, config.num_shards)
     return beam.io.WriteToTFRecord(
-        prefix, file_name_suffix=schema.TFRECORD_SUFFIX, num_shards=num_shards, compression_type=CompressionTypes.GZIP
+        prefix, file_name_suffix=schema.TFRECORD_SUFFIX, num_shards=config.num_shards,
+        compression_type=CompressionTypes.GZIP
     )
+
+
+def shard_key(record: bytes, num_shards: int):
+    """(shard, sort key) of a serialized record under ``ordered_shards``: both from a hash of its bytes alone."""
+    digest = hashlib.blake2b(record, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards, digest
+
+
+class _OrderedShards(beam.PTransform):
+    """Writes ``PREFIX-0000i-of-0000N.tfrecord.gz`` like ``WriteToTFRecord``, but a record's shard and its place in
+    the shard depend only on its bytes (``shard_key``), so two builds of the same input write identical files.
+    Every shard file exists, empty or not; each is written under a temporary name and then renamed."""
+
+    def __init__(self, prefix: str, num_shards: int):
+        super().__init__()
+        self._prefix, self._num_shards = prefix, num_shards
+
+    def expand(self, records):
+        n = self._num_shards
+        keyed = records | "ShardKey" >> beam.Map(lambda r: (shard_key(r, n)[0], r))
+        every = records.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
+        return ({"records": keyed, "shard": every} | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShard" >> beam.Map(self._write))
+
+    def _write(self, element) -> str:
+        from apache_beam.io.tfrecordio import _TFRecordUtil
+
+        shard, groups = element
+        n = self._num_shards
+        path = f"{self._prefix}-{shard:05d}-of-{n:05d}{schema.TFRECORD_SUFFIX}"
+        temporary = f"{path}.tmp"
+        with FileSystems.create(temporary, compression_type=CompressionTypes.GZIP) as f:
+            for record in sorted(groups["records"], key=lambda r: (shard_key(r, n)[1], r)):
+                _TFRecordUtil.write_record(f, record)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        FileSystems.rename([temporary], [path])
+        return path
 
 
 class _WriteStats(beam.DoFn):

@@ -46,6 +46,7 @@ class BuildConfig:
     attribute_min_count: int = 1
     user_min_count: int = 1
     num_shards: int = 0  # 0 = the runner decides
+    ordered_shards: bool = False  # shard and order records by their hash: identical files on every build
     image_dim: int = 0  # 0 = infer (most common image_embedding length)
     seed: int = 0
 
