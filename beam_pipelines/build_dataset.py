@@ -556,6 +556,11 @@ def shard_key(record: bytes, num_shards: int):
     return int.from_bytes(digest, "big") % num_shards, digest
 
 
+def _keyed_by_shard(record: bytes, num_shards: int):
+    shard, digest = shard_key(record, num_shards)
+    return shard, (digest, record)
+
+
 class _OrderedShards(beam.PTransform):
     """Writes ``PREFIX-0000i-of-0000N.tfrecord.gz`` like ``WriteToTFRecord``, but a record's shard and its place in
     the shard depend only on its bytes (``shard_key``), so two builds of the same input write identical files.
@@ -567,7 +572,7 @@ class _OrderedShards(beam.PTransform):
 
     def expand(self, records):
         n = self._num_shards
-        keyed = records | "ShardKey" >> beam.Map(lambda r: (shard_key(r, n)[0], r))
+        keyed = records | "ShardKey" >> beam.Map(_keyed_by_shard, n)
         every = records.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
         return ({"records": keyed, "shard": every} | "GroupShards" >> beam.CoGroupByKey()
                 | "WriteShard" >> beam.Map(self._write))
@@ -580,7 +585,7 @@ class _OrderedShards(beam.PTransform):
         path = f"{self._prefix}-{shard:05d}-of-{n:05d}{schema.TFRECORD_SUFFIX}"
         temporary = f"{path}.tmp"
         with FileSystems.create(temporary, compression_type=CompressionTypes.GZIP) as f:
-            for record in sorted(groups["records"], key=lambda r: (shard_key(r, n)[1], r)):
+            for _, record in sorted(groups["records"]):  # by (hash, bytes), each hashed once in ShardKey
                 _TFRecordUtil.write_record(f, record)
         if FileSystems.exists(path):
             FileSystems.delete([path])
