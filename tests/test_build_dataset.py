@@ -403,8 +403,8 @@ def test_ordered_shards_write_identical_files_on_every_build(built, tmp_path):
     outs = [str(tmp_path / name) for name in ("a", "b")]
     for out in outs:
         bd.build_dataset(raw, out, config)
-    files = sorted(os.path.relpath(p, outs[0]) for p in glob.glob(os.path.join(outs[0], "**", "*" + schema.TFRECORD_SUFFIX),
-                                                                   recursive=True))
+    pattern = os.path.join(outs[0], "**", "*" + schema.TFRECORD_SUFFIX)
+    files = sorted(os.path.relpath(p, outs[0]) for p in glob.glob(pattern, recursive=True))
     assert len(files) == 3 * (len(schema.EXAMPLE_KINDS) * len(schema.SPLITS) + 2)  # every shard of every output
     for name in files:
         with open(os.path.join(outs[0], name), "rb") as a, open(os.path.join(outs[1], name), "rb") as b:
