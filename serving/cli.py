@@ -105,18 +105,22 @@ def add_cli(subparsers) -> None:
         description="Serves the newest complete version under --model-base-path over TF Serving's gRPC API "
         "(Predict, Classify, Regress, GetModelMetadata, GetModelStatus) and REST routes (/v1/models/NAME"
         "[:predict|:classify|:regress|/metadata]). New versions are picked up by polling, without a restart; "
-        "temporary export directories are never loaded. Stops on Ctrl-C / SIGTERM.")
-    p.add_argument("--model-name", default=MODEL_NAME, help=f"model name clients ask for (default: {MODEL_NAME})")
-    p.add_argument("--model-base-path", default=None,
+        "temporary export directories are never loaded. Stops on Ctrl-C / SIGTERM. The flags it shares with "
+        "tensorflow_model_server also take that server's spellings (--model_name, --model_base_path, "
+        "--model_config_file, --port, --rest_api_port, --ssl_config_file, --file_system_poll_wait_seconds, "
+        "--tensorflow_intra_op_parallelism, --tensorflow_inter_op_parallelism), in --flag value or --flag=value form.")
+    p.add_argument("--model-name", "--model_name", default=MODEL_NAME,
+                   help=f"model name clients ask for (default: {MODEL_NAME})")
+    p.add_argument("--model-base-path", "--model_base_path", default=None,
                    help="export base holding integer version directories (seminar-tf export --export-base)")
-    p.add_argument("--model-config-file", default=None,
+    p.add_argument("--model-config-file", "--model_config_file", default=None,
                    help="TF Serving models.config with one model (instead of --model-name/--model-base-path)")
     p.add_argument("--port", type=_port, default=8500, help="gRPC port, 0-65535 (default: 8500; 0 = a free one)")
-    p.add_argument("--rest-port", type=_port, default=8501,
+    p.add_argument("--rest-port", "--rest_api_port", type=_port, default=8501,
                    help="REST port, 0-65535; 0 disables REST (default: 8501)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--poll-seconds", type=_at_least(1.0, float), default=2.0,
+    p.add_argument("--poll-seconds", "--file_system_poll_wait_seconds", type=_at_least(1.0, float), default=2.0,
                    help="how often the base path is polled for new versions, >= 1 (default: 2)")
     p.add_argument("--max-message-mb", type=_at_least(0.001, float), default=16,
                    help="largest gRPC message and REST body in MiB; RESOURCE_EXHAUSTED / HTTP 413 beyond "
@@ -134,14 +138,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rest-request-timeout-seconds", type=_at_least(0.001, float), default=30.0,
                    help="a REST connection whose next request (line, headers and body) has not arrived within "
                    "this many seconds is closed; bounds idle and slow clients (default: 30)")
-    p.add_argument("--ssl-config-file", default=None,
+    p.add_argument("--ssl-config-file", "--ssl_config_file", default=None,
                    help="TF Serving's SSLConfig text proto (server_key, server_cert, custom_ca, client_verify): "
                    "TLS for gRPC and REST, mutual TLS with client_verify (see serving/README.md)")
-    p.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, metavar="N",
+    p.add_argument("--tensorflow-intra-op-parallelism", "--tensorflow_intra_op_parallelism", type=int, default=0,
+                   metavar="N",
                    help="threads one TensorFlow op may use, as tensorflow_model_server's "
                    "--tensorflow_intra_op_parallelism (default: 0 = one per core; 1 gives more throughput when "
                    "several requests run at once on few cores, see benchmarks/serving.md)")
-    p.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0, metavar="N",
+    p.add_argument("--tensorflow-inter-op-parallelism", "--tensorflow_inter_op_parallelism", type=int, default=0,
+                   metavar="N",
                    help="TensorFlow ops run at once, as --tensorflow_inter_op_parallelism (default: 0 = one per core)")
     p.add_argument("--malloc-mmap-threshold-mb", type=float, default=32, metavar="MB",
                    help="glibc malloc serves buffers up to this size from its heap and keeps freed memory for reuse "

@@ -1059,6 +1059,25 @@ def test_serve_cli_with_models_config_fails_fast_when_the_base_path_is_missing(c
     assert captured.out == "" and "model base path /models/seminar does not exist" in captured.err
 
 
+def test_serve_accepts_tensorflow_model_servers_flag_spellings():
+    """A user coming from tensorflow_model_server keeps its flag spellings (--flag value and --flag=value); each
+    sets the same option as the project's own spelling."""
+    parser = argparse.ArgumentParser()
+    serving_cli.add_cli(parser.add_subparsers(dest="command"))
+    tf_serving = parser.parse_args([
+        "serve", "--model_name=m", "--model_base_path=/models/m", "--port=8600", "--rest_api_port", "8601",
+        "--file_system_poll_wait_seconds=3", "--tensorflow_intra_op_parallelism=1",
+        "--tensorflow_inter_op_parallelism", "2", "--ssl_config_file=ssl.cfg"])
+    own = parser.parse_args([
+        "serve", "--model-name", "m", "--model-base-path", "/models/m", "--port", "8600", "--rest-port", "8601",
+        "--poll-seconds", "3", "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
+        "--ssl-config-file", "ssl.cfg"])
+    assert vars(tf_serving) == vars(own)
+    assert (own.model_name, own.model_base_path, own.rest_port, own.poll_seconds) == ("m", "/models/m", 8601, 3.0)
+    config_file = parser.parse_args(["serve", "--model_config_file=/models/models.config"])
+    assert config_file.model_config_file == "/models/models.config"
+
+
 def test_serve_fails_fast_with_exit_2_and_a_clear_message(setup, tmp_path, capsys, monkeypatch):
     """A missing or empty base path, a port out of range or in use (the message names it), a poll interval
     under 1 s and a concurrency under 1: exit 2 with a message, before any model is loaded."""
