@@ -1,5 +1,5 @@
-"""Raw tables -> dataset directory (docs/design.md §1-§3): vocabularies, item/query tables, pretrain and CTR
-SequenceExamples per split, dead letters, stats.json and metadata.json.
+"""Raw tables -> dataset directory (docs/design.md §1-§3): vocabularies, item/query tables, one timeline per user,
+pretrain and CTR samples per split, dead letters, stats.json and metadata.json.
 
 Usage:
     python -m beam_pipelines.build_dataset --input RAW_DIR --output DATASET_DIR [--runner ...] [beam options]
@@ -11,8 +11,9 @@ package to workers with ``--setup_file``). Every input row ends up either in the
 Stages: read + parse (dead letter: unparseable_row) -> validate rows (missing_field:*, bad_timestamp, ...)
 -> items: embedding dimension, duplicates -> item vocabulary (item_min_count) -> events: split (column or
 global time cutoffs) + unknown_item -> query/token/attribute vocabularies -> group events per user ->
-point-in-time histories -> SequenceExamples; stats and metadata are written by the pipeline itself, so
-they are exact on every runner (no reliance on metrics).
+point-in-time histories -> per-user timelines (SequenceExamples) and samples (Examples cutting a timeline at the
+sample's time); stats and metadata are written by the pipeline itself, so they are exact on every runner (no reliance
+on metrics).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import json
 import logging
 import os
 import sys
+import time
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -33,7 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from seminar_tf import schema
-from seminar_tf import config as config_lib
+from seminar_tf.cli_args import BUILD_FLAG_HELP, add_build_arguments, build_config_from_args
 from seminar_tf.config import BuildConfig  # noqa: F401  (defined in the leaf config module)
 
 from beam_pipelines import raw_io
@@ -47,57 +49,17 @@ DEAD = raw_io.DEAD_LETTER_TAG
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
-_FLAG_HELP = {
-    "max_history": "newest history steps kept per sample (feature-list length cap)",
-    "min_history": "samples with fewer history steps are not written (counted as too_short_history)",
-    "history_events": "comma-separated event types that enter histories and pretrain targets",
-    "sample_events": "comma-separated event types that become labelled CTR samples (label 0/1 required)",
-    "num_negatives": "sampled negative (query, item) pairs per pretrain example",
-    "pretrain_samples_per_user": "pretrain examples per user and split, evenly spaced over the user's history "
-    "events of that split; 0 = one per history event",
-    "valid_fraction": "share of events (newest before test) in valid, when events have no split column",
-    "test_fraction": "share of newest events in test, when events have no split column",
-    "item_min_count": "items with fewer events are left out of the vocabulary (their events: unknown_item)",
-    "query_min_count": "queries seen fewer times map to OOV",
-    "token_min_count": "title/query tokens seen fewer times map to OOV",
-    "attribute_min_count": "item/user attribute values seen fewer times map to OOV",
-    "user_min_count": "users with fewer train-split events map to the OOV user id (vocab/users.txt)",
-    "num_shards": "TFRecord shards per output (0 = let the runner decide)",
-    "ordered_shards": "with num_shards > 0: each record's shard and place in it follow from a hash of its bytes, so "
-    "every build of the same input writes byte-identical files (training reads the same order, runs reproduce); "
-    "a shard is then sorted on one worker, so it must fit in its memory",
-    "image_dim": "image_embedding length (0 = the most common length in the items table)",
-    "seed": "seed of the negative sampling (per-sample deterministic)",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds ``--input``, ``--output`` and one flag per ``BuildConfig`` field (defaults from the dataclass)."""
-    parser.add_argument(
-        "--input",
-        required=True,
-        help="raw directory with items.*, events.*, optional users.* "
-        "(JSONL, JSONL.gz, CSV or Parquet; one file or <table>-* shards; any Beam filesystem)",
-    )
-    parser.add_argument(
-        "--output", required=True, help="dataset directory to write (its previous dataset files " "are replaced)"
-    )
-    config_lib.add_dataclass_arguments(parser, BuildConfig, helps=_FLAG_HELP)  # the CLI's one flag mechanism
-    config_lib.add_set_argument(parser, "build")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    """The flags' ``BuildConfig``, then ``--set build.FIELD=VALUE``; ValueError names a bad field or value."""
-    config = config_lib.dataclass_from_args(BuildConfig, args)
-    return config_lib.override_section(config, "build", getattr(args, "set", None) or [])
+# The flags live in the light seminar_tf.cli_args (no Beam import) so `seminar-tf build --help` stays fast.
+_FLAG_HELP = BUILD_FLAG_HELP
+add_arguments = add_build_arguments
+config_from_args = build_config_from_args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m beam_pipelines.build_dataset",
-        description="Build a seminar-tf dataset directory (vocabularies, item/query tables, pretrain and CTR "
-        "TFRecords, dead letters, stats.json, metadata.json) from raw items/events/users tables.",
+        description="Build a seminar-tf dataset directory (vocabularies, item/query tables, per-user timelines, "
+        "pretrain and CTR TFRecords, dead letters, stats.json, metadata.json) from raw items/events/users tables.",
         epilog="Any other argument goes to Beam's PipelineOptions, e.g. --runner=DataflowRunner --project=... "
         "--region=... --temp_location=gs://... --setup_file=./setup.py, or --direct_num_workers=2 "
         "--direct_running_mode=multi_processing. Without --runner the pipeline runs on FnApiRunner.",
@@ -111,7 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     stats = build_dataset(args.input, args.output, config, pipeline_args)
-    print(json.dumps({k: stats[k] for k in ("rows_read", "rows_ok", "dead_letters", "samples", "channels")}, indent=2))
+    keys = ("rows_read", "rows_ok", "dead_letters", "samples", "timelines", "channels")
+    print(json.dumps({k: stats[k] for k in keys}, indent=2))
     return 0
 
 
@@ -127,16 +90,27 @@ def pipeline_options(pipeline_args: Optional[Sequence[str]]) -> PipelineOptions:
 
 
 def build_dataset(
-    input_dir: str, output_dir: str, config: BuildConfig, pipeline_args: Optional[List[str]] = None
+    input_dir: str, output_dir: str, config: BuildConfig, pipeline_args: Optional[List[str]] = None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Runs the pipeline to completion and returns the stats it wrote to ``<output_dir>/stats.json``."""
+    """Runs the pipeline to completion and returns the stats it wrote to ``<output_dir>/stats.json``.
+
+    ``progress`` gets one line per stage: reading (the input files found), building samples (the pipeline runs:
+    parse, validate, vocabularies, timelines, samples, each written as it is made), writing (stats.json and
+    metadata.json are there) and done with the wall time."""
+    started = time.time()
+    report = progress or (lambda message: None)
     files = {table: raw_io.find_table_files(input_dir, table) for table in schema.RAW_TABLES}
     for table in ("items", "events"):
         if files[table] is None:
-            raise FileNotFoundError(f"no {table}.<jsonl|jsonl.gz|csv|parquet> or {table}-* files in {input_dir}")
+            raise FileNotFoundError(f"no {table}.<jsonl|jsonl.gz|csv|parquet> or {table}-* files in {input_dir}; "
+                                    "`seminar-tf world --out DIR` writes a raw directory")
     for table, found in files.items():
         if found:
             logger.info("input %s: %d %s file(s)", table, len(found.paths), found.fmt)
+    report("build 1/3 reading " + input_dir + ": " + ", ".join(
+        f"{table} ({len(found.paths)} {found.fmt} file{'s' if len(found.paths) != 1 else ''})"
+        for table, found in files.items() if found))
     removed = raw_io.delete_matching(
         [
             FileSystems.join(output_dir, d, "*")
@@ -146,6 +120,7 @@ def build_dataset(
                 schema.QUERY_TABLE_DIR,
                 schema.PRETRAIN_DIR,
                 schema.CTR_DIR,
+                schema.TIMELINE_DIR,
                 schema.DEAD_LETTER_DIR,
             )
         ]
@@ -158,12 +133,18 @@ def build_dataset(
     logger.info("building %s -> %s on %s with %s", input_dir, output_dir, runner, config)
     pipeline = beam.Pipeline(options=options)
     _construct(pipeline, files, output_dir, config)
+    report(f"build 2/3 building samples on {runner}: parse, validate, vocabularies, timelines, pretrain/ctr samples "
+           f"(written to {output_dir} as they are made)")
     result = pipeline.run()
     result.wait_until_finish()
     _remove_empty_temp_dirs(output_dir)
+    report(f"build 3/3 writing finished: TFRecords, vocabularies, dead letters, {schema.STATS_FILE} and "
+           f"{schema.METADATA_FILE} under {output_dir}")
     stats = json.loads(raw_io.read_text_file(FileSystems.join(output_dir, schema.STATS_FILE)))
+    report(f"build done in {time.time() - started:.1f}s")
     logger.info("rows read %s, ok %s; dead letters %s", stats["rows_read"], stats["rows_ok"], stats["dead_letters"])
-    logger.info("samples %s; too short %s", stats["samples"], stats["too_short_history"])
+    logger.info("samples %s; too short %s; timelines %s", stats["samples"], stats["too_short_history"],
+                stats["timelines"])
     logger.info("vocabularies %s; channels %s", stats["vocab_sizes"], stats["channels"])
     return stats
 
@@ -402,7 +383,8 @@ class _DatasetGraph:
         v.feedback_index = v.feedback_vocab | "FeedbackIndex" >> beam.Map(tx.vocabulary_index)
 
     def samples(self) -> None:
-        """Group events per user, point-in-time histories, SequenceExamples per kind and split."""
+        """Group events per user: one timeline record per user, sample records (timeline cut-offs) per kind and
+        split."""
         v, config, join = self.v, self.config, FileSystems.join
         user_events = v.valid_events | "CompactEvents" >> beam.Map(
             tx.compact_event, _singleton(v.query_index), _singleton(v.feedback_index))
@@ -429,9 +411,11 @@ class _DatasetGraph:
                                     config.num_negatives, config.seed),
                 _singleton(sampling),
                 _singleton(v.user_attribute_vocabs | "UserAttributeList" >> beam.Map(sorted)),
-            ).with_outputs(tx.COUNTER_TAG, *tags)
+            ).with_outputs(tx.COUNTER_TAG, tx.TIMELINE_TAG, *tags)
         )
         self.counts.append(built[tx.COUNTER_TAG])
+        timelines = join(self.out, schema.TIMELINE_DIR, schema.TIMELINE_DIR)
+        built[tx.TIMELINE_TAG] | "WriteTimelines" >> _write_tfrecords(timelines, config)
         for kind in schema.EXAMPLE_KINDS:
             for split in schema.SPLITS:
                 examples = built[tx.output_tag(kind, split)]
@@ -624,6 +608,7 @@ class _WriteStats(beam.DoFn):
             num_negatives=self._config.num_negatives,
             num_users=sizes["users"],
             num_feedback=sizes["feedback"],
+            history_layout=schema.TIMELINES_LAYOUT,
         )
         stats_text = json.dumps(stats, indent=2, sort_keys=True) + "\n"
         raw_io.write_text_file(FileSystems.join(self._out, schema.STATS_FILE), stats_text)
@@ -658,6 +643,7 @@ def assemble_stats(
         "dead_letters": dead,
         "samples": per_kind("samples"),
         "too_short_history": per_kind("too_short_history"),
+        "timelines": {"users": counters.get(("timelines",), 0), "steps": counters.get(("timeline_steps",), 0)},
         "vocab_sizes": sizes,
         "channels": schema.channels_present(facts),
         "channel_facts": facts,

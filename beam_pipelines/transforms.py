@@ -5,9 +5,10 @@ only wire those functions to PCollections. Nothing here reads a config object or
 parameter arrives through a constructor.
 
 Protos are serialized by a small wire-format encoder (``int64_feature``, ``example_bytes``,
-``sequence_example_bytes``) instead of ``tf.train`` messages: a user's history steps are encoded once and
-every sample of that user joins slices of them, so building a sample costs O(history length) byte copies,
-and Dataflow workers never import TensorFlow. Tests check the bytes against ``tf.train`` protos.
+``sequence_example_bytes``) instead of ``tf.train`` messages, so Dataflow workers never import TensorFlow.
+A user's history is written once, as a timeline record; each sample is a small record holding a cut-off into
+it, so the output grows with events + samples, not samples x history length. Tests check the bytes against
+``tf.train`` protos.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 HISTORY_ROLE = 1  # the event enters histories (and pretrain targets)
 SAMPLE_ROLE = 2  # the event is a labelled CTR sample
 COUNTER_TAG = "counters"
+TIMELINE_TAG = "timelines"  # BuildUserSamples' output of one timeline record per user
 
 # Compact event tuple after indexing; tuples sort by time first, then by ids, so ties are deterministic.
 # FEEDBACK (the feedback-vocabulary index of ``schema.feedback_token``) is optional: 6-tuples have none.
@@ -731,36 +733,37 @@ def sequence_example_bytes(context: Dict[str, bytes], feature_lists: Dict[str, b
     return _field(b"\x0a", _feature_map(context)) + _field(b"\x12", lists)
 
 
-class UserExampleEncoder:
-    """Encodes one user's samples; history steps are encoded once and sliced per sample."""
+def timeline_bytes(user_id: str, history: Sequence[tuple], user_attributes: Dict[str, int],
+                   user_index: Optional[int] = None, with_feedback: bool = False) -> bytes:
+    """Serialized timeline SequenceExample of one user (``schema.timeline_spec``): every history step, oldest first."""
+    context = {schema.CTX_USER_ID: bytes_feature([user_id.encode("utf-8")])}
+    for name, index in user_attributes.items():
+        context[schema.user_attribute_feature(name)] = int64_feature([index])
+    if user_index is not None:
+        context[schema.CTX_USER_INDEX] = int64_feature([user_index])
+    columns = {schema.SEQ_HISTORY_ITEM: ITEM, schema.SEQ_HISTORY_QUERY: QUERY, schema.SEQ_HISTORY_TIMESTAMP: TS}
+    if with_feedback:
+        columns[schema.SEQ_HISTORY_FEEDBACK] = FEEDBACK
+    lists = {name: b"".join(feature_list_step(int64_feature([e[column]])) for e in history)
+             for name, column in columns.items()}
+    return sequence_example_bytes(context, lists)
 
-    def __init__(self, user_id: str, history: Sequence[tuple], user_attributes: Dict[str, int],
-                 user_index: Optional[int] = None, with_feedback: bool = False):
-        self._context = {schema.CTX_USER_ID: bytes_feature([user_id.encode("utf-8")])}
-        for name, index in user_attributes.items():
-            self._context[schema.user_attribute_feature(name)] = int64_feature([index])
-        if user_index is not None:
-            self._context[schema.CTX_USER_INDEX] = int64_feature([user_index])
-        columns = {schema.SEQ_HISTORY_ITEM: ITEM, schema.SEQ_HISTORY_QUERY: QUERY, schema.SEQ_HISTORY_TIMESTAMP: TS}
-        if with_feedback:
-            columns[schema.SEQ_HISTORY_FEEDBACK] = FEEDBACK
-        self._steps = {name: [feature_list_step(int64_feature([e[column]])) for e in history]
-                       for name, column in columns.items()}
 
-    def encode(self, sample: Sample) -> bytes:
-        """Serialized SequenceExample parseable with ``schema.sequence_example_spec(metadata, sample.kind)``."""
-        context = dict(self._context)
-        context[schema.CTX_TIMESTAMP] = int64_feature([sample.timestamp])
-        context[schema.CTX_TARGET_ITEM] = int64_feature([sample.target_item])
-        context[schema.CTX_TARGET_QUERY] = int64_feature([sample.target_query])
-        context[schema.CTX_LABEL] = float_feature([sample.label])
-        context[schema.CTX_HISTORY_LENGTH] = int64_feature([sample.history_end - sample.history_start])
-        if sample.kind == schema.PRETRAIN_DIR:
-            context[schema.CTX_NEGATIVE_ITEMS] = int64_feature(sample.negative_items)
-            context[schema.CTX_NEGATIVE_QUERIES] = int64_feature(sample.negative_queries)
-        window = slice(sample.history_start, sample.history_end)
-        lists = {name: b"".join(steps[window]) for name, steps in self._steps.items()}
-        return sequence_example_bytes(context, lists)
+def sample_bytes(user_id: str, sample: Sample) -> bytes:
+    """Serialized sample Example (``schema.sample_spec(metadata, sample.kind)``); its history is the user's
+    timeline cut at ``sample.history_end``."""
+    features = {
+        schema.CTX_USER_ID: bytes_feature([user_id.encode("utf-8")]),
+        schema.CTX_TIMESTAMP: int64_feature([sample.timestamp]),
+        schema.CTX_TARGET_ITEM: int64_feature([sample.target_item]),
+        schema.CTX_TARGET_QUERY: int64_feature([sample.target_query]),
+        schema.CTX_LABEL: float_feature([sample.label]),
+        schema.CTX_HISTORY_END: int64_feature([sample.history_end]),
+    }
+    if sample.kind == schema.PRETRAIN_DIR:
+        features[schema.CTX_NEGATIVE_ITEMS] = int64_feature(sample.negative_items)
+        features[schema.CTX_NEGATIVE_QUERIES] = int64_feature(sample.negative_queries)
+    return example_bytes(features)
 
 
 def output_tag(kind: str, split: str) -> str:
@@ -768,8 +771,9 @@ def output_tag(kind: str, split: str) -> str:
 
 
 class BuildUserSamples(beam.DoFn):
-    """(user_id, {"events": [...], "users": [attrs]}) -> serialized SequenceExamples on ``output_tag(kind,
-    split)`` outputs, plus ``((counter, kind, split), n)`` on the ``counters`` output.
+    """(user_id, {"events": [...], "users": [attrs], "user_index": [index]}) -> the user's timeline on the
+    ``timelines`` output, sample Examples on ``output_tag(kind, split)`` outputs, and ``((counter, ...), n)`` on the
+    ``counters`` output (samples and too_short_history per kind and split, timelines, timeline_steps).
 
     Side inputs: ``sampling`` = {"item_counts", "query_counts"} per vocabulary index, ``user_attribute_names``.
     Users without a users-table row get OOV for every user attribute.
@@ -814,11 +818,13 @@ class BuildUserSamples(beam.DoFn):
             sampler=self._sampler,
             user_key=user_id,
         )
-        encoder = UserExampleEncoder(user_id, history, attributes, user_index,
-                                     with_feedback=bool(events) and len(events[0]) > FEEDBACK)
+        yield beam.pvalue.TaggedOutput(TIMELINE_TAG, timeline_bytes(
+            user_id, history, attributes, user_index, with_feedback=len(events[0]) > FEEDBACK))
+        yield beam.pvalue.TaggedOutput(COUNTER_TAG, (("timelines",), 1))
+        yield beam.pvalue.TaggedOutput(COUNTER_TAG, (("timeline_steps",), len(history)))
         written = collections.Counter()
         for sample in samples:
-            yield beam.pvalue.TaggedOutput(output_tag(sample.kind, sample.split), encoder.encode(sample))
+            yield beam.pvalue.TaggedOutput(output_tag(sample.kind, sample.split), sample_bytes(user_id, sample))
             written[(sample.kind, sample.split)] += 1
         for (kind, split), count in written.items():
             yield beam.pvalue.TaggedOutput(COUNTER_TAG, (("samples", kind, split), count))
@@ -829,7 +835,8 @@ class BuildUserSamples(beam.DoFn):
 
     def finish_bundle(self):
         if self._users:
-            logger.info("samples: %d users -> %d examples in this bundle", self._users, self._written)
+            logger.info("samples: %d users -> %d timelines, %d examples in this bundle", self._users, self._users,
+                        self._written)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
 """``seminar-tf``: the one command-line entry point.
 
-Subcommands import their modules lazily, so ``seminar-tf --help`` and the Beam job do not pay for
-TensorFlow model code they do not use. Nothing is parsed at import time.
+Subcommands import their modules lazily: building the parser imports only light modules (``seminar_tf.config``,
+``seminar_tf.cli_args``, numpy at most), so ``seminar-tf --help`` and ``seminar-tf COMMAND --help`` load neither
+TensorFlow nor Beam; a handler imports what it runs. Nothing is parsed at import time.
+
+Errors: an expected user error (``UsageError``: exit 2; ``CliError``, a missing or unreadable file, a ValueError of
+bad input: exit 1) prints ``seminar-tf COMMAND: message`` on stderr without a traceback; ``--debug`` shows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -17,6 +22,7 @@ from typing import Callable, List, Optional
 
 import seminar_tf  # noqa: F401  (selects tf-keras before anything imports TensorFlow)
 from seminar_tf import config as config_lib  # a leaf: no TensorFlow or Beam
+from seminar_tf.cli_args import CliError, UsageError  # noqa: F401  (the CLI's error types, raised by handlers)
 
 LOG = logging.getLogger("seminar_tf")
 
@@ -50,7 +56,7 @@ EM3_FLAGS = {
 
 # ---------------------------------------------------------------------------------------------- world
 def _add_world(sub) -> None:
-    from seminar_tf.data.world import WorldConfig
+    from seminar_tf.config import WorldConfig
 
     p = sub.add_parser(
         "world",
@@ -69,9 +75,14 @@ def _run_world(args, extra) -> int:
     from seminar_tf.data.world import WorldConfig, generate_world
 
     try:
-        config = config_lib.override_section(config_lib.dataclass_from_args(WorldConfig, args), "world", args.set)
+        config = config_lib.dataclass_from_args(WorldConfig, args)
+        config.validate()  # the flags' values, named as flags before --set applies
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise UsageError(f"{error}; see seminar-tf world --help") from None
+    try:
+        config = config_lib.override_section(config, "world", args.set)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     summary = generate_world(config, args.out, progress=_progress)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
@@ -79,7 +90,7 @@ def _run_world(args, extra) -> int:
 
 # ---------------------------------------------------------------------------------------------- build
 def _add_build(sub) -> None:
-    from beam_pipelines import build_dataset
+    from seminar_tf import cli_args
 
     p = sub.add_parser(
         "build",
@@ -88,24 +99,96 @@ def _add_build(sub) -> None:
         "passed to Beam's PipelineOptions, e.g. --runner=DataflowRunner --project=... --region=...; "
         "the local default runner is FnApiRunner.",
     )
-    build_dataset.add_arguments(p)
+    cli_args.add_build_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the full stats.json instead of the summary")
     p.set_defaults(handler=_run_build, takes_extra=True)
 
 
 def _run_build(args, extra) -> int:
-    from beam_pipelines import build_dataset
+    from seminar_tf import cli_args
 
     try:
-        config = build_dataset.config_from_args(args)
+        config = cli_args.build_config_from_args(args)
     except ValueError as error:
-        raise SystemExit(str(error)) from None
-    stats = build_dataset.build_dataset(args.input, args.output, config, pipeline_args=extra)
-    _print_build_summary(stats)
+        raise UsageError(str(error)) from None
+    _check_input_dir(args.input, "--input")
+    from beam_pipelines import build_dataset
+
+    stats = build_dataset.build_dataset(args.input, args.output, config, pipeline_args=extra, progress=_progress)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    else:
+        _print_build_summary(stats, args.output)
     return 0
 
 
-def _print_build_summary(stats: dict) -> None:
-    print(json.dumps({k: stats[k] for k in sorted(stats) if k != "config"}, indent=2, sort_keys=True, default=str))
+def _check_input_dir(path: str, flag: str) -> None:
+    """A local ``path`` that is missing, not a directory or empty fails before Beam starts (remote URLs pass)."""
+    if "://" in path:
+        return
+    if not os.path.exists(path):
+        raise CliError(f"{flag} {path}: no such directory; give the raw directory `seminar-tf world --out` wrote "
+                       "(items.*, events.*, optional users.*)")
+    if not os.path.isdir(path):
+        raise CliError(f"{flag} {path}: not a directory; give the directory holding items.* and events.*")
+    if not os.listdir(path):
+        raise CliError(f"{flag} {path}: empty directory; it needs items.* and events.* files "
+                       f"(e.g. seminar-tf world --out {path})")
+
+
+DEAD_LETTER_WARN_SHARE = 0.01  # build warns when more of a table's rows than this go to dead letters
+
+
+def _counts(mapping: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in mapping.items()) or "none"
+
+
+def build_warnings(stats: dict, output: str) -> List[str]:
+    """``WARNING:`` lines of a build: an empty split of a sample kind, a table with over 1 % dead-lettered rows."""
+    from seminar_tf import schema
+
+    warnings = []
+    for kind, splits in stats["samples"].items():
+        for split, count in splits.items():
+            if not count:
+                warnings.append(f"WARNING: {kind}/{split} is empty: no {kind} sample fell in the {split} split; more "
+                                f"users or events, a lower --min-history or other --valid-fraction/--test-fraction "
+                                f"fill it ({split} metrics and early stopping need it)")
+    for table, read in stats["rows_read"].items():
+        dead = stats["dead_letters"].get(table, {})
+        if read and sum(dead.values()) > DEAD_LETTER_WARN_SHARE * read:
+            warnings.append(f"WARNING: {table}: {sum(dead.values())} of {read} rows "
+                            f"({100.0 * sum(dead.values()) / read:.1f}%) went to dead letters ({_counts(dead)}); "
+                            f"see {os.path.join(output, schema.DEAD_LETTER_DIR)}")
+    return warnings
+
+
+def _print_build_summary(stats: dict, output: str) -> None:
+    """A short human summary of a build's stats.json on stdout; its warnings on stderr."""
+    from seminar_tf import schema
+
+    dead = {t: sum(reasons.values()) for t, reasons in stats["dead_letters"].items()}
+    reasons = "; ".join(f"{t}: {_counts(r)}" for t, r in stats["dead_letters"].items() if r)
+    lines = [
+        f"rows read: {_counts(stats['rows_read'])}",
+        f"rows ok: {_counts(stats['rows_ok'])}",
+        f"dead-lettered: {_counts({t: n for t, n in dead.items() if n})}" + (f" ({reasons})" if reasons else ""),
+    ]
+    for kind, splits in stats["samples"].items():
+        short = sum(stats.get("too_short_history", {}).get(kind, {}).values())
+        ordered = {split: splits[split] for split in [*schema.SPLITS, *sorted(set(splits) - set(schema.SPLITS))]
+                   if split in splits}
+        lines.append(f"{kind} samples: {_counts(ordered)}" + (f" (too short history: {short})" if short else ""))
+    timelines = stats.get("timelines") or {}
+    if timelines:
+        lines.append(f"timelines: {timelines.get('users', 0)} users, {timelines.get('steps', 0)} steps")
+    sizes = {k: v for k, v in stats.get("vocab_sizes", {}).items() if isinstance(v, int)}
+    lines.append(f"vocabularies: {_counts(sizes)}; channels: {', '.join(stats.get('channels', []))}")
+    lines.append(f"wrote {output} ({schema.STATS_FILE}, {schema.METADATA_FILE}; seminar-tf build --json prints "
+                 f"the full {schema.STATS_FILE})")
+    print("\n".join(lines), flush=True)
+    for warning in build_warnings(stats, output):
+        print(warning, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -114,7 +197,7 @@ def load_preset(args):
     try:
         return config_lib.load_config(args.config, getattr(args, "set", ()))
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise UsageError(str(error)) from None
 
 
 def _add_config_flag(p) -> None:
@@ -140,7 +223,7 @@ def _channels_without_query(data_dir: str, model_config) -> tuple:
     metadata = reader.load_metadata(data_dir)
     kept = tuple(c for c in builders.resolve_channels(model_config, metadata) if c != schema.QUERY_CHANNEL)
     if not kept:
-        raise SystemExit(f"--no-query-channel leaves no channel (model.channels {list(model_config.channels)}, "
+        raise UsageError(f"--no-query-channel leaves no channel (model.channels {list(model_config.channels)}, "
                          f"dataset channels {metadata.channels}); set model.channels in --config to item channels")
     return kept
 
@@ -222,7 +305,7 @@ def _run_finetune(args, extra) -> int:
     frozen = {f.strip() for f in args.freeze.split(",") if f.strip()}
     unknown = frozen - {"content", "projections"}
     if unknown:
-        raise SystemExit(f"--freeze: unknown parts {sorted(unknown)}; choose from content, projections")
+        raise UsageError(f"--freeze: unknown parts {sorted(unknown)}; choose from content, projections")
     changes = dict(freeze_content="content" in frozen or preset.model.freeze_content,
                    freeze_projections="projections" in frozen or preset.model.freeze_projections)
     if args.gsu:
@@ -230,13 +313,13 @@ def _run_finetune(args, extra) -> int:
     if args.pq_rerank:
         changes["pq_rerank"] = args.pq_rerank
     if args.codebooks and (args.gsu or preset.model.gsu) == "exact":
-        raise SystemExit("--codebooks is for --gsu pq_adc|pq_sdc; add one of those or drop --codebooks")
+        raise UsageError("--codebooks is for --gsu pq_adc|pq_sdc; add one of those or drop --codebooks")
     if args.no_history:
         changes["use_history"] = False
     if args.model:
         changes["architecture"] = args.model
     if args.no_pretrain and args.init_from:
-        raise SystemExit("--no-pretrain and --init-from contradict each other; drop one")
+        raise UsageError("--no-pretrain and --init-from contradict each other; drop one")
     if args.no_query_channel:
         changes["channels"] = _channels_without_query(args.data, preset.model)
     changes.update(config_lib.given_fields(args, [*FINETUNE_MODEL_FLAGS, *EM3_FLAGS]))
@@ -244,7 +327,7 @@ def _run_finetune(args, extra) -> int:
     try:
         preset.model.validate()
     except ValueError as error:
-        raise SystemExit(f"finetune: {error}") from None
+        raise UsageError(str(error)) from None
     result = experiment.finetune(args.data, args.model_dir, preset, init_from=args.init_from, progress=_progress,
                                  codebooks=args.codebooks)
     print(json.dumps({k: v[-1] for k, v in result["history"].items()}, indent=2, default=float))
@@ -282,16 +365,16 @@ def _run_evaluate(args, extra) -> int:
 
 
 def _print_metrics_table(metrics: dict) -> None:
+    """The model and popularity rows of ``experiment.evaluate`` as a Markdown table, then what was scored."""
     from seminar_tf.evaluate import format_markdown_table
 
     columns = ["auc", "gauc", "logloss", "hit@1", "hit@5", "hit@10", "hit@50", "ndcg@5", "ndcg@10", "ndcg@50", "mrr"]
-    rows = []
-    for name in ("model", "popularity"):
-        row = {"model": name}
-        row.update({c: (round(metrics[name][c], 4) if isinstance(metrics[name].get(c), float) else metrics[name].get(c))
-                    for c in columns})
-        rows.append(row)
+    rows = [{"model": name, **{c: metrics[name].get(c) for c in columns}} for name in ("model", "popularity")
+            if isinstance(metrics.get(name), dict)]
     print(format_markdown_table(rows, ["model"] + columns))
+    context = [f"{key} {metrics[key]}" for key in ("split", "gsu", "run", "data") if metrics.get(key) is not None]
+    if context:
+        print("; ".join(context))
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -316,7 +399,7 @@ def _run_demo(args, extra) -> int:
     try:
         preset = config_lib.apply_overrides(config_lib.get_preset(args.preset), args.set)
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise UsageError(str(error)) from None
     raw_dir = os.path.join(args.work_dir, "raw")
     data_dir = os.path.join(args.work_dir, "dataset")
     started = time.time()
@@ -324,8 +407,8 @@ def _run_demo(args, extra) -> int:
     world = generate_world(preset.world, raw_dir, progress=_progress)
     _progress(f"      {json.dumps({k: v for k, v in world.items() if isinstance(v, (int, float))})}")
     _progress(f"[2/6] Beam pipeline (FnApiRunner) -> {data_dir}")
-    stats = build_dataset(raw_dir, data_dir, preset.build, pipeline_args=["--runner=FnApiRunner"])
-    _print_build_summary(stats)
+    stats = build_dataset(raw_dir, data_dir, preset.build, pipeline_args=["--runner=FnApiRunner"], progress=_progress)
+    _print_build_summary(stats, data_dir)
     from seminar_tf import experiment
 
     psu_dir = os.path.join(args.work_dir, "psu")
@@ -348,6 +431,14 @@ def _run_demo(args, extra) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- bench
+MOVIELENS_MODELS = "seminar,din,sim_hard,sim_soft,eta,twin,no_history"  # bench movielens --models default
+LONGSEQ_MODELS = "seminar,din"  # bench longseq --models default
+
+
+def _names(text: str) -> tuple:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -356,15 +447,19 @@ def _add_bench(sub) -> None:
         "throughput (raw events/s) at several sizes on FnApiRunner. 'pq': product-quantization recall and "
         "speed (exact vs ADC vs SDC vs faiss). 'serving': load test of the rank signature through the local "
         "gRPC server. 'movielens': SEMINAR and the baselines on MovieLens (RecBole's ml-100k or --input), "
-        "OUT/movielens/REPORT.md + movielens.json; not part of 'all'. 'all': pipeline, pq and serving.",
+        "OUT/movielens/REPORT.md + movielens.json; not part of 'all'. 'longseq': the project at lifelong length "
+        "(world, build and fine-tuning at L=10^3 and 10^4, each a child process of the CLI: peak RSS, bytes per CTR "
+        "sample, epoch time), OUT/longseq.md + longseq.json; not part of 'all'. 'all': pipeline, pq and serving.",
     )
-    p.add_argument("which", choices=["pipeline", "pq", "serving", "movielens", "all"], help="which benchmark to run")
+    p.add_argument("which", choices=["pipeline", "pq", "serving", "movielens", "longseq", "all"],
+                   help="which benchmark to run")
     p.add_argument("--out", default="benchmarks", help="directory for the reports (default: benchmarks)")
     p.add_argument("--sizes", default="100000,1000000",
                    help="pipeline: comma-separated target raw event counts (default: 100000,1000000)")
     p.add_argument("--work-dir", default=None,
                    help="scratch directory for generated data and runs (default: runs/bench; movielens: "
-                        "runs/bench/movielens)")
+                        "runs/bench/movielens; longseq: runs/bench/longseq, whose world is reused when its "
+                        "parameters match)")
     p.add_argument("--preset", default="test",
                    help="pq: synthetic world + training preset of the trained-embedding parts: test (minutes) | "
                         "demo (the committed report; about an hour on 2 cores) (default: test)")
@@ -378,10 +473,12 @@ def _add_bench(sub) -> None:
                     help="preset or YAML/JSON config of the build section and the rows (default: movielens)")
     config_lib.add_set_argument(ml)
     ml.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
-    ml.add_argument("--models", default="seminar,din,sim_hard,sim_soft,eta,twin,no_history",
-                    help="comma-separated rows of seminar_tf.report.ROWS (default: %(default)s); the popularity "
-                         "reference is always reported")
-    ml.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
+    ml.add_argument("--models", default=None,
+                    help=f"comma-separated rows of seminar_tf.report.ROWS (default: {MOVIELENS_MODELS}); the "
+                         "popularity reference is always reported; longseq: finetune --model architectures "
+                         f"(default: {LONGSEQ_MODELS})")
+    ml.add_argument("--epochs", type=int, default=None,
+                    help="fine-tuning epochs (default: the config's; longseq: 3, the last one is timed)")
     ml.add_argument("--pretrain-epochs", type=int, default=None, help="PSU pretraining epochs (default: the config's)")
     ml.add_argument("--num-negatives", type=int, default=99,
                     help="sampled negatives per positive of HIT/NDCG@10 (default: 99)")
@@ -390,6 +487,22 @@ def _add_bench(sub) -> None:
                     help="reuse the built dataset (WORK/dataset/metadata.json) and finished cells")
     ml.add_argument("--note", default="", help="a paragraph the report prints under its header (e.g. which commit "
                     "trained the cells --resume reuses)")
+    ls = p.add_argument_group("longseq (also --models, --epochs, --work-dir)")
+    ls.add_argument("--users", type=int, default=120, help="users of the world (default: %(default)s)")
+    ls.add_argument("--items", type=int, default=20_000, help="items of the world (default: %(default)s)")
+    ls.add_argument("--mean-history", type=int, default=10_000,
+                    help="mean history events per user; each lies in [0.8, 1.2] x this (default: %(default)s)")
+    ls.add_argument("--impressions-per-user", type=int, default=40,
+                    help="labelled impressions per user (default: %(default)s)")
+    ls.add_argument("--lengths", default="1000,10000",
+                    help="comma-separated max_history values, one build and training cells each (default: "
+                         "%(default)s)")
+    ls.add_argument("--batch-size", type=int, default=64,
+                    help="batch of the timed training cells, 2 steps per epoch (default: %(default)s)")
+    ls.add_argument("--peak-batch-size", type=int, default=256,
+                    help="batch of the one-step peak-memory run per model at the longest L (default: %(default)s)")
+    ls.add_argument("--child-timeout", type=float, default=4 * 3600.0,
+                    help="seconds before a child command is killed and its row marked failed (default: %(default)s)")
     p.set_defaults(handler=_run_bench, takes_extra=False)
 
 
@@ -412,7 +525,7 @@ def _run_render(args, extra) -> int:
         try:
             print(stamp.render_file(path))
         except (OSError, ValueError, KeyError) as error:
-            raise SystemExit(f"render {path}: {error}") from None
+            raise CliError(f"{path}: {error}") from None
     return 0
 
 
@@ -429,7 +542,7 @@ def _run_bench(args, extra) -> int:
             config = movielens_bench.MovieLensBenchConfig(
                 input_dir=args.input, out_dir=args.out, work_dir=args.work_dir or "runs/bench/movielens",
                 cache_dir=args.cache_dir, config=args.config, overrides=tuple(args.set), seeds=args.seeds,
-                models=tuple(m.strip() for m in args.models.split(",") if m.strip()), epochs=args.epochs,
+                models=_names(args.models or MOVIELENS_MODELS), epochs=args.epochs,
                 pretrain_epochs=args.pretrain_epochs, num_negatives=args.num_negatives,
                 label_threshold=args.label_threshold, resume=args.resume, note=args.note)
             if os.path.basename(sys.argv[0]).startswith("seminar-tf"):
@@ -437,12 +550,27 @@ def _run_bench(args, extra) -> int:
             try:
                 result = movielens_bench.run(config, progress=_progress)
             except ValueError as error:
-                raise SystemExit(f"bench movielens: {error}") from None
+                raise CliError(str(error)) from None
             print(os.path.join(args.out, "movielens", "REPORT.md"))
             for check in result["checks"]:
                 print(f"{check['status']}: {check['target']}")
             continue
-        if name == "pipeline":
+        if name == "longseq":
+            from seminar_tf.bench import longseq as longseq_bench
+
+            try:
+                config = longseq_bench.LongSeqBenchConfig(
+                    users=args.users, items=args.items, mean_history=args.mean_history,
+                    impressions_per_user=args.impressions_per_user,
+                    lengths=tuple(int(float(s)) for s in args.lengths.split(",") if s.strip()),
+                    models=_names(args.models or LONGSEQ_MODELS), batch_size=args.batch_size,
+                    epochs=3 if args.epochs is None else args.epochs, peak_batch_size=args.peak_batch_size,
+                    timeout_s=args.child_timeout)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            report = longseq_bench.run(config, out_dir=args.out, work_dir=args.work_dir or "runs/bench/longseq",
+                                       progress=_progress)
+        elif name == "pipeline":
             from seminar_tf.bench import pipeline as pipeline_bench
 
             sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
@@ -469,9 +597,20 @@ def _add_fit_codebooks(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from seminar_tf import export
+    from seminar_tf import cli_args
 
-    export.add_cli(sub)
+    cli_args.add_export_parser(sub).set_defaults(handler=_handler("seminar_tf.export", "_run_export"),
+                                                  takes_extra=False)
+
+
+def _handler(module: str, name: str) -> Callable:
+    """A handler that imports ``module`` (TensorFlow or Beam) only when its command runs."""
+
+    def run(args, extra):
+        return getattr(importlib.import_module(module), name)(args, extra)
+
+    run.__qualname__ = f"{module}.{name}"
+    return run
 
 
 def _add_serving(sub) -> None:
@@ -503,11 +642,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="SEMINAR / EM3 lifelong multi-modal sequence recommendation: synthetic world, Beam "
         "pipeline, training, export and serving.",
     )
-    parser.add_argument("--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of seminar-tf, TensorFlow, tf-keras, Apache Beam and TFRS and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log at DEBUG level (default: warnings and errors) and keep TensorFlow's load-time lines")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
     return parser
+
+
+# Distributions --version reports, read from their metadata (nothing is imported); the first one installed counts.
+_VERSION_PACKAGES = (("tensorflow", ("tensorflow", "tensorflow-cpu", "tf-nightly")), ("tf-keras", ("tf-keras",)),
+                     ("apache-beam", ("apache-beam",)), ("tensorflow-recommenders", ("tensorflow-recommenders",)))
+
+
+def versions_text() -> str:
+    """``--version``: one ``name version`` line per package, read with ``importlib.metadata``."""
+    from importlib import metadata
+
+    lines = [f"seminar-tf {seminar_tf.__version__}"]
+    for name, distributions in _VERSION_PACKAGES:
+        version = "not installed"
+        for distribution in distributions:
+            try:
+                version = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        lines.append(f"{name} {version}")
+    lines.append(f"python {sys.version.split()[0]}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``versions_text()`` and exits 0."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_text())
+        parser.exit()
 
 
 # Import-time noise a user cannot act on, hidden unless --verbose (messages logged on the root logger).
@@ -515,24 +693,56 @@ _QUIET_ROOT_MESSAGES = ("apitools not found",)  # Beam's GCP IO on a machine wit
 
 
 def quiet_third_party_logs() -> None:
-    """Hides TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features, CUDA stub) and Beam's apitools warning.
-    Must run before TensorFlow is imported; errors still print. ``--verbose`` skips it."""
+    """Hides TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features, CUDA stub, the cuInit error of a machine
+    without a GPU driver) and Beam's apitools warning; errors TensorFlow logs later still print. Must run before
+    TensorFlow is imported (it imports nothing itself); ``--verbose`` skips it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" not in sys.modules:
-        # TensorFlow's C++ libraries log while they load, before absl's InitializeLog, ignoring
-        # TF_CPP_MIN_LOG_LEVEL: import it with file descriptor 2 on /dev/null (a failed import still raises).
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        try:
-            sys.stderr.flush()
-            os.dup2(devnull, 2)
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
     if _keep_actionable not in logging.getLogger().filters:
         logging.getLogger().addFilter(_keep_actionable)
+
+
+class _QuietTensorFlowImport:
+    """A ``sys.meta_path`` finder for the first ``import tensorflow``: it runs with file descriptor 2 on /dev/null
+    (TensorFlow's C++ libraries log while they load, before absl's InitializeLog, ignoring TF_CPP_MIN_LOG_LEVEL), and
+    so does the device platforms' initialisation (``list_physical_devices``: cuInit logs an E-level line when no GPU
+    driver answers). A failed import still raises."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with _stderr_to_devnull():
+                exec_module(module)
+                module.config.list_physical_devices()
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+class _stderr_to_devnull:
+    """File descriptor 2 on /dev/null inside the ``with`` block (C++ writes too, not only ``sys.stderr``)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
 
 
 def _keep_actionable(record: logging.LogRecord) -> bool:
@@ -540,16 +750,43 @@ def _keep_actionable(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_QUIET_ROOT_MESSAGES)
 
 
+# Errors a command reports as one line, without a traceback (``--debug`` shows it); anything else is a bug.
+_EXPECTED_ERRORS = (CliError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
+def _error_message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    if "--verbose" not in (sys.argv[1:] if argv is None else argv):
-        quiet_third_party_logs()  # before build_parser: its defaults import Beam and TensorFlow
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if extra and not args.takes_extra:
         parser.error(f"unrecognized arguments for '{args.command}': {' '.join(extra)}")
-    return int(args.handler(args, extra) or 0)
+    if not args.verbose:
+        quiet_third_party_logs()  # before the handler imports TensorFlow or Beam
+    # Warnings and errors only unless --verbose: the commands report progress with their own lines.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefix = f"seminar-tf {args.command}"
+    try:
+        return int(args.handler(args, extra) or 0)
+    except SystemExit as stop:  # a handler's own ``SystemExit(message)``: a runtime failure it explained
+        if args.debug or stop.code is None or isinstance(stop.code, int):
+            raise
+        message = str(stop.code)
+        print(message if message.startswith("seminar-tf ") else f"{prefix}: {message}", file=sys.stderr)
+        return 1
+    except _EXPECTED_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"{prefix}: {_error_message(error)}", file=sys.stderr)
+        if not isinstance(error, (CliError, OSError)):
+            print("(rerun with --debug for the traceback)", file=sys.stderr)
+        return getattr(error, "exit_code", 1)
 
 
 if __name__ == "__main__":

@@ -497,16 +497,35 @@ def format_markdown_table(rows: List[dict], columns: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flat(values: Mapping, prefix: str = "") -> dict:
+    """Nested mappings as dotted keys (``{"by_length": {"short": 0.7}}`` -> ``{"by_length.short": 0.7}``)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _report_table(metrics: Mapping) -> str:
-    """Flat metrics → a Metric | Value table; {name: {metric: value}} → one row per name (a comparison)."""
-    if metrics and all(isinstance(v, Mapping) for v in metrics.values()):
+    """{name: {metric: value}} entries -> one comparison table, a row per name (nested values as dotted columns);
+    the other entries -> a Metric | Value table (both when they mix, e.g. experiment.evaluate's model and
+    popularity beside its run, data and split). Lists print comma-separated; never a Python dict."""
+    groups = {name: _flat(values) for name, values in metrics.items() if isinstance(values, Mapping)}
+    scalars = {k: (", ".join(map(_format_cell, v)) if isinstance(v, (list, tuple)) else v)
+               for k, v in metrics.items() if not isinstance(v, Mapping)}
+    tables = []
+    if groups:
         columns: List[str] = []
-        for values in metrics.values():
+        for values in groups.values():
             columns.extend(k for k in values if k not in columns)
-        rows = [{"name": name, **values} for name, values in metrics.items()]
-        return format_markdown_table(rows, ["name"] + columns)
-    rows = [{"metric": k, "value": v} for k, v in metrics.items()]
-    return format_markdown_table(rows, ["metric", "value"])
+        rows = [{"name": name, **values} for name, values in groups.items()]
+        tables.append(format_markdown_table(rows, ["name"] + columns))
+    if scalars or not groups:
+        rows = [{"metric": k, "value": v} for k, v in scalars.items()]
+        tables.append(format_markdown_table(rows, ["metric", "value"]))
+    return "\n".join(tables)
 
 
 def _slug(title: str) -> str:

@@ -61,6 +61,7 @@ import numpy as np
 import tensorflow as tf
 
 from seminar_tf import schema
+from seminar_tf.cli_args import DEFAULT_MAX_CANDIDATES, add_export_parser
 
 # ---------------------------------------------------------------------------------------------------- contract
 # Signature input/output names: the serving contract (serving/client.py repeats them; a test keeps them equal).
@@ -94,7 +95,6 @@ ENCODE_ITEMS_SIGNATURE = "encode_items"
 DEFAULT_SIGNATURE = "serving_default"
 METHOD_NAMES = {EXAMPLES_SIGNATURE: "tensorflow/serving/regress", CLASSIFY_SIGNATURE: "tensorflow/serving/classify"}
 
-DEFAULT_MAX_CANDIDATES = 1000
 TMP_PREFIX = ".tmp-export-"  # not an integer: TF Serving and serving/server.py ignore it
 EXPORT_INFO = "seminar_export.json"  # in assets.extra/: limits, inputs and outputs of this export
 WARMUP_FILE = "tf_serving_warmup_requests"  # in assets.extra/: TF Serving replays these before serving
@@ -673,33 +673,9 @@ def _latest_version(export_base: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers) -> None:
-    """Registers ``seminar-tf export`` (handler(args, extra) -> int, as every seminar_tf.cli command)."""
-    p = subparsers.add_parser(
-        "export", help="export a fine-tuned run as a versioned SavedModel for TF Serving",
-        description="Writes EXPORT_BASE/<next version>/ (atomically: a hidden temporary directory renamed "
-        "into place) with the signatures serving_default/ctr, rank, ctr_examples (Regress), ctr_classify "
-        "(Classify), pretrain (when the run has a PSU) and encode_items. Inputs are raw string ids and raw "
-        "query text; the vocabularies are assets inside the SavedModel. Inspect with `saved_model_cli show "
-        "--dir EXPORT_BASE/<version> --all`.")
-    p.add_argument("--model-dir", required=True, help="fine-tuned run directory (seminar-tf finetune --model-dir)")
-    p.add_argument("--export-base", required=True, help="model base path; versions are written under it")
-    p.add_argument("--data", default=None, help="dataset directory whose vocabularies to serve with (default: the "
-                   "run's own copy of its dataset's metadata and vocabularies; no dataset is needed)")
-    p.add_argument("--max-history", type=int, default=None,
-                   help="longest history L a request may send (default: the run's training max_history)")
-    p.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,
-                   help=f"most candidates N per rank request (default: {DEFAULT_MAX_CANDIDATES})")
-    p.add_argument("--psu-dir", default=None,
-                   help="PSU run for the pretrain signature (default: the run's --init-from, if any)")
-    p.add_argument("--model-name", default="seminar", help="model name written into the warmup requests")
-    from seminar_tf import quantization
-
-    quantization.add_gsu_arguments(p, what="of the served model", gsu_default="the run's",
-                                   codebooks_default="the ones saved with the run's weights")
-    p.add_argument("--no-content-cache", action="store_true",
-                   help="do not precompute the vocabulary's content embeddings into the SavedModel (smaller "
-                        "export for huge catalogs; every request then runs the content encoders over its history)")
-    p.set_defaults(handler=_run_export, takes_extra=False)
+    """Registers ``seminar-tf export`` (handler(args, extra) -> int, as every seminar_tf.cli command); the flags are
+    ``seminar_tf.cli_args``' (seminar_tf.cli registers them without importing this module)."""
+    add_export_parser(subparsers).set_defaults(handler=_run_export, takes_extra=False)
 
 
 def _run_export(args, extra) -> int:

@@ -1,7 +1,8 @@
 """PQ on runs: ``seminar-tf fit-codebooks`` (codebooks + codes from a run's final content embeddings).
 
 The codebook math and file format are ``seminar_tf.quantization`` (docs/design.md §5), which knows no runs; this
-module reads runs through ``seminar_tf.experiment``.
+module reads runs through ``seminar_tf.experiment``, imported by ``fit_run`` so that registering the command
+(``add_cli``) loads no TensorFlow.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 from typing import Callable, Dict, Optional
 
-from seminar_tf import experiment
 from seminar_tf.quantization import (CODEBOOKS_FILE, SUMMARY_FILE, CodebookConfig, _rounded, quantize_vocabulary,
                                      save_codebooks)
 
@@ -24,6 +24,8 @@ def fit_run(model_dir: str, config: CodebookConfig, data_dir: Optional[str] = No
     Writes ``out`` (default ``MODEL_DIR/codebooks.npz``) and ``codebooks.json`` beside it; returns the summary.
     """
     import tensorflow as tf
+
+    from seminar_tf import experiment
 
     content, preset, data_dir, stage = experiment.load_content(model_dir, data_dir)
     codebooks = quantize_vocabulary(content, config, progress)

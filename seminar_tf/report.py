@@ -674,11 +674,13 @@ def _run_report(args, extra) -> int:
         pq_centroids=args.pq_centroids, note=args.note, runs_dir=args.runs_dir, report_only=args.report_only,
         command="seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if os.path.basename(sys.argv[0]).startswith("seminar-tf") else "")
+    from seminar_tf.cli_args import UsageError
+
     try:
         grid.validate()
         _base_preset(grid)  # a bad --config or --set fails here, before any training
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise UsageError(str(error)) from None
     if not grid.command:
         grid.command = _reconstruct_command(args)
     report = run(grid, progress=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr,

@@ -75,6 +75,8 @@ QUERY_TABLE_DIR = "query_table"
 PRETRAIN_DIR = "pretrain"
 CTR_DIR = "ctr"
 EXAMPLE_KINDS = (PRETRAIN_DIR, CTR_DIR)
+TIMELINE_DIR = "timelines"  # one record per user: the whole history, which the samples of both kinds cut
+TIMELINES_LAYOUT = "timelines"  # DatasetMetadata.history_layout of datasets that store histories in TIMELINE_DIR
 DEAD_LETTER_DIR = "dead_letter"
 STATS_FILE = "stats.json"
 METADATA_FILE = "metadata.json"
@@ -92,6 +94,11 @@ def user_attribute_vocab(name: str) -> str:
 def shard_pattern(dataset_dir: str, kind: str, split: str) -> str:
     """Glob of the TFRecord shards of one example kind (``pretrain``/``ctr``) and split."""
     return f"{dataset_dir.rstrip('/')}/{kind}/{split}-*{TFRECORD_SUFFIX}"
+
+
+def timeline_pattern(dataset_dir: str) -> str:
+    """Glob of the TFRecord shards of the per-user timelines."""
+    return f"{dataset_dir.rstrip('/')}/{TIMELINE_DIR}/*{TFRECORD_SUFFIX}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -212,20 +219,25 @@ def parse_float_list(value) -> List[float]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Example features (docs/design.md §3): tf.train.SequenceExample, context + feature lists.
+# Example features (docs/design.md §3). A user's history is stored once, as a timeline (tf.train.SequenceExample
+# in TIMELINE_DIR: context user_id, user_index, user_<attr>; feature lists history_*: every history step of the
+# user, oldest first, not truncated). A sample (tf.train.Example in pretrain/ or ctr/) names its user, its target
+# and the cut-off ``history_end`` into that timeline; the reader joins the two into batches with a history_length
+# and history_* features of max_history steps.
 # Context
 CTX_USER_ID = "user_id"  # bytes, raw user id (GAUC groups by it)
-CTX_USER_INDEX = "user_index"  # int64 user-vocabulary index (OOV for users below user_min_count)
+CTX_USER_INDEX = "user_index"  # int64 user-vocabulary index (OOV for users below user_min_count); timeline
 CTX_TIMESTAMP = "timestamp"  # int64, the sample's time; every history step is strictly earlier
 CTX_TARGET_ITEM = "target_item"  # int64 item index
 CTX_TARGET_QUERY = "target_query"  # int64 query index (EMPTY_QUERY_INDEX for recommendation)
 CTX_LABEL = "label"  # float, 1/0 (pretrain examples: always 1, the true next pair)
-CTX_HISTORY_LENGTH = "history_length"  # int64, number of real history steps (<= max_history)
+CTX_HISTORY_END = "history_end"  # int64, the user's timeline steps strictly before the sample's time (sample)
+CTX_HISTORY_LENGTH = "history_length"  # int64, number of real history steps (<= max_history; reader output)
 CTX_NEGATIVE_ITEMS = "negative_items"  # int64[num_negatives], pretrain only: sampled negative pairs
 CTX_NEGATIVE_QUERIES = "negative_queries"  # int64[num_negatives]
-USER_ATTRIBUTE_PREFIX = "user_"  # context int64 user_<attr> for each users-table column
+USER_ATTRIBUTE_PREFIX = "user_"  # int64 user_<attr> for each users-table column; timeline
 
-# Feature lists, oldest first, newest max_history kept
+# Feature lists, oldest first (a timeline: all steps; a batch: the newest max_history before the cut-off)
 SEQ_HISTORY_ITEM = "history_item"
 SEQ_HISTORY_QUERY = "history_query"
 SEQ_HISTORY_TIMESTAMP = "history_timestamp"
@@ -270,6 +282,7 @@ class DatasetMetadata:
     max_query_tokens: int = MAX_QUERY_TOKENS
     num_users: int = 0  # user vocabulary size incl. reserved rows; 0 = a dataset built before user ids
     num_feedback: int = 0  # feedback vocabulary size incl. reserved rows; 0 = no history_feedback feature
+    history_layout: str = ""  # TIMELINES_LAYOUT; "" = an older build's per-sample histories, which no reader reads
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -289,29 +302,41 @@ def item_attribute_feature(name: str) -> str:
     return f"{ITEM_ATTRIBUTE_PREFIX}{name}"
 
 
-def sequence_example_spec(metadata: DatasetMetadata, kind: str) -> Tuple[dict, dict]:
-    """(context_features, sequence_features) for ``tf.io.parse_sequence_example`` of ``kind`` examples."""
+def sample_spec(metadata: DatasetMetadata, kind: str) -> dict:
+    """Feature spec of one ``kind`` sample ``tf.train.Example`` (its history is a cut of the user's timeline)."""
     import tensorflow as tf
 
     if kind not in EXAMPLE_KINDS:
         raise ValueError(f"kind must be one of {EXAMPLE_KINDS}, got {kind!r}")
-    context = {
+    spec = {
         CTX_USER_ID: tf.io.FixedLenFeature([], tf.string),
         CTX_TIMESTAMP: tf.io.FixedLenFeature([], tf.int64),
         CTX_TARGET_ITEM: tf.io.FixedLenFeature([], tf.int64),
         CTX_TARGET_QUERY: tf.io.FixedLenFeature([], tf.int64),
         CTX_LABEL: tf.io.FixedLenFeature([], tf.float32),
-        CTX_HISTORY_LENGTH: tf.io.FixedLenFeature([], tf.int64),
+        CTX_HISTORY_END: tf.io.FixedLenFeature([], tf.int64),
     }
+    if kind == PRETRAIN_DIR:
+        spec[CTX_NEGATIVE_ITEMS] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
+        spec[CTX_NEGATIVE_QUERIES] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
+    return spec
+
+
+def history_features(metadata: DatasetMetadata) -> Tuple[str, ...]:
+    """The history feature lists a dataset has (``history_feedback`` only with a feedback vocabulary)."""
+    return SEQUENCE_FEATURES + ((SEQ_HISTORY_FEEDBACK,) if metadata.num_feedback else ())
+
+
+def timeline_spec(metadata: DatasetMetadata) -> Tuple[dict, dict]:
+    """(context_features, sequence_features) for ``tf.io.parse_single_sequence_example`` of one user's timeline."""
+    import tensorflow as tf
+
+    context = {CTX_USER_ID: tf.io.FixedLenFeature([], tf.string)}
     for name in sorted(metadata.user_attributes):
         context[user_attribute_feature(name)] = tf.io.FixedLenFeature([], tf.int64, default_value=OOV_INDEX)
     if metadata.num_users:
         context[CTX_USER_INDEX] = tf.io.FixedLenFeature([], tf.int64, default_value=OOV_INDEX)
-    if kind == PRETRAIN_DIR:
-        context[CTX_NEGATIVE_ITEMS] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
-        context[CTX_NEGATIVE_QUERIES] = tf.io.FixedLenFeature([metadata.num_negatives], tf.int64)
-    names = SEQUENCE_FEATURES + ((SEQ_HISTORY_FEEDBACK,) if metadata.num_feedback else ())
-    sequence = {name: tf.io.FixedLenSequenceFeature([], tf.int64) for name in names}
+    sequence = {name: tf.io.FixedLenSequenceFeature([], tf.int64) for name in history_features(metadata)}
     return context, sequence
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import seminar_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
@@ -31,6 +32,8 @@ CONFIG_FILE = "config.json"
 BEST_WEIGHTS = os.path.join("best", "weights")  # TF-format weights: <dir>/best/weights.{index,data-*}
 LAST_WEIGHTS = os.path.join("last", "weights")
 MONITOR_STATE_FILE = "monitor_state.json"  # in backup_dir; see _ResumeMonitorState
+EPOCH_TIME = "epoch_time_s"  # history key: wall seconds of the epoch (training steps + validation); _EpochTimes
+EPOCH_TRAIN_TIME = "epoch_train_time_s"  # history key: wall seconds of the epoch's training steps alone
 
 MakeDataset = Callable[[str, Optional[tf.distribute.InputContext]], tf.data.Dataset]
 
@@ -194,6 +197,7 @@ def fit(
     early_stopping = tf.keras.callbacks.EarlyStopping(
         monitor=config.monitor, mode=mode, patience=config.early_stopping_patience, restore_best_weights=True)
     callbacks = [
+        _EpochTimes(),  # first: the callbacks after it (TensorBoard, History) see the epoch's times
         tf.keras.callbacks.BackupAndRestore(dirs.backup_dir),
         best_checkpoint,
         tf.keras.callbacks.ModelCheckpoint(dirs.last_weights, save_weights_only=True),
@@ -238,6 +242,26 @@ def load_weights(model: tf.keras.Model, model_dir: Optional[str]) -> str:
             "first (with AIP_CHECKPOINT_DIR set, the weights are looked up there)")
     model.load_weights(path).expect_partial()  # the optimizer state saved alongside is not needed here
     return path
+
+
+class _EpochTimes(tf.keras.callbacks.Callback):
+    """Adds each epoch's wall seconds to its logs (so to the history ``fit`` returns): ``EPOCH_TIME`` from the
+    epoch's start to its end (training steps and validation), ``EPOCH_TRAIN_TIME`` to the start of validation."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+        self._trained = None
+
+    def on_test_begin(self, logs=None):
+        if getattr(self, "_started", None) is not None and self._trained is None:
+            self._trained = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        ended = time.perf_counter()
+        if logs is not None and getattr(self, "_started", None) is not None:
+            logs[EPOCH_TIME] = ended - self._started
+            logs[EPOCH_TRAIN_TIME] = (self._trained or ended) - self._started
+        self._started = None
 
 
 class _ResumeMonitorState(tf.keras.callbacks.Callback):

@@ -258,11 +258,24 @@ def _run_serve(args, extra) -> int:
     return 0
 
 
+def _check_input_file(flag: str, path: str) -> None:
+    """A missing or unreadable query file fails with one line naming the flag and the path (exit 1)."""
+    import os
+
+    if not os.path.isfile(path):
+        problem = "is a directory" if os.path.isdir(path) else "no such file"
+        raise SystemExit(f"{flag} {path}: {problem}; give a JSON / JSON-lines file (formats: seminar-tf query --help)")
+    if not os.access(path, os.R_OK):
+        raise SystemExit(f"{flag} {path}: not readable; check its permissions")
+
+
 def _run_query(args, extra) -> int:
     import grpc
 
     from serving.client import PredictClient
 
+    for flag, path in (("--user-history", args.user_history), ("--candidates", args.candidates)):
+        _check_input_file(flag, path)
     history, user = read_user_history(args.user_history)
     if args.max_history > 0:
         history = history[-args.max_history:]

@@ -1,6 +1,7 @@
 """Shared test set-up: seminar_tf first (selects tf-keras), quiet TensorFlow logs."""
 
 import os
+import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import seminar_tf  # noqa: E402,F401  (must precede any TensorFlow import)
@@ -33,3 +34,25 @@ def dataset_dir(tmp_path_factory, world_dir, test_preset):
     out = str(tmp_path_factory.mktemp("dataset"))
     build_dataset(world_dir, out, test_preset.build, pipeline_args=["--runner=FnApiRunner"])
     return out
+
+
+@pytest.fixture
+def cli_refuses(capsys):
+    """``cli_refuses(argv, match, code=None)``: runs ``seminar-tf ARGV`` (``cli.main``) and asserts that it exits
+    non-zero (with ``code`` when given) after at most three lines on stderr, no traceback, matching ``match``;
+    returns stderr."""
+    from seminar_tf import cli
+
+    def run(argv, match, code=None):
+        capsys.readouterr()
+        try:
+            result = cli.main(argv)
+        except SystemExit as stop:  # argparse's own usage errors
+            result = stop.code
+        err = capsys.readouterr().err
+        assert result != 0 and (code is None or result == code), (result, err)
+        assert re.search(match, err), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+        return err
+
+    return run

@@ -120,9 +120,9 @@ def test_finetune_without_query_channel_restores_the_ablated_psu_with_em3_flags(
     (["--fusion-queries", "-1"], "fusion_queries must be >= 0"),
     (["--content-id-weight", "0.1", "--content-id-temperature", "0"], "content_id_temperature must be > 0"),
 ])
-def test_finetune_rejects_contradictory_em3_flags_before_training(argv, message, dataset_dir, tmp_path):
-    with pytest.raises(SystemExit, match=message):
-        cli.main(["finetune", "--data", dataset_dir, "--model-dir", str(tmp_path / "run"), "--config", "test"] + argv)
+def test_finetune_rejects_contradictory_em3_flags_before_training(argv, message, dataset_dir, tmp_path, cli_refuses):
+    cli_refuses(["finetune", "--data", dataset_dir, "--model-dir", str(tmp_path / "run"), "--config", "test"] + argv,
+                message, code=2)
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -4,6 +4,7 @@ new reports carry commit, command, machine and time, and `seminar-tf render` re-
 import glob
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -73,9 +74,32 @@ def test_render_cli_rewrites_the_markdown_beside_the_json(tmp_path, capsys):
         assert (tmp_path / "pq.md").read_text(encoding="utf-8") == f.read()
 
 
-def test_render_refuses_a_json_that_is_no_report(tmp_path):
+def test_render_refuses_a_json_that_is_no_report(tmp_path, capsys):
     (tmp_path / "x.json").write_text(json.dumps({"benchmark": "mystery"}))
     with pytest.raises(ValueError, match="benchmark='mystery'"):
         stamp.render_file(str(tmp_path / "x.json"))
-    with pytest.raises(SystemExit, match="render .*x.json"):
-        cli.main(["render", str(tmp_path / "x.json")])
+    assert cli.main(["render", str(tmp_path / "x.json")]) == 1
+    assert re.search(r"^seminar-tf render: .*x\.json: not a seminar-tf benchmark report", capsys.readouterr().err)
+
+
+def test_portable_takes_machine_paths_out_of_a_report():
+    """A directory given on the command line outside the repository becomes its token; a path inside the repository
+    becomes relative to it; a longer directory that only shares the prefix is left alone."""
+    report = {"command": "seminar-tf bench movielens --work-dir /scratch/ml/work --cache-dir /scratch/cache",
+              "input": "/scratch/cache/ml-100k", "other": "/scratch/ml/workshop/x",
+              "inside": os.path.join(ROOT, "runs", "bench"), "root": ROOT}
+    out = stamp.portable(report, {"WORK_DIR": "/scratch/ml/work", "CACHE_DIR": "/scratch/cache", "INPUT_DIR": None,
+                                  "OUT_DIR": os.path.join(ROOT, "benchmarks")})
+    assert out == {"command": "seminar-tf bench movielens --work-dir WORK_DIR --cache-dir CACHE_DIR",
+                   "input": "CACHE_DIR/ml-100k", "other": "/scratch/ml/workshop/x", "inside": "runs/bench",
+                   "root": "."}
+
+
+def test_committed_reports_name_no_machine_path():
+    """Reports are read on other machines: no absolute path of the machine that wrote them."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.*"), recursive=True)):
+        if path.endswith((".json", ".md")):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            found = re.findall(r"(?<![\w.~])/(?:work|tmp|root|home|Users|mnt|scratch|opt|var)/[^\s\"'`)]*", text)
+            assert not found, f"{os.path.relpath(path, ROOT)} names machine paths: {found[:3]}"

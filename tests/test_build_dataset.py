@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from beam_pipelines import build_dataset as bd
 from seminar_tf import schema
+from seminar_tf.data import reader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["red", "blue", "shoe", "hat", "Sock", "wool", "cotton", "big"]
@@ -144,34 +145,59 @@ def _records(pattern):
     return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
 
 
+def read_timelines(dataset):
+    """{user_id: (context dict, {history feature: tuple of steps})} from the timeline SequenceExamples."""
+    context_spec, sequence_spec = schema.timeline_spec(load_metadata(dataset))
+    timelines = {}
+    for record in _records(schema.timeline_pattern(dataset)):
+        context, sequence = tf.io.parse_single_sequence_example(record, context_spec, sequence_spec)
+        user = context["user_id"].numpy().decode()
+        assert user not in timelines, user
+        timelines[user] = ({k: np.asarray(v.numpy()).tolist() for k, v in context.items()},
+                           {k: tuple(v.numpy().tolist()) for k, v in sequence.items()})
+    return timelines
+
+
 def read_samples(dataset, kind, split):
-    """Parsed SequenceExamples as tuples: (user, ts, item, query, label, history_length, items, queries,
-    timestamps, user attrs..., negative items, negative queries)."""
+    """Parsed samples joined with their users' timelines, as tuples: (user, ts, item, query, label, history_length,
+    items, queries, timestamps, user attrs..., negative items, negative queries)."""
     metadata = load_metadata(dataset)
-    context_spec, sequence_spec = schema.sequence_example_spec(metadata, kind)
+    spec = schema.sample_spec(metadata, kind)
+    timelines = read_timelines(dataset)
     user_features = [schema.user_attribute_feature(n) for n in sorted(metadata.user_attributes)]
     samples = []
     for record in _records(schema.shard_pattern(dataset, kind, split)):
-        context, sequence = tf.io.parse_single_sequence_example(record, context_spec, sequence_spec)
-        context = {k: v.numpy() for k, v in context.items()}
-        sequence = {k: tuple(v.numpy().tolist()) for k, v in sequence.items()}
+        example = {k: v.numpy() for k, v in tf.io.parse_single_example(record, spec).items()}
+        user_context, steps = timelines[example["user_id"].decode()]
+        end = int(example["history_end"])
+        assert end <= len(steps["history_item"])
+        window = slice(max(0, end - metadata.max_history), end)
         samples.append(
             (
-                context["user_id"].decode(),
-                int(context["timestamp"]),
-                int(context["target_item"]),
-                int(context["target_query"]),
-                float(context["label"]),
-                int(context["history_length"]),
-                sequence["history_item"],
-                sequence["history_query"],
-                sequence["history_timestamp"],
-                tuple(int(context[f]) for f in user_features),
-                tuple(context.get("negative_items", np.zeros(0)).tolist()),
-                tuple(context.get("negative_queries", np.zeros(0)).tolist()),
+                example["user_id"].decode(),
+                int(example["timestamp"]),
+                int(example["target_item"]),
+                int(example["target_query"]),
+                float(example["label"]),
+                len(steps["history_item"][window]),
+                steps["history_item"][window],
+                steps["history_query"][window],
+                steps["history_timestamp"][window],
+                tuple(int(user_context[f]) for f in user_features),
+                tuple(example.get("negative_items", np.zeros(0)).tolist()),
+                tuple(example.get("negative_queries", np.zeros(0)).tolist()),
             )
         )
     return sorted(samples)
+
+
+def reader_rows(dataset, kind, split, **kwargs):
+    """``reader.make_dataset``'s output, one dict of numpy values per sample."""
+    rows = []
+    for batch in reader.make_dataset(dataset, kind, split, 5, **kwargs):
+        batch = {k: v.numpy() for k, v in batch.items()}
+        rows.extend({k: v[r] for k, v in batch.items()} for r in range(len(batch[schema.CTX_LABEL])))
+    return rows
 
 
 def read_item_table(dataset):
@@ -367,6 +393,7 @@ def test_stats_account_for_every_row(built):
     _, events, _ = make_world()
     assert stats["events"]["history"] + stats["events"]["sample"] == 100
     assert stats["events"]["sample"] == sum(e.get("event") == "impression" for e in events)
+    assert stats["timelines"] == {"users": 6, "steps": stats["events"]["history"]}  # one per user, every step
 
 
 def test_csv_and_parquet_inputs_give_identical_examples(built):
@@ -377,6 +404,7 @@ def test_csv_and_parquet_inputs_give_identical_examples(built):
             for split in schema.SPLITS:
                 assert read_samples(other_dir, kind, split) == read_samples(jsonl_dir, kind, split), (fmt, kind, split)
         assert read_item_table(other_dir) == read_item_table(jsonl_dir)
+        assert read_timelines(other_dir) == read_timelines(jsonl_dir)
         assert read_query_table(other_dir) == read_query_table(jsonl_dir)
         for name in os.listdir(os.path.join(jsonl_dir, schema.VOCAB_DIR)):
             assert read_vocab(other_dir, name) == read_vocab(jsonl_dir, name)
@@ -387,6 +415,7 @@ def test_csv_and_parquet_inputs_give_identical_examples(built):
             "dead_letters",
             "samples",
             "too_short_history",
+            "timelines",
             "vocab_sizes",
             "channels",
             "split",
@@ -405,7 +434,7 @@ def test_ordered_shards_write_identical_files_on_every_build(built, tmp_path):
         bd.build_dataset(raw, out, config)
     pattern = os.path.join(outs[0], "**", "*" + schema.TFRECORD_SUFFIX)
     files = sorted(os.path.relpath(p, outs[0]) for p in glob.glob(pattern, recursive=True))
-    assert len(files) == 3 * (len(schema.EXAMPLE_KINDS) * len(schema.SPLITS) + 2)  # every shard of every output
+    assert len(files) == 3 * (len(schema.EXAMPLE_KINDS) * len(schema.SPLITS) + 3)  # every shard of every output
     for name in files:
         with open(os.path.join(outs[0], name), "rb") as a, open(os.path.join(outs[1], name), "rb") as b:
             assert a.read() == b.read(), name
@@ -419,6 +448,64 @@ def test_ordered_shards_write_identical_files_on_every_build(built, tmp_path):
     for shard in range(3):  # a record sits in the shard its hash names
         for record in _records(schema.shard_pattern(outs[0], "ctr", "train").replace("*", f"{shard:05d}-of-00003")):
             assert bd.shard_key(record, 3)[0] == shard
+
+
+def test_reader_gives_every_sample_its_point_in_time_history(built):
+    """make_dataset joins each sample with its user's timeline: for every sample of every kind and split the same
+    target, label, history (items, queries, timestamps, feedback) and user features as the older layout stored per
+    sample, computed here from the raw events; at the build's max_history, below it (the newest steps) and above it
+    (padding only)."""
+    dataset, _ = built["jsonl"]
+    items, events, users = make_world()
+    expected, _ = reference(items, events, users, CONFIG)
+    feedback = read_vocab(dataset, schema.FEEDBACK_VOCAB)
+    user_vocab = read_vocab(dataset, schema.USER_VOCAB)
+    history = (schema.SEQ_HISTORY_ITEM, schema.SEQ_HISTORY_QUERY, schema.SEQ_HISTORY_TIMESTAMP)
+    for max_history in (None, 2, 7):
+        width = max_history or CONFIG.max_history
+        keep = min(width, CONFIG.max_history)
+        for kind in schema.EXAMPLE_KINDS:
+            for split in schema.SPLITS:
+                got, negatives = [], []
+                for row in reader_rows(dataset, kind, split, max_history=max_history):
+                    user, length = row["user_id"].decode(), int(row[schema.CTX_HISTORY_LENGTH])
+                    for name in history + (schema.SEQ_HISTORY_FEEDBACK,):
+                        assert row[name].shape == (width,) and (row[name][length:] == schema.PAD_INDEX).all()
+                    assert [feedback[i] for i in row[schema.SEQ_HISTORY_FEEDBACK][:length]] == ["click"] * length
+                    assert row[schema.CTX_USER_INDEX] == (user_vocab.index(user) if user in user_vocab else 1)
+                    got.append((user, int(row["timestamp"]), int(row["target_item"]), int(row["target_query"]),
+                                float(row["label"]), length) + tuple(tuple(row[n][:length].tolist()) for n in history)
+                               + (tuple(int(row[f"user_{a}"]) for a in ("age_bucket", "gender")),))
+                    if kind == schema.PRETRAIN_DIR:
+                        negatives.append((user, got[-1][1], got[-1][2], tuple(row["negative_items"].tolist()),
+                                          tuple(row["negative_queries"].tolist())))
+                want = [e[:5] + (min(e[5], keep),) + tuple(c[len(c) - min(e[5], keep):] for c in e[6:9]) + e[9:]
+                        for e in expected[(kind, split)]]
+                assert sorted(got) == want, (max_history, kind, split)
+                if kind == schema.PRETRAIN_DIR:
+                    assert sorted(negatives) == [s[:3] + s[10:] for s in read_samples(dataset, kind, split)]
+
+
+def test_sample_files_do_not_grow_with_max_history(tmp_path):
+    """Histories live once per user in timelines/ (untruncated), samples hold a cut-off: building the same input at
+    max_history 4 and 40 writes byte-identical timeline and sample files."""
+    raw = write_world(str(tmp_path / "raw"), "jsonl")
+    outs = {}
+    for max_history in (4, 40):
+        outs[max_history] = str(tmp_path / f"h{max_history}")
+        config = dataclasses.replace(CONFIG, max_history=max_history, ordered_shards=True)
+        stats = bd.build_dataset(raw, outs[max_history], config)
+        assert stats["timelines"] == {"users": 6, "steps": stats["events"]["history"]}
+    for directory in (schema.TIMELINE_DIR,) + schema.EXAMPLE_KINDS:
+        names = sorted(os.listdir(os.path.join(outs[4], directory)))
+        assert names and names == sorted(os.listdir(os.path.join(outs[40], directory)))
+        for name in names:
+            with open(os.path.join(outs[4], directory, name), "rb") as a, \
+                    open(os.path.join(outs[40], directory, name), "rb") as b:
+                assert a.read() == b.read(), (directory, name)
+    for record in _records(schema.shard_pattern(outs[40], schema.CTR_DIR, "train")):
+        assert len(record) < 160  # feature names, ids, target, label and a cut-off: no history steps
+    assert load_metadata(outs[40]).history_layout == schema.TIMELINES_LAYOUT
 
 
 def write_broken_world(directory):
@@ -714,17 +801,16 @@ def test_user_ids_and_history_feedback(tmp_path):
     assert sorted(feedback[2:]) == ["impression:r1", "impression:r2", "impression:r3", "impression:r4",
                                     "impression:r5"]
     assert metadata.num_feedback == len(feedback)
-    context_spec, sequence_spec = schema.sequence_example_spec(metadata, schema.CTR_DIR)
     seen = {}
     for split in schema.SPLITS:
-        for record in _records(schema.shard_pattern(dataset, schema.CTR_DIR, split)):
-            context, sequence = tf.io.parse_single_sequence_example(record, context_spec, sequence_spec)
-            user, ts = context["user_id"].numpy().decode(), int(context["timestamp"])
-            steps = [feedback[i] for i in sequence[schema.SEQ_HISTORY_FEEDBACK].numpy()]
+        for row in reader_rows(dataset, schema.CTR_DIR, split):
+            user, ts, length = row["user_id"].decode(), int(row["timestamp"]), int(row["history_length"])
+            steps = [feedback[i] for i in row[schema.SEQ_HISTORY_FEEDBACK][:length]]
             expected = [schema.feedback_token("impression", int(r >= 4), r)
                         for t, _, r, _ in ratings[user] if t < ts][-config.max_history:]
             assert steps == expected, (user, ts)
-            assert int(context[schema.CTX_USER_INDEX]) == (users.index(user) if user in users else schema.OOV_INDEX)
+            assert int(row[schema.CTX_USER_INDEX]) == (users.index(user) if user in users else schema.OOV_INDEX)
             seen[(user, ts)] = steps
     assert seen[("a", 4)] == ["impression:r5", "impression:r1", "impression:r5"]  # 4.5 stars round up to 5
     assert seen[("c", 5)] == []
+    assert sum(stats["samples"]["ctr"].values()) == len(seen)

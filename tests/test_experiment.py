@@ -97,14 +97,13 @@ def test_reloaded_model_scores_like_the_trained_one(runs, dataset_dir):
     np.testing.assert_allclose(model(batch)["logit"], again(batch)["logit"], rtol=1e-6)
 
 
-def test_finetune_refuses_an_init_from_without_a_psu_checkpoint(tmp_path, dataset_dir):
-    with pytest.raises(FileNotFoundError, match="seminar-tf pretrain"):
-        cli.main(["finetune", "--data", dataset_dir, "--model-dir", str(tmp_path / "ctr"), "--init-from",
-                  str(tmp_path / "nothing"), "--config", "test", "--epochs", "1"])
+def test_finetune_refuses_an_init_from_without_a_psu_checkpoint(tmp_path, dataset_dir, cli_refuses):
+    cli_refuses(["finetune", "--data", dataset_dir, "--model-dir", str(tmp_path / "ctr"), "--init-from",
+                 str(tmp_path / "nothing"), "--config", "test", "--epochs", "1"], "seminar-tf pretrain", code=1)
 
 
 @pytest.mark.slow
-def test_finetune_a_baseline_by_name_and_reload_it(tmp_path, dataset_dir):
+def test_finetune_a_baseline_by_name_and_reload_it(tmp_path, dataset_dir, cli_refuses):
     from seminar_tf.models.baselines import DIN
 
     run = str(tmp_path / "din")
@@ -113,9 +112,8 @@ def test_finetune_a_baseline_by_name_and_reload_it(tmp_path, dataset_dir):
     assert json.load(open(os.path.join(run, "config.json")))["model"]["architecture"] == "din"
     model, _, _ = experiment.load_model(run)
     assert isinstance(model, DIN)
-    with pytest.raises(SystemExit, match="contradict"):
-        cli.main(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--no-pretrain",
-                  "--init-from", run])
+    cli_refuses(["finetune", "--data", dataset_dir, "--model-dir", run, "--config", "test", "--no-pretrain",
+                 "--init-from", run], "contradict", code=2)
 
 
 def test_item_statistics_table_leaves_each_users_fold_out(dataset_dir):

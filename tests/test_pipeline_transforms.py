@@ -1,5 +1,5 @@
 """Transform-level tests of beam_pipelines: row parsing and dead-lettering, vocabularies, splits, per-user
-sample building (point-in-time property), negative sampling and the protobuf wire encoder."""
+sample building (point-in-time property, timelines and cut-offs), negative sampling and the protobuf wire encoder."""
 
 import gzip
 import json
@@ -343,19 +343,28 @@ def test_plan_user_samples_is_point_in_time_correct(seed):
 
 
 def _decode(serialized):
+    example = tf.train.Example.FromString(serialized).features.feature
+    return (
+        example["user_id"].bytes_list.value[0].decode(),
+        example["timestamp"].int64_list.value[0],
+        example["target_item"].int64_list.value[0],
+        example["label"].float_list.value[0],
+        example["history_end"].int64_list.value[0],
+        len(example["negative_items"].int64_list.value),
+    )
+
+
+def _decode_timeline(serialized):
     example = tf.train.SequenceExample.FromString(serialized)
     ctx = example.context.feature
     lists = example.feature_lists.feature_list
     return (
         ctx["user_id"].bytes_list.value[0].decode(),
-        ctx["timestamp"].int64_list.value[0],
-        ctx["target_item"].int64_list.value[0],
-        ctx["label"].float_list.value[0],
-        ctx["history_length"].int64_list.value[0],
+        ctx["user_age"].int64_list.value[0],
+        ctx["user_index"].int64_list.value[0],
         tuple(f.int64_list.value[0] for f in lists["history_item"].feature),
         tuple(f.int64_list.value[0] for f in lists["history_timestamp"].feature),
-        ctx["user_age"].int64_list.value[0],
-        len(ctx["negative_items"].int64_list.value),
+        "history_feedback" in lists,
     )
 
 
@@ -378,16 +387,18 @@ def test_build_user_samples_dofn():
                 tx.BuildUserSamples(max_history=2, min_history=1, pretrain_samples_per_user=0, num_negatives=3, seed=0),
                 beam.pvalue.AsSingleton(p | "Sampling" >> beam.Create([sampling])),
                 beam.pvalue.AsSingleton(p | "Names" >> beam.Create([["age"]])),
-            ).with_outputs(tx.COUNTER_TAG, *tags)
+            ).with_outputs(tx.COUNTER_TAG, tx.TIMELINE_TAG, *tags)
         )
-        expect = {
-            "ctr_train": [("u1", 20, 7, 1.0, 1, (5,), (10,), 3, 0)],
-            "ctr_test": [("u1", 30, 9, 0.0, 2, (6, 8), (20, 20), 3, 0)],
-            "pretrain_train": [("u1", 20, 6, 1.0, 1, (5,), (10,), 3, 3)],
-            "pretrain_valid": [("u1", 20, 8, 1.0, 1, (5,), (10,), 3, 3)],
-            "pretrain_test": [("u1", 30, 9, 1.0, 2, (6, 8), (20, 20), 3, 3)],
+        expect = {  # history = the timeline's first history_end steps, newest max_history=2 of them (the reader cuts)
+            "ctr_train": [("u1", 20, 7, 1.0, 1, 0)],
+            "ctr_test": [("u1", 30, 9, 0.0, 3, 0)],
+            "pretrain_train": [("u1", 20, 6, 1.0, 1, 3)],
+            "pretrain_valid": [("u1", 20, 8, 1.0, 1, 3)],
+            "pretrain_test": [("u1", 30, 9, 1.0, 3, 3)],
             "ctr_valid": [],
         }
+        assert_that(out[tx.TIMELINE_TAG] | "DecodeTimelines" >> beam.Map(_decode_timeline),
+                    equal_to([("u1", 3, schema.OOV_INDEX, (5, 6, 8, 9), (10, 20, 20, 30), False)]), label="timelines")
         for tag, expected in expect.items():
             assert_that(out[tag] | f"Decode{tag}" >> beam.Map(_decode), equal_to(expected), label=f"check {tag}")
         assert_that(
@@ -400,6 +411,8 @@ def test_build_user_samples_dofn():
                     (("samples", "pretrain", "valid"), 1),
                     (("samples", "pretrain", "test"), 1),
                     (("too_short_history", "pretrain", "train"), 1),
+                    (("timelines",), 1),
+                    (("timeline_steps",), 4),
                 ]
             ),
             label="counters",
@@ -430,33 +443,31 @@ def test_wire_encoder_matches_tf_protos():
             }
         )
     )
-    history = [(1, 5, 2, H, 0.0, 0), (2, 6, 3, H, 0.0, 0), (3, 7, 2, H, 0.0, 0)]
-    encoder = tx.UserExampleEncoder("ü1", history, {"age": 2})
-    sample = tx.Sample("pretrain", "train", 9, 4, 2, 1.0, 1, 3, [8, 9], [2, 2])
+    history = [(1, 5, 2, H, 0.0, 0, 4), (2, 6, 3, H, 0.0, 0, 3), (3, 7, 2, H, 0.0, 0, 4)]
     expected = tf.train.SequenceExample()
     ctx = expected.context.feature
     ctx["user_id"].bytes_list.value.append("ü1".encode())
-    for name, value in (
-        ("timestamp", 9),
-        ("target_item", 4),
-        ("target_query", 2),
-        ("history_length", 2),
-        ("user_age", 2),
-    ):
+    ctx["user_age"].int64_list.value.append(2)
+    ctx["user_index"].int64_list.value.append(7)
+    for name, column in (("history_item", 1), ("history_query", 2), ("history_timestamp", 0), ("history_feedback", 6)):
+        for event in history:
+            expected.feature_lists.feature_list[name].feature.add().int64_list.value.append(event[column])
+    timeline = tx.timeline_bytes("ü1", history, {"age": 2}, 7, with_feedback=True)
+    assert tf.train.SequenceExample.FromString(timeline) == expected
+    sample = tx.Sample("pretrain", "train", 9, 4, 2, 1.0, 1, 3, [8, 9], [2, 2])
+    expected = tf.train.Example()
+    ctx = expected.features.feature
+    ctx["user_id"].bytes_list.value.append("ü1".encode())
+    for name, value in (("timestamp", 9), ("target_item", 4), ("target_query", 2), ("history_end", 3)):
         ctx[name].int64_list.value.append(value)
     ctx["label"].float_list.value.append(1.0)
     ctx["negative_items"].int64_list.value.extend([8, 9])
     ctx["negative_queries"].int64_list.value.extend([2, 2])
-    for name, column in (("history_item", 1), ("history_query", 2), ("history_timestamp", 0)):
-        for event in history[1:3]:
-            expected.feature_lists.feature_list[name].feature.add().int64_list.value.append(event[column])
-    assert tf.train.SequenceExample.FromString(encoder.encode(sample)) == expected
-    empty = tf.train.SequenceExample.FromString(
-        encoder.encode(sample._replace(kind="ctr", history_start=0, history_end=0))
-    )
-    assert len(empty.feature_lists.feature_list["history_item"].feature) == 0
-    assert "negative_items" not in empty.context.feature
-    # min_history=0 writes empty histories: they must parse with the schema's spec as length-0 sequences
+    assert tf.train.Example.FromString(tx.sample_bytes("ü1", sample)) == expected
+    empty = sample._replace(kind="ctr", history_start=0, history_end=0)
+    ctr = tf.train.Example.FromString(tx.sample_bytes("ü1", empty))
+    assert "negative_items" not in ctr.features.feature and ctr.features.feature["history_end"].int64_list.value == [0]
+    # the schema's specs parse both records; an empty timeline (a user without history events) is length 0
     metadata = schema.DatasetMetadata(
         num_items=10,
         num_queries=4,
@@ -468,14 +479,21 @@ def test_wire_encoder_matches_tf_protos():
         channels=["attributes"],
         max_history=4,
         num_negatives=2,
+        num_users=8,
+        num_feedback=5,
     )
-    for kind, start in (("ctr", 0), ("pretrain", 1)):
-        context_spec, sequence_spec = schema.sequence_example_spec(metadata, kind)
+    context_spec, sequence_spec = schema.timeline_spec(metadata)
+    for steps in (history, []):
         context, sequence = tf.io.parse_single_sequence_example(
-            encoder.encode(sample._replace(kind=kind, history_start=start, history_end=1)), context_spec, sequence_spec
-        )
-        assert int(context["history_length"]) == 1 - start and int(context["user_age"]) == 2
-        assert sequence["history_item"].numpy().tolist() == [5][: 1 - start]
+            tx.timeline_bytes("ü1", steps, {"age": 2}, 7, with_feedback=True), context_spec, sequence_spec)
+        assert (int(context["user_age"]), int(context["user_index"])) == (2, 7)
+        assert sequence["history_item"].numpy().tolist() == [e[1] for e in steps]
+        assert sequence["history_feedback"].numpy().tolist() == [e[6] for e in steps]
+    for kind in schema.EXAMPLE_KINDS:
+        parsed = tf.io.parse_single_example(tx.sample_bytes("ü1", sample._replace(kind=kind)),
+                                            schema.sample_spec(metadata, kind))
+        assert int(parsed["history_end"]) == 3 and parsed["user_id"].numpy() == "ü1".encode()
+        assert ("negative_items" in parsed) == (kind == schema.PRETRAIN_DIR)
 
 
 def test_image_dim_inference():

@@ -63,7 +63,7 @@ def test_probe_channels_reports_every_pair_channel_and_the_fused_item():
 
 @pytest.mark.slow
 def test_probe_cli_on_a_psu_run_with_the_worlds_topics_and_an_attribute(tmp_path, dataset_dir, world_dir,
-                                                                        test_preset, capsys):
+                                                                        test_preset, capsys, cli_refuses):
     from seminar_tf import experiment
     from seminar_tf.data import reader, world
 
@@ -86,7 +86,6 @@ def test_probe_cli_on_a_psu_run_with_the_worlds_topics_and_an_attribute(tmp_path
 
     assert cli.main(["probe", "--model-dir", psu, "--label-attribute", "category_id"]) == 0
     assert "item attribute 'category_id'" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="'no_such'.*category_id"):
-        cli.main(["probe", "--model-dir", psu, "--label-attribute", "no_such"])
+    cli_refuses(["probe", "--model-dir", psu, "--label-attribute", "no_such"], "'no_such'.*category_id")
     with pytest.raises(SystemExit):  # one label source is required
         cli.main(["probe", "--model-dir", psu])

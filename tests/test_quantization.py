@@ -249,7 +249,8 @@ def test_add_cli_registers_fit_codebooks_with_help_for_every_flag():
 
 
 @pytest.mark.slow
-def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_dir, test_preset, capsys):
+def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_dir, test_preset, capsys,
+                                                              cli_refuses):
     from seminar_tf import experiment
 
     preset = dataclasses.replace(test_preset, model=dataclasses.replace(test_preset.model, pq_centroids=16))
@@ -286,8 +287,8 @@ def test_fit_codebooks_on_a_psu_run_then_finetune_with_pq_adc(tmp_path, dataset_
         assert json.load(f)["metrics"]["gsu"] == "exact"
     with pytest.raises(FileNotFoundError, match="fit-codebooks"):
         experiment.finetune(dataset_dir, str(tmp_path / "none"), pq_preset)
-    with pytest.raises(SystemExit, match="--codebooks is for"):
-        cli.main(["finetune", "--data", dataset_dir, "--model-dir", ctr, "--codebooks", psu, "--config", "test"])
+    cli_refuses(["finetune", "--data", dataset_dir, "--model-dir", ctr, "--codebooks", psu, "--config", "test"],
+                "--codebooks is for")
 
 
 def test_pq_gsu_rejects_out_of_range_history_ids_naming_the_feature():

@@ -77,11 +77,11 @@ def test_rows_change_only_what_they_name(test_preset):
     assert report.psu_key(report.ROWS["seminar_no_alignment"]) != "psu"
 
 
-def test_unknown_model_row_is_refused(tmp_path):
+def test_unknown_model_row_is_refused(tmp_path, cli_refuses):
     from seminar_tf import cli
 
-    with pytest.raises(SystemExit, match="unknown rows"):
-        cli.main(["report", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--models", "seminar,nope"])
+    cli_refuses(["report", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--models", "seminar,nope"],
+                "unknown rows")
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -200,12 +200,11 @@ def test_plots_are_valid_pngs(grid):
 
 
 @pytest.mark.slow
-def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch):
+def test_resume_skips_finished_cells_and_refuses_to_overwrite(grid, monkeypatch, cli_refuses):
     from seminar_tf import cli, experiment
 
     out, argv = grid
-    with pytest.raises(ValueError, match="--resume"):
-        cli.main(argv)
+    cli_refuses(argv, "--resume", code=1)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")

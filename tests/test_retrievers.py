@@ -2,6 +2,7 @@
 NumPy, SEMINAR's GSU paths against each other, and the architecture → retriever registry."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from seminar_tf import quantization, schema
 from seminar_tf.config import ARCHITECTURES, GSU_MODES
 from seminar_tf.layers import top_k_positions
 from seminar_tf.models import baselines, builders, retrievers
-from seminar_tf.models.retrievers import RetrievalContext
+from seminar_tf.models.psu import history_mask
+from seminar_tf.models.retrievers import HistoryEntries, RetrievalContext
 
 import model_fixtures
 from model_fixtures import CONFIG, METADATA
@@ -48,18 +50,24 @@ def test_pq_rerank_must_be_positive():
 
 
 # ------------------------------------------------------------------------------- hand-built batch, NumPy
-B, N, L, C, D = 2, 3, 5, 2, 4
+B, N, L, C, D, U = 2, 3, 5, 2, 4, 4
 
 
 def _hand_built(seed=0):
+    """A context over hand-built entries (U distinct items of C channels) with a random G_j, and the history
+    after G_j [B, L, C, d] the NumPy references read."""
     rng = np.random.default_rng(seed)
-    history = rng.normal(size=[B, L, C, D]).astype(np.float32)
+    rows = rng.normal(size=[U, C, D]).astype(np.float32)
+    index = rng.integers(0, U, size=[B, L]).astype(np.int32)
+    kernel = (np.eye(D)[None] + rng.normal(scale=0.3, size=[C, D, D])).astype(np.float32)
+    history = np.einsum("bljd,jde->blje", rows[index], kernel)
     q_t = rng.normal(size=[B, N, D]).astype(np.float32)
     gamma = rng.dirichlet(np.ones(C), size=[B, N]).astype(np.float32)
     mask = np.arange(L)[None, :] < np.array([[5], [3]])  # row 1: two padding steps
+    model = types.SimpleNamespace(projection=types.SimpleNamespace(kernel=tf.constant(kernel)))
     context = RetrievalContext(features={}, queries=tf.zeros([B, N], tf.int64), items=tf.zeros([B, N], tf.int64),
-                               q_t=tf.constant(q_t), gamma=tf.constant(gamma), mask=tf.constant(mask), model=None,
-                               history=tf.constant(history))
+                               q_t=tf.constant(q_t), gamma=tf.constant(gamma), mask=tf.constant(mask), model=model,
+                               entries=HistoryEntries(None, None, tf.constant(rows), tf.constant(index)))
     return context, history, q_t, gamma, mask
 
 
@@ -100,15 +108,15 @@ def _model(architecture, metadata=METADATA, **changes):
     return model, batch
 
 
-def _context(model, batch, training=None, history=True, stored=False):
-    """A model's context for its row-format targets (N = 1)."""
+def _context(model, batch, training=None, entries=True):
+    """A model's context for its row-format targets (N = 1), with the history's entries unless ``entries`` is
+    False."""
     queries, items = batch[schema.CTX_TARGET_QUERY][:, None], batch[schema.CTX_TARGET_ITEM][:, None]
     target, q_t, gamma = model._targets(queries, items)
-    projected, mask = model.encode_history(batch)
-    channels = model.pair_channels(batch[schema.SEQ_HISTORY_QUERY], batch[schema.SEQ_HISTORY_ITEM])
+    mask = history_mask(batch)
     return RetrievalContext(features=batch, queries=queries, items=items, q_t=q_t, gamma=gamma, mask=mask,
                             model=model, training=training, target=target,
-                            history=projected if history else None, stored=channels if stored else None)
+                            entries=model.history_entries(batch) if entries else None)
 
 
 def test_sim_hard_keeps_the_steps_of_the_targets_category():
@@ -127,7 +135,7 @@ def test_twin_scores_with_the_esu_attention_logits():
     model, batch = _model("twin")
     context = _context(model, batch)
     scores, keep = model.retriever(context)
-    keys = tf.einsum("bljd,bnj->bld", context.history, context.gamma)
+    keys = tf.einsum("bljd,bnj->bld", model.encode_history(batch)[0], context.gamma)
     _, logits = model.esu(context.q_t[:, 0], keys, mask=context.mask, return_scores=True)
     mask = context.mask.numpy()
     np.testing.assert_allclose(scores.numpy()[:, 0][mask], tf.reduce_mean(logits, 1).numpy()[mask], rtol=1e-4,
@@ -144,7 +152,8 @@ def test_qin_ranks_by_the_target_query_and_falls_back_to_the_merged_target():
     batch[schema.CTX_TARGET_QUERY] = tf.constant(queries)
     context = _context(model, batch)
     scores, _ = model.retriever(context)
-    history, gamma, q_t = context.history.numpy(), context.gamma.numpy()[:, 0], context.q_t.numpy()[:, 0]
+    history, gamma = model.encode_history(batch)[0].numpy(), context.gamma.numpy()[:, 0]
+    q_t = context.q_t.numpy()[:, 0]
     query = model.channels.index(schema.QUERY_CHANNEL)
     encoded = model.content.encode_queries(tf.constant(queries)).numpy()
     probe = encoded @ model.projection.kernel.numpy()[query]  # e_q [B, d]
@@ -163,33 +172,39 @@ def _top_k(scores, k=CONFIG.top_k):
 
 
 def test_exact_training_indexed_and_stored_channel_paths_agree():
-    """Over the projected history (training), from the history's ids and over the stored channels (inference):
-    the same scores, the same top K and the same picked channels."""
+    """Over the projected history [B, L, C, d] (the reference), over the history's entries (training), from the
+    history's ids and over the entries of the stored channels (inference): the same scores, the same top K and
+    the same picked channels."""
     model, batch = _model("seminar")
-    rng = np.random.default_rng(0)  # non-trivial G_j: the inference paths fold it into the target
+    rng = np.random.default_rng(0)  # non-trivial G_j: the entry and inference paths fold it into the target
     model.projection.kernel.assign(np.eye(CONFIG.dim)[None] + rng.normal(scale=0.3, size=model.projection.kernel.shape))
-    projected, _ = retrievers.ProjectedGSU()(_context(model, batch))
-    indexed, keep = retrievers.IndexedGSU()(_context(model, batch, history=False))
-    stored, _ = retrievers.StoredChannelGSU()(_context(model, batch, history=False, stored=True))
+    history, mask = model.encode_history(batch)
+    context = _context(model, batch)
+    reference = retrievers.mask_scores(
+        retrievers.projected_scores(model.gsu, context.q_t, context.gamma, history), mask)
+    projected, _ = retrievers.ProjectedGSU()(context)
+    indexed, keep = retrievers.IndexedGSU()(_context(model, batch, entries=False))
+    stored, _ = retrievers.StoredChannelGSU()(context)
     assert keep is None  # every real step
-    mask = _context(model, batch).mask.numpy()
-    for scores in (indexed, stored):
-        np.testing.assert_allclose(scores.numpy(), projected.numpy(), rtol=1e-4, atol=1e-4)
+    mask = mask.numpy()
+    for scores in (projected, indexed, stored):
+        np.testing.assert_allclose(scores.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
         assert np.all(scores.numpy()[:, 0][~mask] == -1e9)
-        assert _top_k(scores) == _top_k(projected)
-    positions = tf.constant(np.array(_top_k(projected, 1)).reshape(-1, 1), tf.int32)
-    want = retrievers.ProjectedGSU().pick(_context(model, batch), positions).numpy()
-    for retriever, context in ((retrievers.IndexedGSU(), _context(model, batch, history=False)),
-                               (retrievers.StoredChannelGSU(), _context(model, batch, history=False, stored=True))):
+        assert _top_k(scores) == _top_k(reference)
+    positions = tf.constant(np.array(_top_k(reference, 1)).reshape(-1, 1), tf.int32)
+    want = tf.gather(history, positions, batch_dims=1).numpy()
+    for retriever, context in ((retrievers.ProjectedGSU(), _context(model, batch)),
+                               (retrievers.IndexedGSU(), _context(model, batch, entries=False)),
+                               (retrievers.StoredChannelGSU(), _context(model, batch))):
         np.testing.assert_allclose(retriever.pick(context, positions).numpy(), want, rtol=1e-5, atol=1e-5)
     # The "exact" mode's retriever takes the training path in training and the indexed one otherwise.
     exact = model.retriever
     assert isinstance(exact, retrievers.ExactGSU) and exact.gsu_mode == "exact"
-    history, stored_channels = exact.history_inputs(model, batch, training=True)
-    assert history is not None and stored_channels is None
-    assert exact.history_inputs(model, batch, training=False) == (None, None)
+    inputs = exact.history_inputs(model, batch, training=True)
+    assert set(inputs) == {"entries"} and isinstance(inputs["entries"], HistoryEntries)
+    assert exact.history_inputs(model, batch, training=False) == {}
     np.testing.assert_array_equal(exact(_context(model, batch, training=True))[0].numpy(), projected.numpy())
-    np.testing.assert_array_equal(exact(_context(model, batch, history=False))[0].numpy(), indexed.numpy())
+    np.testing.assert_array_equal(exact(_context(model, batch, entries=False))[0].numpy(), indexed.numpy())
 
 
 def test_pq_adc_equals_the_exact_gsu_when_every_vector_is_its_own_centroid_and_set_gsu_mode_switches():
@@ -197,7 +212,7 @@ def test_pq_adc_equals_the_exact_gsu_when_every_vector_is_its_own_centroid_and_s
     quantization.apply_codebooks(model, quantization.quantize_vocabulary(
         model.content, quantization.CodebookConfig(4, 256)))
     exact, _ = retrievers.ProjectedGSU()(_context(model, batch))
-    adc, keep = retrievers.PQADC()(_context(model, batch, history=False))
+    adc, keep = retrievers.PQADC()(_context(model, batch, entries=False))
     assert keep is None
     np.testing.assert_allclose(adc.numpy(), exact.numpy(), rtol=1e-4, atol=1e-4)
     assert _top_k(adc) == _top_k(exact)

@@ -1,5 +1,7 @@
 """The schema module: Python/in-graph twins, raw value parsing, specs, and the tf-keras guard."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -53,15 +55,32 @@ def test_specs_follow_the_metadata():
     metadata = schema.DatasetMetadata(num_items=10, num_queries=5, num_tokens=7, item_attributes={"author_id": 3},
                                       user_attributes={"gender": 3}, image_dim=4, has_image_pixels=False,
                                       channels=list(schema.CHANNELS), max_history=8, num_negatives=2)
-    context, sequence = schema.sequence_example_spec(metadata, schema.PRETRAIN_DIR)
-    assert context[schema.CTX_NEGATIVE_ITEMS].shape == [2]
-    assert "user_gender" in context and set(sequence) == set(schema.SEQUENCE_FEATURES)
-    ctr_context, _ = schema.sequence_example_spec(metadata, schema.CTR_DIR)
-    assert schema.CTX_NEGATIVE_ITEMS not in ctr_context
+    pretrain = schema.sample_spec(metadata, schema.PRETRAIN_DIR)
+    assert pretrain[schema.CTX_NEGATIVE_ITEMS].shape == [2] and schema.CTX_HISTORY_END in pretrain
+    assert schema.CTX_NEGATIVE_ITEMS not in schema.sample_spec(metadata, schema.CTR_DIR)
+    assert not any(name.startswith("user_") and name != schema.CTX_USER_ID for name in pretrain)  # in the timeline
+    context, sequence = schema.timeline_spec(metadata)
+    assert "user_gender" in context and schema.CTX_USER_INDEX not in context
+    assert set(sequence) == set(schema.SEQUENCE_FEATURES)
+    with_ids = dataclasses.replace(metadata, num_users=5, num_feedback=4)
+    context, sequence = schema.timeline_spec(with_ids)
+    assert schema.CTX_USER_INDEX in context and schema.SEQ_HISTORY_FEEDBACK in sequence
     assert schema.item_table_spec(metadata)[schema.IMAGE_EMBEDDING].shape == [4]
     assert schema.DatasetMetadata.from_json(metadata.to_json()) == metadata
     with pytest.raises(ValueError, match="kind"):
-        schema.sequence_example_spec(metadata, "other")
+        schema.sample_spec(metadata, "other")
+
+
+def test_metadata_names_the_history_layout():
+    """A metadata.json of the older per-sample layout has no history_layout: it reads as "" (the reader refuses it)."""
+    metadata = schema.DatasetMetadata(num_items=3, num_queries=3, num_tokens=2, item_attributes={}, user_attributes={},
+                                      image_dim=0, has_image_pixels=False, channels=["attributes"], max_history=4,
+                                      num_negatives=1, history_layout=schema.TIMELINES_LAYOUT)
+    raw = json.loads(metadata.to_json())
+    assert raw["history_layout"] == "timelines"
+    del raw["history_layout"]
+    assert schema.DatasetMetadata.from_json(json.dumps(raw)).history_layout == ""
+    assert schema.timeline_pattern("gs://b/data/") == "gs://b/data/timelines/*.tfrecord.gz"
 
 
 def _python(code: str, **env):

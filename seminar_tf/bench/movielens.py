@@ -353,7 +353,9 @@ def run(config: MovieLensBenchConfig, progress: Optional[Callable[[str], None]] 
     out = os.path.join(config.out_dir, "movielens")
     from seminar_tf.evaluate import _json_ready
 
-    stamp.write(_json_ready(report), out, "movielens.json")  # the Markdown is rendered from the JSON as written
+    places = {"OUT_DIR": config.out_dir, "WORK_DIR": config.work_dir, "CACHE_DIR": config.cache_dir,
+              "INPUT_DIR": config.input_dir}
+    stamp.write(_json_ready(report), out, "movielens.json", places=places)  # the Markdown renders the JSON as written
     with open(os.path.join(out, "movielens.json")) as f:
         written = json.load(f)
     _log(progress, f"wrote {os.path.join(out, report_lib.REPORT_FILE)}")

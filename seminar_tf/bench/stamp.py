@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -19,6 +20,7 @@ RENDERERS: Dict[str, Tuple[str, str]] = {
     "pipeline": ("seminar_tf.bench.pipeline", "pipeline.md"),
     "pq": ("seminar_tf.bench.pq_report", "pq.md"),
     "serving": ("seminar_tf.bench.serving_report", "serving.md"),
+    "longseq": ("seminar_tf.bench.longseq_report", "longseq.md"),
     "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
     "report": ("seminar_tf.report_render", "REPORT.md"),
 }
@@ -77,10 +79,37 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)  # a killed run never leaves a half-written report
 
 
-def write(report: dict, out_dir: str, json_name: str, default: Optional[Callable] = None) -> str:
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def portable(report: dict, places: Optional[Dict[str, Optional[str]]] = None) -> dict:
+    """The payload with this machine's paths taken out: a path under one of ``places`` (token -> directory, e.g.
+    {"WORK_DIR": "/scratch/ml"}) is written TOKEN/rest when that directory lies outside the repository, and every
+    other path inside the repository is written relative to it. A committed report then names no machine path."""
+    root = os.path.realpath(REPO_ROOT)
+    prefixes = []
+    for token, directory in (places or {}).items():
+        if directory:
+            absolute = os.path.abspath(os.path.expanduser(directory))
+            if not (absolute + os.sep).startswith(root + os.sep):
+                prefixes.append((absolute, token))
+    prefixes.sort(key=lambda pair: -len(pair[0]))  # the deepest directory first (an input under a cache)
+    text = json.dumps(report)
+    for absolute, token in prefixes:
+        text = re.sub(re.escape(json.dumps(absolute)[1:-1]) + r'(?=[/"\s]|$)', token, text)
+    text = re.sub(re.escape(json.dumps(root + os.sep)[1:-1]), "", text)
+    text = re.sub(re.escape(json.dumps(root)[1:-1]) + r'(?=["\s]|$)', ".", text)
+    return json.loads(text)
+
+
+def write(report: dict, out_dir: str, json_name: str, default: Optional[Callable] = None,
+          places: Optional[Dict[str, Optional[str]]] = None) -> str:
     """Writes ``out_dir/json_name`` and the Markdown rendered from it (the JSON as read back), each replaced
-    atomically; returns the Markdown."""
+    atomically; returns the Markdown. With ``places`` (the directories given on the command line), machine paths
+    are taken out first (``portable``), for a report that nothing reads paths back from."""
     payload = round_trip(report, default)
+    if places is not None:
+        payload = portable(payload, places)
     os.makedirs(out_dir, exist_ok=True)
     _write_text(os.path.join(out_dir, json_name), json.dumps(payload, indent=2) + "\n")
     text = render(payload)

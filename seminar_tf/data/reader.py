@@ -4,10 +4,12 @@ Every batch is a dict of dense tensors with static history length ``max_history`
 ``schema.PAD_INDEX``; real steps are the first ``history_length`` of each row, oldest first):
 
   user_id [B] string, timestamp [B] int64, target_item [B], target_query [B], label [B] float32,
-  history_length [B], history_item / history_query / history_timestamp [B, max_history],
-  user_<attr> [B] (when the dataset has a users table), negative_items / negative_queries
+  history_length [B], history_item / history_query / history_timestamp (/ history_feedback) [B, max_history],
+  user_<attr> [B] (when the dataset has a users table), user_index [B], negative_items / negative_queries
   [B, num_negatives] (pretrain only).
 
+A dataset stores each user's history once (``timelines/``, ``load_timelines``: held in memory); a sample
+record holds its cut-off ``history_end`` into that timeline, and ``make_dataset`` joins the two per batch.
 Item and query content (tokens, image embeddings, attributes) are not repeated in the examples: they live
 once in the item/query tables (``load_item_table``/``load_query_table``), looked up by index in the model.
 ``synthetic_dataset`` yields the same structure from random in-memory data, for tests that need no files.
@@ -15,6 +17,7 @@ once in the item/query tables (``load_item_table``/``load_query_table``), looked
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from typing import Dict, List, Optional
@@ -146,18 +149,80 @@ def load_query_table(dataset_dir: str, metadata: Optional[schema.DatasetMetadata
     return QueryTable(tokens, queries)
 
 
-def _truncate_and_cast(features: Dict, max_history: int) -> Dict:
-    """Keeps the newest ``max_history`` steps of one parsed example (feature lists are oldest first)."""
+@dataclasses.dataclass
+class Timelines:
+    """Every user's whole history (``timelines/``), as flat arrays: user ``user_ids[r]``'s steps, oldest first, are
+    ``steps[name][offsets[r]:offsets[r + 1]]`` for each history feature; ``users[name][r]`` holds its user_<attr>
+    and user_index features."""
+
+    user_ids: np.ndarray  # [U] bytes
+    offsets: np.ndarray  # [U + 1] int64
+    steps: Dict[str, np.ndarray]  # history_* -> [total steps] int64
+    users: Dict[str, np.ndarray]  # user_<attr>, user_index -> [U] int64
+
+
+_TIMELINES: "collections.OrderedDict[tuple, Timelines]" = collections.OrderedDict()
+_TIMELINES_CACHED = 4  # datasets whose timelines one process keeps in memory
+
+
+def check_layout(dataset_dir: str) -> schema.DatasetMetadata:
+    """The dataset's own metadata; ValueError unless it stores histories as per-user timelines."""
+    metadata = load_metadata(dataset_dir)
+    if metadata.history_layout != schema.TIMELINES_LAYOUT:
+        raise ValueError(
+            f"dataset {dataset_dir!r} has the older layout (a history copied into every sample), which this reader "
+            f"does not read; rebuild it with `seminar-tf build --input RAW_DIR --output {dataset_dir}`"
+        )
+    return metadata
+
+
+def load_timelines(dataset_dir: str, metadata: Optional[schema.DatasetMetadata] = None) -> Timelines:
+    """Reads ``timelines/`` into memory (once per process while its files are unchanged; ``check_layout`` first)."""
     import tensorflow as tf
 
-    context, sequence = features
-    out = dict(context)
-    length = tf.shape(sequence[schema.SEQ_HISTORY_ITEM])[0]
-    start = tf.maximum(length - max_history, 0)
-    for name in sequence:
-        out[name] = sequence[name][start:]
-    out[schema.CTX_HISTORY_LENGTH] = tf.cast(length - start, tf.int64)
-    return out
+    check_layout(dataset_dir)
+    metadata = metadata or load_metadata(dataset_dir)
+    pattern = schema.timeline_pattern(dataset_dir)
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no timeline shards match {pattern}: rebuild the dataset with `seminar-tf build`")
+    context_spec, sequence_spec = schema.timeline_spec(metadata)
+    user_features = sorted(name for name in context_spec if name != schema.CTX_USER_ID)
+    key = (dataset_dir.rstrip("/"), tuple(sequence_spec), tuple(user_features),
+           tuple((f, tf.io.gfile.stat(f).length, tf.io.gfile.stat(f).mtime_nsec) for f in files))
+    if key in _TIMELINES:
+        _TIMELINES.move_to_end(key)
+        return _TIMELINES[key]
+    ragged = {name: tf.io.RaggedFeature(tf.int64) for name in sequence_spec}
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(1024)
+    ds = ds.map(lambda x: tf.io.parse_sequence_example(x, context_spec, ragged)[:2])
+    user_ids, lengths = [], []
+    users = {name: [] for name in user_features}
+    steps = {name: [] for name in sequence_spec}
+    for context, sequence in ds:
+        user_ids.append(context[schema.CTX_USER_ID].numpy())
+        for name in user_features:
+            users[name].append(context[name].numpy())
+        for name in sequence_spec:
+            steps[name].append(sequence[name].flat_values.numpy())
+        lengths.append(sequence[schema.SEQ_HISTORY_ITEM].row_lengths().numpy())
+    user_ids = np.concatenate(user_ids) if user_ids else np.zeros([0], object)
+    offsets = np.concatenate([[0], np.cumsum(_joined(lengths))]).astype(np.int64)
+    unique, counts = np.unique(user_ids, return_counts=True)
+    if len(unique) < len(user_ids):
+        raise ValueError(f"{pattern}: user_id {unique[counts > 1][0].decode('utf-8')!r} has more than one timeline")
+    timelines = Timelines(user_ids, offsets, {name: _joined(v) for name, v in steps.items()},
+                          {name: _joined(v) for name, v in users.items()})
+    if any(len(v) != offsets[-1] for v in timelines.steps.values()):
+        raise ValueError(f"{pattern}: the history features of a timeline differ in length")
+    _TIMELINES[key] = timelines
+    while len(_TIMELINES) > _TIMELINES_CACHED:
+        _TIMELINES.popitem(last=False)
+    return timelines
+
+
+def _joined(parts: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros([0], np.int64)
 
 
 def padded_shapes(metadata: schema.DatasetMetadata, kind: str, max_history: int) -> Dict:
@@ -199,10 +264,12 @@ def make_dataset(
 ):
     """Batched, padded examples of ``kind`` (``pretrain``/``ctr``) and ``split`` (``train``/``valid``/``test``).
 
-    ``input_context`` (a ``tf.distribute.InputContext``) shards the files across input pipelines and
-    turns ``batch_size`` (global) into the per-replica batch size. ``max_history`` below the dataset's keeps
-    the newest steps; above it only pads. Unsharded and not repeated, the dataset carries its batch count
-    (from stats.json; ``split_size``) as its cardinality, so Keras shows known step counts from the first epoch.
+    Each sample's history is its user's timeline (``load_timelines``, held in memory) cut at the sample's
+    ``history_end``: the newest ``max_history`` steps before it. ``input_context`` (a ``tf.distribute.InputContext``)
+    shards the sample files across input pipelines (every pipeline holds all timelines) and turns ``batch_size``
+    (global) into the per-replica batch size. ``max_history`` below the dataset's keeps the newest steps; above it
+    only pads. Unsharded and not repeated, the dataset carries its batch count (from stats.json; ``split_size``) as
+    its cardinality, so Keras shows known step counts from the first epoch.
     """
     import tensorflow as tf
 
@@ -210,8 +277,10 @@ def make_dataset(
         raise ValueError(f"kind must be one of {schema.EXAMPLE_KINDS}, got {kind!r}")
     if split not in schema.SPLITS:
         raise ValueError(f"split must be one of {schema.SPLITS}, got {split!r}")
-    metadata = metadata or load_metadata(dataset_dir)
+    built = check_layout(dataset_dir)
+    metadata = metadata or built
     max_history = int(max_history or metadata.max_history)
+    timelines = load_timelines(dataset_dir, metadata)
     pattern = schema.shard_pattern(dataset_dir, kind, split)
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
@@ -237,24 +306,70 @@ def make_dataset(
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    context_spec, sequence_spec = schema.sequence_example_spec(metadata, kind)
-    ds = ds.map(
-        lambda x: _truncate_and_cast(
-            tf.io.parse_single_sequence_example(x, context_spec, sequence_spec), max_history
-        ),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    ds = ds.padded_batch(
-        batch_size,
-        padded_shapes=padded_shapes(metadata, kind, max_history),
-        drop_remainder=drop_remainder,
-    )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    kept = min(max_history, built.max_history)  # the steps a sample of this build holds; the rest is padding
+    ds = ds.map(_history_join(dataset_dir, metadata, kind, timelines, max_history, kept),
+                num_parallel_calls=tf.data.AUTOTUNE)
     sharded = input_context is not None and input_context.num_input_pipelines > 1
     examples = None if repeat or sharded else split_size(dataset_dir, kind, split)
     if examples is not None:
         batches = examples // batch_size if drop_remainder else -(-examples // batch_size)
         ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _history_join(dataset_dir: str, metadata: schema.DatasetMetadata, kind: str, timelines: Timelines,
+                  max_history: int, kept: int):
+    """A batch of serialized samples -> the batch dict of ``make_dataset``: samples parsed, each joined with the
+    newest ``kept`` steps of its user's timeline before its ``history_end`` (padded to ``max_history``) and with the
+    user's features."""
+    import tensorflow as tf
+
+    spec = schema.sample_spec(metadata, kind)
+    rows = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(timelines.user_ids, tf.string),
+                                            tf.range(len(timelines.user_ids), dtype=tf.int64)),
+        default_value=-1)
+    offsets = tf.constant(timelines.offsets, tf.int64)
+    padding = int(timelines.offsets[-1])  # one PAD step after every timeline: the padding positions gather it
+    steps = {name: tf.constant(np.append(values, schema.PAD_INDEX), tf.int64)
+             for name, values in timelines.steps.items()}
+    users = {name: tf.constant(values, tf.int64) for name, values in timelines.users.items()}
+    where = dataset_dir.rstrip("/")
+
+    def join(serialized):
+        features = tf.io.parse_example(serialized, spec)
+        user_id = features[schema.CTX_USER_ID]
+        end = features.pop(schema.CTX_HISTORY_END)
+        row = rows.lookup(user_id)
+        known = row >= 0
+        row = tf.maximum(row, 0)
+        start = tf.gather(offsets, row)
+        within = end <= tf.gather(offsets, row + 1) - start
+        checks = [
+            tf.debugging.Assert(tf.reduce_all(known), [tf.strings.join([
+                f"{where}: no timeline in {schema.TIMELINE_DIR}/ for user_id ",
+                tf.strings.reduce_join(tf.boolean_mask(user_id, ~known)[:1]),
+                "; the dataset is incomplete: rebuild it with `seminar-tf build`"])]),
+            tf.debugging.Assert(tf.reduce_all(within | ~known), [tf.strings.join([
+                f"{where}: a sample's history_end lies past its user's timeline, user_id ",
+                tf.strings.reduce_join(tf.boolean_mask(user_id, known & ~within)[:1]),
+                "; the samples and timelines come from different builds: rebuild it with `seminar-tf build`"])]),
+        ]
+        with tf.control_dependencies(checks):
+            length = tf.minimum(end, kept)
+        first = start + end - length
+        positions = tf.range(max_history, dtype=tf.int64)[None, :]
+        real = positions < length[:, None]
+        index = tf.where(real, first[:, None] + positions, padding)
+        for name, values in steps.items():
+            features[name] = tf.gather(values, index)
+        features[schema.CTX_HISTORY_LENGTH] = length
+        for name, values in users.items():
+            features[name] = tf.gather(values, row)
+        return features
+
+    return join
 
 
 def synthetic_dataset(

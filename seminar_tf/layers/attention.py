@@ -190,24 +190,43 @@ class MultiHeadTargetAttention(tf.keras.layers.Layer):
         The GSU of SEMINAR (head^{GSU_h} = Attention_h(q_t, K^GSU, V^GSU)) with N targets per history, each
         merging the history channels with its own γ: α_{n,h,l} = Σ_j γ_{n,j} u_{n,h}·x_l^(j) with
         u_{n,h} = W_h^K (q_n W_h^Q)^T / √key_dim, and the value read-out Σ_j γ_{n,j} Σ_l w_{n,h,l} x_l^(j),
-        so the cost is linear in N·L·C and no [N, L, d] key tensor is materialised.
+        so the cost is linear in N·L·C and no [N, L, d] key tensor is materialised (``factored_call``).
 
         query [B, N, d_q]; channels [B, L, C, d_k]; gamma [B, N, C]; mask bool [B, L].
         Returns (output [B, N, output_dim], head-averaged logits [B, N, L]; masked = dtype.min / 2).
         Equals ``call(query_n, Σ_j γ_{n,j} channels_j, mask)`` for each target n.
         """
-        self._ensure_built(query)
-        query = tf.cast(query, self.compute_dtype)
         channels = tf.cast(channels, self.compute_dtype)
         gamma = tf.cast(gamma, self.compute_dtype)
-        folded = self._folded_heads(query)
-        logits = tf.einsum("bnhlj,bnj->bnhl", tf.einsum("blje,bnhe->bnhlj", channels, folded), gamma)
+
+        def head_logits(folded):
+            return tf.einsum("bnhlj,bnj->bnhl", tf.einsum("blje,bnhe->bnhlj", channels, folded), gamma)
+
+        def pool(weights):
+            return tf.einsum("bnhje,bnj->bnhe", tf.einsum("bnhl,blje->bnhje", weights, channels), gamma)
+
+        return self.factored_call(query, head_logits, pool, mask, training=training)
+
+    def factored_call(self, query, head_logits, pool, mask=None, training=None):
+        """Attention whose keys = values v_l are reached only through two linear maps, never materialised.
+
+        α_{n,h,l} = v_l·u_{n,h} with u_{n,h} = W_h^K (q_n W_h^Q)^T / √key_dim: ``head_logits(u [B, N, H, d_k_in])``
+        → α [B, N, H, L]; the value read-out Σ_l softmax(α_h)_l v_l: ``pool(weights [B, N, H, L])`` →
+        [B, N, H, d_v_in]; then W_h^V and W^O as in ``call`` (head_h = (softmax(α_h) V) W_h^V). ``gated_call``
+        passes per-target gated channels; SEMINAR's GSU passes the history's distinct entries, so its read-out
+        over L steps needs no [B, L, d] keys (``retrievers.entry_attention``).
+
+        query [B, N, d_q]; mask bool [B, L]. Returns (output [B, N, output_dim], head-averaged logits [B, N, L];
+        masked = dtype.min / 2).
+        """
+        self._ensure_built(query)
+        query = tf.cast(query, self.compute_dtype)
+        logits = head_logits(self._folded_heads(query))  # [B, N, H, L]
         if mask is not None:
             mask = tf.cast(mask, tf.bool)
             logits = tf.where(mask[:, None, None, :], logits, _masked_value(logits.dtype))
         weights = self.dropout_layer(tf.nn.softmax(logits, axis=-1), training=training)
-        pooled = tf.einsum("bnhje,bnj->bnhe", tf.einsum("bnhl,blje->bnhje", weights, channels), gamma)
-        heads = tf.einsum("bnhe,ehv->bnhv", pooled, self._kernel(self.value_kernel))
+        heads = tf.einsum("bnhe,ehv->bnhv", pool(weights), self._kernel(self.value_kernel))
         output = tf.einsum("bnhv,hvo->bno", heads, self._kernel(self.output_kernel))
         averaged = tf.reduce_mean(logits, axis=2)
         if mask is not None:

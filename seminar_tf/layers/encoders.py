@@ -56,11 +56,20 @@ class TextEncoder(tf.keras.layers.Layer):
 
     def call(self, token_ids, training=None):
         token_ids = tf.convert_to_tensor(token_ids)
-        present = tf.cast(tf.not_equal(token_ids, schema.PAD_INDEX), self.compute_dtype)[..., None]
-        embedded = self.token_embedding(token_ids) * present  # [..., T, E]
-        count = tf.reduce_sum(present, axis=-2)  # [..., 1]
+        if not self.token_embedding.built:
+            self.token_embedding.build(token_ids.shape)
+        # Only the real tokens are gathered and summed per row (no [..., T, E] tensor; the embedding's gradient
+        # holds the real tokens' rows only, not the padding's).
+        rows = tf.reshape(token_ids, [-1, tf.shape(token_ids)[-1]])
+        real = tf.where(tf.not_equal(rows, schema.PAD_INDEX))  # [P, 2]: (row, slot), row-major
+        tokens = tf.gather_nd(rows, real)
+        embedded = tf.gather(tf.cast(self.token_embedding.embeddings, self.compute_dtype), tokens)  # [P, E]
+        count = tf.math.unsorted_segment_sum(tf.ones_like(real[:, 0], self.compute_dtype), real[:, 0],
+                                             tf.shape(rows)[0])
+        total = tf.math.unsorted_segment_sum(embedded, real[:, 0], tf.shape(rows)[0])  # [R, E]
         # divide_no_nan: an all-padding row has sum 0 and count 0 → 0, not NaN.
-        pooled = tf.math.divide_no_nan(tf.reduce_sum(embedded, axis=-2), count)
+        pooled = tf.math.divide_no_nan(total, count[:, None])
+        pooled = tf.reshape(pooled, tf.concat([tf.shape(token_ids)[:-1], [self.embedding_dim]], 0))
         pooled = self.dropout_layer(pooled, training=training)
         return self.projection(pooled)
 

@@ -6,6 +6,13 @@ A ``Retriever`` scores every history step for every target; the host model (``Se
 for the shared parts: content encoder, G_j, GSU / ESU attention, PQ layer) and returns
 (scores [B, N, L], keep bool [B, N, L] or None = keep every real step).
 
+No step of a training or inference call builds a float tensor per history step and channel ([B, L, C, d]): the
+history enters as its distinct entries (``HistoryEntries``: each distinct query and item of the batch encoded
+once, [U, C, d]); scores are computed per entry ([B, N, U], under ``stop_gradient``: top-K is not
+differentiable) and gathered to the positions; the K kept steps are gathered from the entries (with gradients,
+into the ESU); the GSU auxiliary read-out over all L steps is linear in its keys and values, so it sums the
+softmax weights per entry (``entry_readout``) and attends without building the keys (``entry_attention``).
+
 SEMINAR's GSU modes ("exact", "pq_adc", "pq_sdc", ``gsu_retriever``): ``ExactGSU`` is ``ProjectedGSU`` (over
 the projected history) in training and ``IndexedGSU`` (from the history's ids) or ``StoredChannelGSU`` (over
 stored channels, EM3's fused ones) at inference; ``PQADC`` / ``PQSDC`` score from PQ codes and may re-rank r·K
@@ -35,8 +42,8 @@ class RetrievalContext:
 
     features: the batch's features (history ids, lengths, tokens, feedback); queries, items: target indices
     [B, N]; q_t [B, N, d] and γ [B, N, C] of the targets; target: their channels before G_j x_t^{PSU}
-    [B, N, C, d]; history: the history channels after G_j [B, L, C, d] and stored: before G_j, each None unless
-    the retriever's ``history_inputs`` asked for it; mask: bool [B, L], the real steps; training: the call's
+    [B, N, C, d]; entries: the history's distinct entries before G_j (``HistoryEntries``), None unless the
+    retriever's ``history_inputs`` asked for them; mask: bool [B, L], the real steps; training: the call's
     flag; model: the host ``SeminarModel`` (content, projection, gate, gsu, esu, pq).
     """
 
@@ -49,8 +56,41 @@ class RetrievalContext:
     model: Any
     training: Optional[bool] = None
     target: Optional[tf.Tensor] = None
-    history: Optional[tf.Tensor] = None
-    stored: Optional[tf.Tensor] = None
+    entries: Optional["HistoryEntries"] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryEntries:
+    """The history as its distinct entries, each encoded once: step l of row b is the pair (query row
+    ``query_index[b, l]``, item row ``item_index[b, l]``).
+
+    query: the query channel x^{PSU(query)} [U_q, d] of each distinct query (unknown query text: one row per
+    such step), None without a query channel; items: the item channels x^{PSU(j)} [U_i, J, d] of each distinct
+    item, None without item channels; query_index / item_index: int32 [B, L]. Channels before G_j, in the
+    model's order (the query channel first). ``model.history_entries`` builds them.
+    """
+
+    query: Optional[tf.Tensor]
+    query_index: Optional[tf.Tensor]
+    items: Optional[tf.Tensor]
+    item_index: Optional[tf.Tensor]
+
+    def parts(self):
+        """[(rows [U, J, d], index int32 [B, L], first channel, J)]: the query part, then the item part."""
+        parts, first = [], 0
+        for rows, index in ((self.query, self.query_index), (self.items, self.item_index)):
+            if rows is None:
+                continue
+            rows = rows[:, None, :] if rows.shape.rank == 2 else rows
+            width = rows.shape[1]
+            parts.append((rows, index, first, width))
+            first += width
+        return parts
+
+    def stop_gradient(self) -> "HistoryEntries":
+        """The same entries, constant for backprop (retrieval scores: top-K is not differentiable)."""
+        return dataclasses.replace(self, query=None if self.query is None else tf.stop_gradient(self.query),
+                                   items=None if self.items is None else tf.stop_gradient(self.items))
 
 
 # -------------------------------------------------------------------------------------------------- math
@@ -59,6 +99,86 @@ def mask_scores(scores, mask):
     when every position is real, as in a serving request without padding)."""
     return tf.cond(tf.reduce_all(mask), lambda: scores,
                    lambda: tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype)))
+
+
+def folded_targets(attention, kernel, q_t, gamma):
+    """v_j = γ_j G_j u with u = ``attention.folded_query(q_t)``: [B, N, C, d], so that (1/H) Σ_h α_h of the
+    merged key k_l = Σ_j γ_j x_l^{PSU(j)} G_j is Σ_j v_j·x_l^{PSU(j)} (G_j ``kernel`` [C, d, d] folded into the
+    target: the history's channels need no projection)."""
+    return target_vectors(kernel, attention.folded_query(q_t), gamma)
+
+
+def target_vectors(kernel, u, gamma):
+    """v_j = γ_j G_j u: u [B, N, d] (or [B, N, H, d], one per head) → [B, N, C, d] ([B, N, H, C, d]), so that
+    u·Σ_j γ_j x^{PSU(j)} G_j = Σ_j v_j·x^{PSU(j)}."""
+    if u.shape.rank == 4:
+        return tf.einsum("cde,bnhe->bnhcd", kernel, u) * gamma[:, :, None, :, None]
+    return tf.einsum("cde,bne->bncd", kernel, u) * gamma[..., None]
+
+
+def entry_scores(entries: HistoryEntries, targets):
+    """Σ_j t_{b,m,j}·x_{l}^{(j)} for every step: targets [B, M, C, d] (one vector per row, target and channel)
+    → [B, M, L]. Each part (query, items) is scored once per distinct entry ([B, M, U], one matmul) and gathered
+    to the steps, so the cost is B·M·U·C·d and nothing per step is wider than M."""
+    batch, m = tf.shape(targets)[0], tf.shape(targets)[1]
+    scores = None
+    for rows, index, first, width in entries.parts():
+        count = tf.shape(rows)[0]
+        w = tf.reshape(targets[:, :, first:first + width], [batch * m, -1])
+        # 2-D matmuls: a batched one against the shared rows would take its gradient as [B, U, J·d]
+        per_entry = tf.matmul(w, tf.reshape(rows, [count, -1]), transpose_b=True)  # [B·M, U]
+        part = tf.gather(tf.reshape(per_entry, [batch, m, count]), index, axis=2, batch_dims=1)  # [B, M, L]
+        scores = part if scores is None else scores + part
+    return scores
+
+
+def entry_readout(entries: HistoryEntries, weights):
+    """Σ_l w_{b,m,l} x_l^{(j)} per channel: weights [B, M, L] → [B, M, C, d]. The weights are summed per
+    (row, entry) first (``unsorted_segment_sum``), then each part is one [B, M, U] x [U, J·d] matmul: the
+    adjoint of ``entry_scores``."""
+    batch, m, length = tf.shape(weights)[0], tf.shape(weights)[1], tf.shape(weights)[2]
+    pooled = []
+    for rows, index, _, width in entries.parts():
+        count = tf.shape(rows)[0]
+        slots = tf.range(batch * m, dtype=index.dtype)[:, None] * count + tf.repeat(index, m, axis=0)  # [B·M, L]
+        per_entry = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1, length]), slots, batch * m * count)
+        per_entry = tf.reshape(per_entry, [batch * m, count])  # Σ_{l: entry(l) = u} w_l
+        part = tf.matmul(per_entry, tf.reshape(rows, [count, -1]))  # [B·M, J·d]
+        pooled.append(tf.reshape(part, [batch, m, width, rows.shape[-1]]))
+    return pooled[0] if len(pooled) == 1 else tf.concat(pooled, axis=2)
+
+
+def gather_entries(entries: HistoryEntries, positions):
+    """The channels before G_j of the steps at positions [B, P] → [B, P, C, d] (gathered from the entries)."""
+    parts = []
+    for rows, index, _, _ in entries.parts():
+        parts.append(tf.gather(rows, tf.gather(index, positions, batch_dims=1)))  # [B, P, J, d]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=2)
+
+
+def entry_attention(attention, kernel, q_t, gamma, entries: HistoryEntries, mask, training=None):
+    """``attention`` of the targets over all L steps with keys = values k_l = Σ_j γ_j x_l^{PSU(j)} G_j (the GSU
+    read-out head^GSU = Attention(q_t, K^GSU, V^GSU)), from the distinct entries: per-head logits
+    α_{n,h,l} = Σ_j (γ_j G_j u_{n,h})·x_l^{PSU(j)} (``entry_scores``), read-out Σ_j γ_j (Σ_l w_{n,h,l}
+    x_l^{PSU(j)}) G_j (``entry_readout``). Memory O(B·N·H·(L + U) + U·C·d); equals
+    ``attention.gated_call(q_t, x^{PSU} G, γ, mask)``. Returns (output [B, N, d_out], head-averaged logits
+    [B, N, L])."""
+    kernel = tf.cast(kernel, attention.compute_dtype)
+    gamma = tf.cast(gamma, attention.compute_dtype)
+    batch, n = tf.shape(q_t)[0], tf.shape(q_t)[1]
+    heads, length = attention.num_heads, tf.shape(mask)[1]
+    channels, dim = kernel.shape[0], kernel.shape[1]
+
+    def head_logits(folded):  # u_{n,h} [B, N, H, d]
+        targets = tf.reshape(target_vectors(kernel, folded, gamma), [batch, n * heads, channels, dim])
+        return tf.reshape(entry_scores(entries, targets), [batch, n, heads, length])
+
+    def pool(weights):  # [B, N, H, L]
+        pooled = tf.reshape(entry_readout(entries, tf.reshape(weights, [batch, n * heads, length])),
+                            [batch, n, heads, channels, dim])
+        return tf.einsum("bnhcd,cde,bnc->bnhe", pooled, kernel, gamma)
+
+    return attention.factored_call(q_t, head_logits, pool, mask, training=training)
 
 
 def projected_scores(attention, q_t, gamma, history):
@@ -94,65 +214,12 @@ def pq_scores(model, kind, q_t, gamma, features, target):
 def indexed_scores(model, q_t, gamma, features):
     """Exact GSU scores [B, N, L] (unmasked) from the history's item / query indices, at inference.
 
-    score_l = Σ_j v_j·x_l^{PSU(j)} with v_j = γ_j G_j u (``pq_targets``), split into the item channels' part and
-    the query channel's part. Each is scored once per distinct item (query) of the batch and gathered back
-    to the L positions (a long history repeats items and, much more, queries); unknown query text (OOV
-    index with tokens) gets one row per position, encoded from its tokens. When the batch holds more
-    distinct entries than L per row, that part is scored per position instead.
+    score_l = Σ_j v_j·x_l^{PSU(j)} with v_j = γ_j G_j u (``pq_targets``), scored once per distinct item (query)
+    of the batch (``model.history_entries``, ``entry_scores``) and gathered back to the L positions (a long
+    history repeats items and, much more, queries); unknown query text (OOV index with tokens) gets one row
+    per position, encoded from its tokens.
     """
-    content = model.content
-    v = model.pq_targets(q_t, gamma)  # [B, N, C, d]
-    items = tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32)
-    shape = tf.shape(items)
-    scores = None  # built as [B, L, N] (row gathers), transposed once at the end
-    item_channels = content.item_channels
-    if item_channels:
-        unique, inverse = tf.unique(tf.reshape(items, [-1]), out_idx=tf.int32)
-
-        scores = _score_rows(model, v, item_channels, tf.size(unique), inverse, shape,
-                             lambda: content.encode_items_stacked(unique, training=False),
-                             lambda: content.encode_items_stacked(items, training=False))
-    if schema.QUERY_CHANNEL in model.channels:
-        queries = tf.cast(features[schema.SEQ_HISTORY_QUERY], tf.int32)
-        tokens = features.get(schema.HISTORY_QUERY_TOKENS)
-        flat = tf.reshape(queries, [-1])
-        unique, inverse = tf.unique(flat, out_idx=tf.int32)
-        count = tf.size(unique)
-        if tokens is not None:  # unknown text: one extra row per OOV position, encoded from its tokens
-            unknown = tf.where(tf.equal(flat, schema.OOV_INDEX))  # [P, 1]
-            inverse = tf.tensor_scatter_nd_update(
-                inverse, unknown, count + tf.range(tf.shape(unknown)[0], dtype=tf.int32))
-            count += tf.shape(unknown)[0]
-
-        def distinct_queries():
-            rows = content.encode_queries(unique, training=False)  # [U, d]
-            if tokens is None:
-                return rows
-            unknown_tokens = tf.gather_nd(tf.reshape(tokens, [-1, tf.shape(tokens)[-1]]), unknown)
-            return tf.concat([rows, tf.cast(content.encode_query_tokens(unknown_tokens, training=False),
-                                            rows.dtype)], axis=0)
-
-        part = _score_rows(model, v, [schema.QUERY_CHANNEL], count, inverse, shape, distinct_queries,
-                           lambda: content.query_channel(queries, tokens, training=False))
-        scores = part if scores is None else scores + part
-    return tf.transpose(scores, [0, 2, 1])
-
-
-def _score_rows(model, v, channels, count, inverse, shape, rows, per_position):
-    """Σ_{j ∈ channels} v_j·x_l^{(j)} as [B, L, N] for the history positions of ``shape`` [B, L].
-
-    ``rows()`` gives the channels of the ``count`` distinct entries [U, |channels|·d] and ``inverse`` [B·L]
-    each position's entry: scored once per entry, then gathered back per position, when U ≤ L (always for one
-    history); otherwise ``per_position()`` [B, L, |channels|·d] is scored directly.
-    """
-    batch, n = tf.shape(v)[0], tf.shape(v)[1]
-    w = tf.reshape(tf.gather(v, [model.channels.index(c) for c in channels], axis=2), [batch, n, -1])
-
-    def distinct():
-        s = tf.einsum("uk,bnk->bun", rows(), w)  # [B, U, N]
-        return tf.gather(s, tf.reshape(inverse, shape), batch_dims=1)  # [B, L, N]
-
-    return tf.cond(count <= shape[1], distinct, lambda: tf.matmul(per_position(), w, transpose_b=True))
+    return entry_scores(model.history_entries(features, training=False), model.pq_targets(q_t, gamma))
 
 
 def unique_positions(indices, length):
@@ -163,14 +230,6 @@ def unique_positions(indices, length):
     keys = tf.reshape(rows * length + tf.cast(indices, tf.int64), [-1])
     unique, inverse = tf.unique(keys, out_idx=tf.int32)
     return tf.stack([unique // length, unique % length], axis=-1), inverse
-
-
-def gather_unique(values, indices, fn):
-    """fn(values at the given positions), computed once per distinct (row, position): values [B, L, ...],
-    indices [B, P] → [B, P, ...] (the N targets' top-K lists of one history overlap)."""
-    where, inverse = unique_positions(indices, tf.shape(values)[1])
-    out = fn(tf.gather_nd(values, where))  # [U, ...]
-    return tf.reshape(tf.gather(out, inverse), tf.concat([tf.shape(indices), tf.shape(out)[1:]], axis=0))
 
 
 def encode_positions(model, features, indices, training=None):
@@ -189,12 +248,6 @@ def encode_positions(model, features, indices, training=None):
                       tf.concat([tf.shape(indices), tf.shape(encoded)[1:]], axis=0))
 
 
-def _stored_history(model, features, training=None):
-    """The history's channels before G_j x^{PSU} [B, L, C, d] (``model.pair_channels``)."""
-    return model.pair_channels(features[schema.SEQ_HISTORY_QUERY], features[schema.SEQ_HISTORY_ITEM], training,
-                               features.get(schema.HISTORY_QUERY_TOKENS))
-
-
 # ------------------------------------------------------------------------------------------- interface
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class Retriever(tf.keras.layers.Layer):
@@ -203,7 +256,7 @@ class Retriever(tf.keras.layers.Layer):
     ``keep`` None keeps every real step (the scores then already hold -1e9 at padding); otherwise the host
     keeps ``keep & mask`` and scores every other step -1e9. The host asks, in this order:
     ``history_inputs`` (what to encode before the call), the call, ``pick`` (channels after G_j of the kept
-    positions), ``refine`` when ``rerank`` > 1, and ``aux_history`` for the GSU auxiliary read-out.
+    positions), ``refine`` when ``rerank`` > 1, and ``aux_readout`` for the GSU auxiliary read-out.
 
     ``gsu_mode``: the SEMINAR GSU mode this retriever implements (``set_gsu_mode`` replaces it), None for a
     baseline's own retrieval. ``rerank``: r, the host keeps r·K candidates before ``refine``.
@@ -212,28 +265,35 @@ class Retriever(tf.keras.layers.Layer):
     gsu_mode: Optional[str] = None
     rerank: int = 1
 
-    def history_inputs(self, model, features, training=None) -> Tuple[Optional[tf.Tensor], Optional[tf.Tensor]]:
-        """(history after G_j [B, L, C, d] or None, stored channels before G_j [B, L, C, d] or None)."""
-        return model.encode_history(features, training)[0], None
+    def history_inputs(self, model, features, training=None) -> Dict[str, Any]:
+        """The context fields to encode before the call: {"entries": the history's distinct entries} (an empty
+        dict for a retriever that reads only ids and positions)."""
+        return {"entries": model.history_entries(features, training)}
 
     def call(self, context: RetrievalContext):
         raise NotImplementedError
 
     def pick(self, context: RetrievalContext, positions):
-        """History channels after G_j at positions [B, P] → [B, P, C, d]."""
-        return tf.gather(context.history, positions, batch_dims=1)
+        """History channels after G_j at positions [B, P] → [B, P, C, d]: gathered from the entries when the
+        context has them, else each distinct kept (row, position) encoded (``encode_positions``)."""
+        if context.entries is None:
+            return encode_positions(context.model, context.features, positions, context.training)
+        return context.model.projection(gather_entries(context.entries, positions))
 
     def refine(self, context: RetrievalContext, candidates, valid, top_k: int):
         """Re-ranks r·K candidates [B·N, rK, C, d] (``valid`` [B·N, rK]) → (local indices, valid) [B·N, K]."""
         raise NotImplementedError(f"{type(self).__name__} does not re-rank")
 
-    def aux_history(self, context: RetrievalContext):
-        """The history after G_j [B, L, C, d] the GSU auxiliary read-out attends over (training only)."""
-        if context.history is not None:
-            return context.history
-        if context.stored is not None:
-            return context.model.projection(context.stored)
-        return context.model.encode_history(context.features, context.training)[0]
+    def aux_readout(self, context: RetrievalContext):
+        """The GSU auxiliary read-out head^GSU = Attention(q_t, K^GSU, V^GSU) over all L steps (training only):
+        [B, N, d] (``entry_attention`` over the context's entries, encoded here when the context has none)."""
+        model = context.model
+        entries = context.entries
+        if entries is None:
+            entries = model.history_entries(context.features, context.training)
+        readout, _ = entry_attention(model.gsu, model.projection.kernel, context.q_t, context.gamma, entries,
+                                     context.mask, context.training)
+        return readout
 
     @staticmethod
     def for_every_target(mask, n):
@@ -260,12 +320,16 @@ class _SeminarGSU(Retriever):
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class ProjectedGSU(_SeminarGSU):
-    """Exact GSU over the projected history x^{GSU(j)} = x^{PSU(j)} G_j (the training path)."""
+    """Exact GSU over the history's distinct entries (the training path): score_l = Σ_j v_j·x_l^{PSU(j)},
+    v_j = γ_j G_j u (= u·Σ_j γ_j x_l^{GSU(j)}), scored per entry without gradients; the kept steps are gathered
+    from the entries and projected by G_j (with gradients, into the ESU); the auxiliary read-out trains the GSU."""
 
     gsu_mode = "exact"
 
     def scores(self, context):
-        return projected_scores(context.model.gsu, context.q_t, context.gamma, context.history)
+        model = context.model
+        return entry_scores(context.entries.stop_gradient(),
+                            tf.stop_gradient(model.pq_targets(context.q_t, context.gamma)))
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
@@ -275,7 +339,7 @@ class IndexedGSU(_SeminarGSU):
     gsu_mode = "exact"
 
     def history_inputs(self, model, features, training=None):
-        return None, None
+        return {}
 
     def scores(self, context):
         return indexed_scores(context.model, context.q_t, context.gamma, context.features)
@@ -285,22 +349,9 @@ class IndexedGSU(_SeminarGSU):
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
-class StoredChannelGSU(_SeminarGSU):
-    """Exact GSU over the history's stored channels x^{PSU} (``pair_channels``, e.g. EM3's fused channels),
-    G_j folded into the target; only the kept positions are projected."""
-
-    gsu_mode = "exact"
-
-    def history_inputs(self, model, features, training=None):
-        return None, _stored_history(model, features, training)
-
-    def scores(self, context):
-        return stored_scores(context.model, context.q_t, context.gamma, context.stored)
-
-    def pick(self, context, positions):
-        # project each distinct kept position once (the N lists overlap)
-        return gather_unique(context.stored, positions, context.model.projection)
-
+class StoredChannelGSU(ProjectedGSU):
+    """Exact GSU over the model's own channels x^{PSU} (``model.history_entries``, e.g. EM3's fused channels),
+    G_j folded into the target; only the kept positions are projected (inference)."""
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class ExactGSU(Retriever):
@@ -328,8 +379,8 @@ class ExactGSU(Retriever):
     def pick(self, context, positions):
         return self._path(context.training).pick(context, positions)
 
-    def aux_history(self, context):
-        return self._path(context.training).aux_history(context)
+    def aux_readout(self, context):
+        return self._path(context.training).aux_readout(context)
 
     def get_config(self):
         config = super().get_config()
@@ -350,7 +401,7 @@ class _PQGSU(_SeminarGSU):
             raise ValueError(f"pq_rerank must be >= 1, got {rerank}")
 
     def history_inputs(self, model, features, training=None):
-        return None, None
+        return {}
 
     def scores(self, context):
         return pq_scores(context.model, self.kind, context.q_t, context.gamma, context.features, context.target)
@@ -365,11 +416,13 @@ class _PQGSU(_SeminarGSU):
         exact = tf.einsum("xrcd,xd,xc->xr", candidates, u, tf.reshape(context.gamma, [tf.shape(candidates)[0], -1]))
         return top_k_positions(exact, valid, top_k)
 
-    def aux_history(self, context):
-        # the decoded history, x̂^{PSU(j)} G_j, as the GSU sees it
+    def aux_readout(self, context):
+        # over the decoded history, x̂^{PSU(j)} G_j, as the GSU sees it
         model = context.model
-        return model.projection(model.pq.decode(model.pq.unpack(model.history_codes(context.features,
-                                                                                    context.training))))
+        history = model.projection(model.pq.decode(model.pq.unpack(model.history_codes(context.features,
+                                                                                       context.training))))
+        readout, _ = model.gsu.gated_call(context.q_t, history, context.gamma, context.mask, context.training)
+        return readout
 
     def get_config(self):
         config = super().get_config()
@@ -403,24 +456,38 @@ def gsu_retriever(mode: str, rerank: int = 1, stored_channels: bool = False) -> 
 
 
 # ------------------------------------------------------------------------------------------- baselines
-def _positions(history, n):
+def _positions(mask, n):
     """Recency scores [B, N, L]: the step's position (newest = largest; histories are oldest first)."""
-    length = tf.shape(history)[1]
-    positions = tf.cast(tf.range(length), history.dtype)
-    return tf.broadcast_to(positions[None, None, :], [tf.shape(history)[0], n, length])
+    length = tf.shape(mask)[1]
+    positions = tf.cast(tf.range(length), tf.float32)
+    return tf.broadcast_to(positions[None, None, :], [tf.shape(mask)[0], n, length])
+
+
+class _PositionRetriever(Retriever):
+    """A retriever that ranks by position (and ids): it encodes only the kept steps (``encode_positions``)."""
+
+    def history_inputs(self, model, features, training=None):
+        return {}
+
+
+def _linear_scores(context, u, gamma):
+    """Σ_j γ_j u·x_l^{GSU(j)} for every step: u [B, N, d], γ [B, N, C] → [B, N, L], per entry and without
+    gradients (the retrieval's top-K is not differentiable)."""
+    targets = target_vectors(context.model.projection.kernel, u, gamma)
+    return entry_scores(context.entries.stop_gradient(), tf.stop_gradient(targets))
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
-class DINRetriever(Retriever):
+class DINRetriever(_PositionRetriever):
     """DIN: no search; the newest steps first (the host's K is DIN's ``short_history``)."""
 
     def call(self, context):
         n = tf.shape(context.q_t)[1]
-        return _positions(context.history, n), self.for_every_target(context.mask, n)
+        return _positions(context.mask, n), self.for_every_target(context.mask, n)
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
-class SIMHardRetriever(Retriever):
+class SIMHardRetriever(_PositionRetriever):
     """SIM hard search: the steps whose item category (column ``category_column`` of the item attributes)
     equals the target item's, newest first; targets of a reserved category keep no step."""
 
@@ -430,7 +497,7 @@ class SIMHardRetriever(Retriever):
 
     def call(self, context):
         n = tf.shape(context.q_t)[1]
-        return (_positions(context.history, n),
+        return (_positions(context.mask, n),
                 context.model.category_match(context.features, context.items, self.category_column))
 
     def get_config(self):
@@ -444,8 +511,7 @@ class SIMSoftRetriever(Retriever):
     """SIM soft search: score_l = q_t · k_l = Σ_j γ_j q_t · x_l^(j) (inner product, no projections)."""
 
     def call(self, context):
-        per_channel = tf.einsum("bljd,bnd->bnlj", context.history, context.q_t)
-        return (tf.einsum("bnlj,bnj->bnl", per_channel, context.gamma),
+        return (_linear_scores(context, context.q_t, context.gamma),
                 self.for_every_target(context.mask, tf.shape(context.q_t)[1]))
 
 
@@ -453,7 +519,14 @@ class SIMSoftRetriever(Retriever):
 class ETARetriever(Retriever):
     """ETA: SimHash signatures s(x) = [x R > 0] ∈ {0,1}^m with fixed random hyperplanes R [d, m] (a
     non-trainable weight drawn from N(0, 1) with ``seed``); score_l = -Hamming(s(q_t), s(k_l)),
-    k_l = Σ_j γ_j x_l^(j); ties go to the older step."""
+    k_l = Σ_j γ_j x_l^(j); ties go to the older step.
+
+    x R is linear, so k_l R = Σ_j γ_j (x_l^{PSU(j)} G_j R): each distinct entry is projected to m once, and the
+    steps' signatures are computed in chunks of ``chunk`` steps without gradients (a signature is not
+    differentiable), so no [B, L, C, m] tensor is kept.
+    """
+
+    chunk = 1024  # steps per signature chunk
 
     def __init__(self, num_bits: int = 32, dim: int = 32, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -467,13 +540,35 @@ class ETARetriever(Retriever):
         return tf.einsum("...d,dm->...m", vectors, self.hyperplanes) > 0
 
     def call(self, context):
-        q_t, gamma = context.q_t, context.gamma
-        target_bits = self.signatures(q_t)  # [B, N, m]
-        # x R is linear, so the merged keys' projections are Σ_j γ_j (x_l^(j) R): no [B, N, L, d] tensor.
-        projected = tf.einsum("bljd,dm->bljm", context.history, self.hyperplanes)
-        history_bits = tf.einsum("bljm,bnj->bnlm", projected, gamma) > 0
-        distance = tf.reduce_sum(tf.cast(tf.not_equal(target_bits[:, :, None, :], history_bits), q_t.dtype), -1)
-        return -distance, self.for_every_target(context.mask, tf.shape(q_t)[1])
+        q_t, gamma = tf.stop_gradient(context.q_t), tf.stop_gradient(context.gamma)
+        target_bits = tf.cast(self.signatures(q_t), q_t.dtype)  # [B, N, m]
+        model, entries = context.model, context.entries.stop_gradient()
+        kernel = tf.stop_gradient(model.projection.kernel)
+        # each part's entries projected to the m hyperplanes: x^{PSU(j)} G_j R [U, J, m]
+        parts = [(tf.einsum("uje,em->ujm", tf.einsum("ujd,jde->uje", rows, kernel[first:first + width]),
+                            self.hyperplanes), index, gamma[..., first:first + width])
+                 for rows, index, first, width in entries.parts()]
+        length = tf.shape(context.mask)[1]
+        chunks = (length + self.chunk - 1) // self.chunk
+        padding = chunks * self.chunk - length
+
+        def chunk_of(index):  # int32 [B, L] → [chunks, B, chunk]
+            padded = tf.pad(index, [[0, 0], [0, padding]])
+            return tf.transpose(tf.reshape(padded, [tf.shape(index)[0], chunks, self.chunk]), [1, 0, 2])
+
+        def distance(steps):  # one chunk of every part's step indices → Hamming distances [B, N, chunk]
+            merged = tf.add_n([tf.einsum("bkjm,bnj->bnkm", tf.gather(projected, index), weights)
+                               for (projected, _, weights), index in zip(parts, steps)])
+            bits = tf.cast(merged > 0, q_t.dtype)
+            # Hamming = Σ_m s_t + s_l - 2 s_t s_l
+            return (tf.reduce_sum(target_bits, -1)[:, :, None] + tf.reduce_sum(bits, -1)
+                    - 2.0 * tf.einsum("bnm,bnkm->bnk", target_bits, bits))
+
+        steps = tuple(chunk_of(index) for _, index, _ in parts)
+        distances = tf.map_fn(distance, steps, fn_output_signature=q_t.dtype)  # [chunks, B, N, chunk]
+        distances = tf.transpose(distances, [1, 2, 0, 3])
+        distances = tf.reshape(distances, [tf.shape(q_t)[0], tf.shape(q_t)[1], -1])[:, :, :length]
+        return -distances, self.for_every_target(context.mask, tf.shape(q_t)[1])
 
     def get_config(self):
         config = super().get_config()
@@ -483,12 +578,14 @@ class ETARetriever(Retriever):
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class TWINRetriever(Retriever):
-    """TWIN: the GSU scores all L steps with the ESU's own attention, score_l = (1/H) Σ_h α_h^{ESU}(q_t, k_l)."""
+    """TWIN: the GSU scores all L steps with the ESU's own attention, score_l = (1/H) Σ_h α_h^{ESU}(q_t, k_l)
+    (per entry, as SEMINAR's GSU)."""
 
     def call(self, context):
-        scores = mask_scores(projected_scores(context.model.esu, context.q_t, context.gamma, context.history),
-                             context.mask)
-        return scores, self.for_every_target(context.mask, tf.shape(context.q_t)[1])
+        model = context.model
+        scores = entry_scores(context.entries.stop_gradient(), tf.stop_gradient(
+            folded_targets(model.esu, model.projection.kernel, context.q_t, context.gamma)))
+        return mask_scores(scores, context.mask), self.for_every_target(context.mask, tf.shape(context.q_t)[1])
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
@@ -506,13 +603,13 @@ class QINRetriever(Retriever):
         return tf.einsum("bnd,de->bne", encoded, model.projection.kernel[query_channel])
 
     def call(self, context):
-        model, history, q_t, gamma = context.model, context.history, context.q_t, context.gamma
+        model, q_t, gamma = context.model, context.q_t, context.gamma
         probe = self.target_query(model, context.queries, context.features.get(schema.TARGET_QUERY_TOKENS))
         query_weight = tf.one_hot(model.channels.index(schema.QUERY_CHANNEL), len(model.channels),
                                   dtype=gamma.dtype)
         weights = item_gamma(gamma, model.channels) + query_weight  # [B, N, C]
-        by_query = tf.einsum("bnlj,bnj->bnl", tf.einsum("bljd,bnd->bnlj", history, probe), weights)
-        by_target = tf.einsum("bnlj,bnj->bnl", tf.einsum("bljd,bnd->bnlj", history, q_t), gamma)
+        by_query = _linear_scores(context, probe, weights)
+        by_target = _linear_scores(context, q_t, gamma)
         has_query = tf.reduce_any(tf.not_equal(probe, 0), axis=-1)  # [B, N]
         scores = tf.where(has_query[:, :, None], by_query, by_target)
         return scores, self.for_every_target(context.mask, tf.shape(q_t)[1])
@@ -540,6 +637,7 @@ def build_retriever(architecture: str, config: ModelConfig, *, category_column: 
     return RETRIEVERS[architecture](name="retriever")
 
 
-__all__ = ["DINRetriever", "ETARetriever", "EXCLUDED", "ExactGSU", "IndexedGSU", "PQADC", "PQSDC", "ProjectedGSU",
-           "QINRetriever", "RETRIEVERS", "RetrievalContext", "Retriever", "SIMHardRetriever", "SIMSoftRetriever",
-           "StoredChannelGSU", "TWINRetriever", "build_retriever", "gsu_retriever"]
+__all__ = ["DINRetriever", "ETARetriever", "EXCLUDED", "ExactGSU", "HistoryEntries", "IndexedGSU", "PQADC", "PQSDC",
+           "ProjectedGSU", "QINRetriever", "RETRIEVERS", "RetrievalContext", "Retriever", "SIMHardRetriever",
+           "SIMSoftRetriever", "StoredChannelGSU", "TWINRetriever", "build_retriever", "entry_attention",
+           "entry_readout", "entry_scores", "gsu_retriever"]

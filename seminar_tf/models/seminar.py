@@ -20,6 +20,11 @@ all of them (retriever scores → top-K → ESU → tower).
 The GSU also learns from an auxiliary loss (as SIM's soft search / TWIN): the GSU's own multi-head attention
 output over the whole history, head^GSU = Attention(q_t, K^GSU, V^GSU), feeds a small head trained on the
 same label (training only).
+
+The history enters a step as its distinct entries (``history_entries``: each distinct query and item of the
+batch encoded once), never as [B, L, C, d]: the retrieval scores are per entry and gathered to the steps, the
+K kept steps are gathered from the entries, and the auxiliary read-out sums its softmax weights per entry
+(``retrievers.entry_attention``); per-step feedback enters through per-row counts of each feedback token.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from seminar_tf.layers.pq import PQLookup
 from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.inputs import check_features
 from seminar_tf.models.psu import history_mask, per_replica_loss
-from seminar_tf.models.retrievers import (EXCLUDED, RetrievalContext, Retriever, gsu_retriever, indexed_scores,
-                                          mask_scores, pq_scores, projected_scores, stored_scores)
+from seminar_tf.models.retrievers import (EXCLUDED, HistoryEntries, RetrievalContext, Retriever, gsu_retriever,
+                                          indexed_scores, mask_scores, pq_scores, projected_scores, stored_scores)
 from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask, UserRankingTask
 
 PQ_MODES = ("pq_adc", "pq_sdc")
@@ -342,8 +347,45 @@ class SeminarModel(tfrs.Model):
         """The stored channels x^{PSU} [..., C, d] of (query, item) pairs, before G_j."""
         return self.content(queries, items, training=training, query_tokens=query_tokens)
 
+    def history_entries(self, features, training=None) -> HistoryEntries:
+        """The history's distinct entries before G_j (``retrievers.HistoryEntries``): the query channel of each
+        distinct query [U_q, d] and the item channels of each distinct item [U_i, J, d] (``distinct_items``), and
+        each step's rows. With ``history_query_tokens``, each unknown query (OOV index) gets a row of its own,
+        encoded from its tokens."""
+        items = tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32)
+        shape = tf.shape(items)
+        item_rows = item_index = query_rows = query_index = None
+        if len(self.channels) > (schema.QUERY_CHANNEL in self.channels):
+            unique, inverse = tf.unique(tf.reshape(items, [-1]), out_idx=tf.int32)
+            item_rows, item_index = self.distinct_items(unique, training), tf.reshape(inverse, shape)
+        if schema.QUERY_CHANNEL in self.channels:
+            queries = tf.reshape(tf.cast(features[schema.SEQ_HISTORY_QUERY], tf.int32), [-1])
+            unique, inverse = tf.unique(queries, out_idx=tf.int32)
+            query_rows = self.content.encode_queries(unique, training=training)  # [U, d]
+            tokens = features.get(schema.HISTORY_QUERY_TOKENS)
+            if tokens is not None:  # unknown text: one extra row per OOV position, encoded from its tokens
+                unknown = tf.where(tf.equal(queries, schema.OOV_INDEX))  # [P, 1]
+                inverse = tf.tensor_scatter_nd_update(
+                    inverse, unknown, tf.size(unique) + tf.range(tf.shape(unknown)[0], dtype=tf.int32))
+                unknown_tokens = tf.gather_nd(tf.reshape(tokens, [-1, tf.shape(tokens)[-1]]), unknown)
+                query_rows = tf.concat([query_rows, tf.cast(self.content.encode_query_tokens(
+                    unknown_tokens, training=training), query_rows.dtype)], axis=0)
+            query_index = tf.reshape(inverse, shape)
+        return HistoryEntries(query_rows, query_index, item_rows, item_index)
+
+    def distinct_items(self, items, training=None):
+        """The item channels x^{PSU(j)} [U, J, d] (the model's channels after the query channel) of items [U]:
+        the content encoder's (its serving cache, when built), or those of ``pair_channels`` (e.g. EM3's fused
+        channels) with the empty query."""
+        if not self._channels_are_content():
+            channels = self.pair_channels(tf.zeros_like(items), items, training)  # [U, C, d]
+            return channels[:, 1:] if schema.QUERY_CHANNEL in self.channels else channels
+        stacked = self.content.encode_items_stacked(items, training=training)
+        return tf.reshape(stacked, [tf.shape(items)[0], len(self.content.item_channels), self.content.dim])
+
     def encode_history(self, features, training=None):
-        """History channels after G_j, x^{GSU(j)} = x^{PSU(j)} G_j: ([B, L, C, d], mask bool [B, L])."""
+        """History channels after G_j, x^{GSU(j)} = x^{PSU(j)} G_j: ([B, L, C, d], mask bool [B, L]); [B, L, C, d]
+        per call: ``score_pairs`` reads ``history_entries`` instead."""
         mask = history_mask(features)
         history = self.projection(self.content(
             features[schema.SEQ_HISTORY_QUERY], features[schema.SEQ_HISTORY_ITEM], training=training,
@@ -450,11 +492,10 @@ class SeminarModel(tfrs.Model):
         lifelong = selected = valid = recent = attended = None
         if self.use_history:
             retriever = self.retriever
-            history, stored = retriever.history_inputs(self, features, training)
+            inputs = retriever.history_inputs(self, features, training)  # e.g. {"entries": HistoryEntries}
             mask = history_mask(features)
             context = RetrievalContext(features=features, queries=queries, items=items, q_t=q_t, gamma=gamma,
-                                       mask=mask, model=self, training=training, target=target, history=history,
-                                       stored=stored)
+                                       mask=mask, model=self, training=training, target=target, **inputs)
             scores, keep = retriever(context)  # [B, N, L]
             length = tf.shape(mask)[1]
             if keep is not None:  # the retriever's own subset of the real steps; every other step scores -1e9
@@ -491,7 +532,7 @@ class SeminarModel(tfrs.Model):
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
                 # (over the history as the retriever sees it, e.g. decoded from PQ codes)
-                readout, _ = self.gsu.gated_call(q_t, retriever.aux_history(context), gamma, mask, training=training)
+                readout = retriever.aux_readout(context)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
         logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
                                  extra=[recent, attended], items=items)
@@ -578,12 +619,28 @@ class SeminarModel(tfrs.Model):
         attended = tf.einsum("xk,xkd->xd", weights, tf.reshape(feedback, [-1, k, dim]))
         return lifelong, tf.reshape(attended, [batch, n, dim])
 
+    def feedback_counts(self, features, weights=None):
+        """Per-row counts of each feedback token over the real history steps: [B, F] (``weights`` [B, N, L]:
+        weighted per target, [B, N, F]); the feedback vocabulary F is small, so Σ_l w_l e(f_l) = counts · E."""
+        feedback = tf.cast(self._history_feedback(features), tf.int32)
+        real = tf.cast(history_mask(features), tf.float32)  # [B, L]
+        size = self.feedback_embedding.input_dim
+        if weights is None:
+            slots = tf.range(tf.shape(feedback)[0])[:, None] * size + feedback
+            counts = tf.math.unsorted_segment_sum(real, slots, tf.shape(feedback)[0] * size)
+            return tf.reshape(counts, [-1, size])
+        return tf.einsum("bnl,blf->bnf", weights * real[:, None, :], tf.one_hot(feedback, size, dtype=real.dtype))
+
+    def feedback_table(self):
+        """The feedback embedding of every token [F, d]."""
+        return self.feedback_embedding(tf.range(self.feedback_embedding.input_dim))
+
     def history_feedback_mean(self, features):
-        """Masked mean of the feedback embeddings over every real history step: [B, d] (zeros without steps)."""
-        feedback = self._history_feedback(features)
-        real = tf.cast(history_mask(features), tf.float32)[..., None]
-        total = tf.reduce_sum(self.feedback_embedding(feedback) * real, axis=1)
-        return tf.math.divide_no_nan(total, tf.reduce_sum(real, axis=1))
+        """Masked mean of the feedback embeddings over every real history step: [B, d] (zeros without steps),
+        from the per-row feedback counts: Σ_f c_f e(f) / Σ_f c_f."""
+        counts = self.feedback_counts(features)  # [B, F]
+        total = tf.matmul(counts, self.feedback_table())
+        return tf.math.divide_no_nan(total, tf.reduce_sum(counts, axis=1, keepdims=True))
 
     def set_item_statistics(self, table) -> None:
         """Loads the item-statistics table [F+1, num_items, columns] (``item_statistics_table``)."""
@@ -632,8 +689,8 @@ class SeminarModel(tfrs.Model):
         stats = tf.stack([share, tf.math.log1p(count) / 5.0], axis=-1)
         if self.feedback_embedding is None:
             return stats, None
-        feedback = self.feedback_embedding(self._history_feedback(features))  # [B, L, d]
-        mean = tf.math.divide_no_nan(tf.einsum("bnl,bld->bnd", same, feedback), count[..., None])
+        counts = self.feedback_counts(features, same)  # [B, N, F]: feedback tokens of the same-category steps
+        mean = tf.math.divide_no_nan(tf.einsum("bnf,fd->bnd", counts, self.feedback_table()), count[..., None])
         return stats, mean
 
     def tower_logit(self, features, q_t, lifelong=None, selected=None, valid=None, training=None, target_id=None,
