@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench venv clean
+.PHONY: demo test test-quick lint bench venv clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 # Every test except the end-to-end ones marked `slow` (training runs, exports, benches, subprocess CLIs).
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff (pyflakes + pycodestyle, line width 120; ruff.toml); CI runs it before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/seminar-tf bench all --out benchmarks

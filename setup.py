@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["seminar_tf", "seminar_tf.*", "beam_pipelines", "beam_pipelines.*", "serving", "serving.*"]),
+    packages=find_packages(include=["seminar_tf", "seminar_tf.*", "beam_pipelines", "beam_pipelines.*", "serving",
+                                    "serving.*"]),
     include_package_data=True,
     package_data={"serving": ["*.config", "*.txt"]},
     install_requires=[
@@ -26,7 +27,8 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "cryptography>=41"],  # cryptography: throwaway TLS certificates
+        # cryptography: throwaway TLS certificates; ruff: `make lint`
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "cryptography>=41", "ruff==0.17.6"],
         "pq": ["faiss-cpu>=1.9,<2"],
         "report": ["matplotlib>=3.8,<4"],
     },

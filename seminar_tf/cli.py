@@ -693,10 +693,11 @@ _QUIET_ROOT_MESSAGES = ("apitools not found",)  # Beam's GCP IO on a machine wit
 
 
 def quiet_third_party_logs() -> None:
-    """Hides TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features, CUDA stub, the cuInit error of a machine
-    without a GPU driver) and Beam's apitools warning; errors TensorFlow logs later still print. Must run before
-    TensorFlow is imported (it imports nothing itself); ``--verbose`` skips it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Hides TensorFlow's C++ log lines (oneDNN, CPU features, CUDA stub, the cuInit error of a machine without a GPU
+    driver, oneDNN's int64 fallback notices at the first training step) and Beam's apitools warning; a failure still
+    raises its Python exception. Must run before TensorFlow is imported (it imports nothing itself); ``--verbose``
+    skips it, and an explicit TF_CPP_MIN_LOG_LEVEL in the environment wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
     if _keep_actionable not in logging.getLogger().filters:

@@ -308,8 +308,8 @@ def sample_negatives(num_items: int, exclude, m: int, rng, low: int = len(schema
     """m distinct item indices drawn uniformly from [low, num_items) minus ``exclude``.
 
     ``low`` defaults to 2 = len(schema.RESERVED), skipping PAD_INDEX=0 and OOV_INDEX=1. exclude: a set or
-    array of the item indices the user touched (history and target). rng: a ``np.random.Generator`` (or a seed); the same generator
-    state gives the same draw. Raises ValueError when fewer than m items are eligible.
+    array of the item indices the user touched (history and target). rng: a ``np.random.Generator`` (or a seed); the
+    same generator state gives the same draw. Raises ValueError when fewer than m items are eligible.
     Returns int64 [m].
     """
     rng = np.random.default_rng(rng)

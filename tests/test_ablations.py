@@ -113,7 +113,8 @@ def test_finetune_without_query_channel_restores_the_ablated_psu_with_em3_flags(
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "din", "--fusion-queries", "2"], r"EM3 options \['fusion_queries'\] \(--fusion-queries\) are for architecture 'seminar'"),
+    (["--model", "din", "--fusion-queries", "2"],
+     r"EM3 options \['fusion_queries'\] \(--fusion-queries\) are for architecture 'seminar'"),
     (["--lora-rank", "2", "--freeze", "content"], r"--lora-rank\) and .*\(--freeze content\) contradict"),
     (["--lora-rank", "2", "--lora-targets", "tower"], "lora_targets"),
     (["--lora-targets", "text_encoder"], "needs model.lora_rank"),

@@ -608,7 +608,7 @@ def test_dead_letters_exact_accounting(tmp_path):
         "unparseable_row",
         "bad_embedding",
     ]
-    assert sorted(letters["items"]) == sorted((r, as_row(l)) for r, l in zip(item_reasons, item_lines) if r)
+    assert sorted(letters["items"]) == sorted((r, as_row(line)) for r, line in zip(item_reasons, item_lines) if r)
     event_reasons = [None] * 4 + [
         "missing_field:user_id",
         "missing_field:timestamp",
@@ -622,7 +622,7 @@ def test_dead_letters_exact_accounting(tmp_path):
         "unused_event_type",
         "bad_split",
     ]
-    assert sorted(letters["events"]) == sorted((r, as_row(l)) for r, l in zip(event_reasons, event_lines) if r)
+    assert sorted(letters["events"]) == sorted((r, as_row(line)) for r, line in zip(event_reasons, event_lines) if r)
     assert sorted(letters["users"]) == sorted(
         [
             ("missing_field:user_id", json.dumps({"age": "30", "user_id": None}, sort_keys=True)),

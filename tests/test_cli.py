@@ -9,8 +9,8 @@ import pytest
 
 from seminar_tf import cli, schema
 
-SUBCOMMANDS = ["world", "build", "pretrain", "finetune", "evaluate", "fit-codebooks", "export", "serve", "query", "demo",
-               "bench"]
+SUBCOMMANDS = ["world", "build", "pretrain", "finetune", "evaluate", "fit-codebooks", "export", "serve", "query",
+               "demo", "bench"]
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 

@@ -89,7 +89,8 @@ def test_flags_are_made_from_the_dataclasses_and_parsed_as_set_parses_them(capsy
     assert config_lib.given_fields(args, [*cli.FINETUNE_MODEL_FLAGS, *cli.EM3_FLAGS]) == {
         "top_k": 7, "lora_targets": ("text_encoder", "image_encoder"), "content_id_weight": 0.5}
     assert config_lib.given_fields(args, list(cli.TRAIN_FLAGS)) == {"epochs": 3}  # unset flags keep the preset's
-    assert set(cli.EM3_FLAGS) | set(cli.FINETUNE_MODEL_FLAGS) <= {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(config_lib.ModelConfig)}
+    assert set(cli.EM3_FLAGS) | set(cli.FINETUNE_MODEL_FLAGS) <= fields
     world = parser.parse_args(["world", "--out", "w", "--num-users", "12"])
     assert world.num_users == 12
 

@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 from seminar_tf import schema
-from seminar_tf.config import ModelConfig
 from seminar_tf.data import reader
 from seminar_tf.layers.em3 import FusionQFormer, LoRADense, apply_lora, merge_lora
 from seminar_tf.models import builders

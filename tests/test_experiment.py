@@ -158,12 +158,13 @@ def test_finetune_with_item_statistics_and_category_affinity_reloads_them(tmp_pa
     model, _, _ = experiment.load_model(run)
     assert model.affinity_column > 0
     metadata = experiment.reader.load_metadata(dataset_dir)
-    np.testing.assert_allclose(model.item_statistics.numpy(), experiment.item_statistics_table(dataset_dir, metadata, 3),
-                               rtol=1e-6)
+    np.testing.assert_allclose(model.item_statistics.numpy(),
+                               experiment.item_statistics_table(dataset_dir, metadata, 3), rtol=1e-6)
     # only the log-count column (--set model.item_statistics_columns=log_count): a one-column table, reloaded
     count_run = str(tmp_path / "count")
     assert cli.main(["finetune", "--data", dataset_dir, "--model-dir", count_run, "--config", str(path), "--epochs",
-                     "1", "--steps-per-epoch", "2", "--no-pretrain", "--set", "model.item_statistics_columns=log_count"]) == 0
+                     "1", "--steps-per-epoch", "2", "--no-pretrain",
+                     "--set", "model.item_statistics_columns=log_count"]) == 0
     model, preset, _ = experiment.load_model(count_run)
     assert preset.model.item_statistics_columns == ("log_count",)
     np.testing.assert_allclose(model.item_statistics.numpy(),

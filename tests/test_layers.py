@@ -307,7 +307,8 @@ def test_gate_sums_to_one_and_zeroes_absent_channels(mode):
 
     if mode == "static":
         logits = gate.get_weights()[0]
-        np.testing.assert_allclose(gamma, np.broadcast_to(np.exp(logits) / np.exp(logits).sum(), gamma.shape), rtol=1e-5)
+        softmax = np.exp(logits) / np.exp(logits).sum()
+        np.testing.assert_allclose(gamma, np.broadcast_to(softmax, gamma.shape), rtol=1e-5)
     else:
         assert np.std(gamma, axis=0).max() > 1e-3  # input dependent
         garbage = target.copy()

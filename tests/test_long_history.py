@@ -208,20 +208,20 @@ def test_unknown_history_query_text_gets_entries_of_its_own():
 
 def test_entry_attention_equals_gated_call_over_the_gathered_history():
     rng = np.random.default_rng(0)
-    b, n, l, dim = 3, 2, 9, 8
+    b, n, length, dim = 3, 2, 9, 8
     entries = HistoryEntries(tf.constant(rng.normal(size=[4, dim]), tf.float32),
-                             tf.constant(rng.integers(0, 4, size=[b, l]), tf.int32),
+                             tf.constant(rng.integers(0, 4, size=[b, length]), tf.int32),
                              tf.constant(rng.normal(size=[5, 2, dim]), tf.float32),
-                             tf.constant(rng.integers(0, 5, size=[b, l]), tf.int32))
+                             tf.constant(rng.integers(0, 5, size=[b, length]), tf.int32))
     kernel = tf.constant(np.eye(dim)[None] + rng.normal(scale=0.3, size=[3, dim, dim]), tf.float32)
     q_t = tf.constant(rng.normal(size=[b, n, dim]), tf.float32)
     gamma = tf.nn.softmax(tf.constant(rng.normal(size=[b, n, 3]), tf.float32))
-    mask = tf.sequence_mask([9, 4, 0], l)
+    mask = tf.sequence_mask([9, 4, 0], length)
     attention = MultiHeadTargetAttention(3, key_dim=dim, output_dim=dim)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([entries.query, entries.items, kernel, gamma])
         got, got_scores = retrievers.entry_attention(attention, kernel, q_t, gamma, entries, mask)
-        steps = retrievers.gather_entries(entries, tf.tile(tf.range(l)[None], [b, 1]))
+        steps = retrievers.gather_entries(entries, tf.tile(tf.range(length)[None], [b, 1]))
         history = tf.einsum("bljd,jde->blje", steps, kernel)  # [B, L, C, d] after G_j
         want, want_scores = attention.gated_call(q_t, history, gamma, mask)
         got_loss, want_loss = tf.reduce_sum(got * got), tf.reduce_sum(want * want)

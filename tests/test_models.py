@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 from seminar_tf import schema
-from seminar_tf.config import ModelConfig
 from seminar_tf.data import reader
 from seminar_tf.models import builders
 from seminar_tf.models.content import ContentEncoder
@@ -365,7 +364,8 @@ def test_id_arguments_switch_off_what_the_data_does_not_carry():
     off = dataclasses.replace(CONFIG, use_user_id=False, use_item_id=False, use_feedback=False)
     assert builders.id_arguments(off, ID_METADATA) == dict(num_users=0, user_id_dim=CONFIG.user_id_dim,
                                                           use_item_id=False, num_feedback=0, embedding_l2=0.0,
-                                                          recent_history=0, id_dropout=0.0, affinity_column=0, category_affinity=False,
+                                                          recent_history=0, id_dropout=0.0, affinity_column=0,
+                                                          category_affinity=False,
                                                           gsu_category_prior=False, item_statistics_folds=0,
                                                           item_statistics_columns=2)
     model = builders.build_seminar(off, ID_METADATA, *_tables(ID_METADATA))

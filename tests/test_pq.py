@@ -190,7 +190,7 @@ def test_codes_and_codebooks_survive_save_and_load(tmp_path, save_format):
     model.save(path)
     restored = tf.keras.models.load_model(path)
     np.testing.assert_allclose(restored(inputs), expected, rtol=1e-6, atol=1e-6)
-    pq = next(l for l in restored.layers if isinstance(l, PQLookup))
+    pq = next(layer for layer in restored.layers if isinstance(layer, PQLookup))
     items, queries = pq.get_codes()
     np.testing.assert_array_equal(items, item_codes)
     np.testing.assert_array_equal(queries, query_codes)

@@ -78,7 +78,6 @@ def test_rows_change_only_what_they_name(test_preset):
 
 
 def test_unknown_model_row_is_refused(tmp_path, cli_refuses):
-    from seminar_tf import cli
 
     cli_refuses(["report", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--models", "seminar,nope"],
                 "unknown rows")

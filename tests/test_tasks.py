@@ -71,8 +71,8 @@ def np_clip_anchor_losses(a, b, temperature):
     a, b = np_normalize(a), np_normalize(b)
     logits = a @ b.T / temperature
     out = []
-    for l in range(len(a)):
-        out.append(0.5 * (-np_log_softmax(logits[l, :])[l] - np_log_softmax(logits[:, l])[l]))
+    for i in range(len(a)):
+        out.append(0.5 * (-np_log_softmax(logits[i, :])[i] - np_log_softmax(logits[:, i])[i]))
     return out
 
 
@@ -82,7 +82,7 @@ def np_chunked_clip(x_a, x_b, mask, num_chunks, temperature):
     losses = []
     for bi in range(batch):
         for k in range(num_chunks):
-            idx = [l for l in range(k * sub, min((k + 1) * sub, length)) if mask[bi, l]]
+            idx = [step for step in range(k * sub, min((k + 1) * sub, length)) if mask[bi, step]]
             if idx:
                 losses += np_clip_anchor_losses(x_a[bi, idx], x_b[bi, idx], temperature)
     return float(np.mean(losses)) if losses else 0.0

@@ -95,7 +95,8 @@ def markdown(report: dict) -> str:
         "Baseline: a Beam job that only reads and parses the same events file, run in the same process.",
         load,
         "",
-        "| events | users | samples written | build s | events/s | read-only baseline s | build / baseline | growth exponent |",
+        "| events | users | samples written | build s | events/s | read-only baseline s | build / baseline "
+        "| growth exponent |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:

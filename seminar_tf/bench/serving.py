@@ -495,7 +495,7 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                                                         load["intra_op_threads"], load["malloc_mmap_threshold_mb"])
                                        for _ in range(max(1, bench.repeats))])
         _log(progress, f"bench serving [{gsu}]: in-process, {bench.clients} threads {in_process_load}")
-        del loaded, rank
+        loaded = rank = None  # the loaded SavedModel goes before the next path's export
         in_process_p = _percentiles(in_process)
         sequential_p = _percentiles(sequential)
         rows.append({"gsu": gsu, "L": bench.history_length, "N": bench.num_candidates,

@@ -41,8 +41,8 @@ def markdown(report: dict) -> str:
                          f"{c['clients']} | {c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | "
                          f"{c['p50_ms']} | {c['p99_ms']} | {_or_dash(c.get('server_cpu_ms_per_request'))} | {runs} |")
     for path, why in report["skipped"].items():
-        lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | — | "
-                     f"— | — | — | — ({why}) |")
+        lines.append(f"| {path} | {bench['history_length']:,} | {bench['num_candidates']} | — | — | — | — | — | — | "
+                     f"— | — | — | — | — ({why}) |")
     lines += [
         "",
         "## In-process call vs gRPC (sequential, one request at a time)",

@@ -175,8 +175,8 @@ def build_em3_seminar(
 ) -> EM3SeminarModel:
     """SEMINAR with EM3 options: ``fusion_queries`` > 0 adds a Fusion-Q-Former of that many queries and
     ``fusion_layers`` layers (default 1); ``content_id_weight`` > 0 adds the content-ID contrastive loss
-    (temperature default 0.1). Each option: the argument, else the ``ModelConfig`` field of the same name. LoRA is applied after restoring PSU weights:
-    ``apply_lora(model.content, rank, alpha, targets)``."""
+    (temperature default 0.1). Each option: the argument, else the ``ModelConfig`` field of the same name. LoRA is
+    applied after restoring PSU weights: ``apply_lora(model.content, rank, alpha, targets)``."""
     fusion_queries = int(given(fusion_queries, model_config.fusion_queries))
     fusion_layers = int(given(fusion_layers, model_config.fusion_layers))
     content = seminar_builders.build_content_encoder(model_config, metadata, item_table, query_table)

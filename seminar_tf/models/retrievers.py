@@ -24,7 +24,7 @@ retriever; ``build_retriever`` builds it from the config's fields.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 

@@ -596,12 +596,12 @@ class SeminarModel(tfrs.Model):
         """ESU target attention over the K kept steps: (x_lifelong_seq [B, N, d], attended feedback [B, N, d] or
         None).
 
-        Query q_t (+ the targets' item-id embeddings ``target_id`` [B, N, d]), keys/values the kept pairs Σ_c γ_c x^{GSU(c)} [B, N, K, d]
-        (+ each step's item-id and feedback embeddings); ``indices`` [B·N, K] are the kept history positions and
-        ``valid`` [B·N, K] which of them are real. With history feedback, the ESU's own attention weights
-        (softmax of α_h, averaged over heads) also pool the kept steps' feedback embeddings: "how did the user
-        rate what resembles the target", a number the tower would otherwise have to disentangle from the mixed
-        values.
+        Query q_t (+ the targets' item-id embeddings ``target_id`` [B, N, d]), keys/values the kept pairs
+        Σ_c γ_c x^{GSU(c)} [B, N, K, d] (+ each step's item-id and feedback embeddings); ``indices`` [B·N, K] are
+        the kept history positions and ``valid`` [B·N, K] which of them are real. With history feedback, the ESU's
+        own attention weights (softmax of α_h, averaged over heads) also pool the kept steps' feedback embeddings:
+        "how did the user rate what resembles the target", a number the tower would otherwise have to disentangle
+        from the mixed values.
         """
         batch, n, k, dim = tf.shape(selected)[0], tf.shape(selected)[1], tf.shape(selected)[2], self.content.dim
         query = q_t if target_id is None else q_t + target_id

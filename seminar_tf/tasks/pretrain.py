@@ -188,7 +188,8 @@ def _chunked_clip_terms(
     valid = tf.pad(valid, [[0, 0], [0, pad]])
     sub_length = (length + pad) // num_chunks  # L_sub
     if ids is not None:
-        chunk_ids = tf.reshape(tf.pad(tf.cast(ids, tf.int64), [[0, 0], [0, pad]]), [batch_size * num_chunks, sub_length])
+        chunk_ids = tf.reshape(tf.pad(tf.cast(ids, tf.int64), [[0, 0], [0, pad]]),
+                               [batch_size * num_chunks, sub_length])
         same_item = tf.equal(chunk_ids[:, :, None], chunk_ids[:, None, :]) & ~tf.eye(sub_length, dtype=tf.bool)[None]
 
     # [B·N_ch, L_sub, d]: each chunk is its own batch entry, so one chunk costs an [L_sub, L_sub] matrix
@@ -324,7 +325,7 @@ class AlignmentTask(tf.keras.layers.Layer, tfrs.tasks.base.Task):
             present = {c: tf.transpose(p) for c, p in present.items()}
             num_chunks = 1
         loss = tf.constant(0.0, tf.float32)
-        per_anchor_all, valid_all, correct_all = [], [], []
+        valid_all, correct_all = [], []
         for a, b in pairs:
             pair_mask = tf.cast(mask, tf.bool)
             for channel in (a, b):
