@@ -35,7 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from seminar_tf import schema
-from seminar_tf.cli_args import BUILD_FLAG_HELP, add_build_arguments, build_config_from_args
+from seminar_tf.cli_args import add_build_arguments, build_config_from_args
 from seminar_tf.config import BuildConfig  # noqa: F401  (defined in the leaf config module)
 
 from beam_pipelines import raw_io
@@ -50,9 +50,6 @@ DEAD = raw_io.DEAD_LETTER_TAG
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # The flags live in the light seminar_tf.cli_args (no Beam import) so `seminar-tf build --help` stays fast.
-_FLAG_HELP = BUILD_FLAG_HELP
-add_arguments = add_build_arguments
-config_from_args = build_config_from_args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -64,12 +61,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--region=... --temp_location=gs://... --setup_file=./setup.py, or --direct_num_workers=2 "
         "--direct_running_mode=multi_processing. Without --runner the pipeline runs on FnApiRunner.",
     )
-    add_arguments(parser)
+    add_build_arguments(parser)
     args, pipeline_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("beam_pipelines").setLevel(logging.INFO)  # Beam's import already configured the root
     try:
-        config = config_from_args(args)
+        config = build_config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
     stats = build_dataset(args.input, args.output, config, pipeline_args)

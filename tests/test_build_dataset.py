@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from beam_pipelines import build_dataset as bd
-from seminar_tf import schema
+from seminar_tf import cli_args, schema
 from seminar_tf.data import reader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -759,11 +759,11 @@ def test_help_lists_every_flag():
 def test_config_from_args_round_trip():
     import argparse
 
-    parser = bd.add_arguments(argparse.ArgumentParser())
+    parser = cli_args.add_build_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         ["--input", "i", "--output", "o", "--sample-events", "impression,View", "--valid-fraction", "0.25"]
     )
-    config = bd.config_from_args(args)
+    config = cli_args.build_config_from_args(args)
     assert config == dataclasses.replace(bd.BuildConfig(), sample_events=("impression", "view"), valid_fraction=0.25)
     with pytest.raises(ValueError):
         bd.BuildConfig(valid_fraction=0.6, test_fraction=0.5)

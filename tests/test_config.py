@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from beam_pipelines import build_dataset
-from seminar_tf import cli, config as config_lib, experiment, report
+from seminar_tf import cli, cli_args, config as config_lib, experiment, report
 
 
 def test_overrides_are_parsed_by_the_fields_type():
@@ -63,20 +62,20 @@ def test_training_commands_apply_set_and_record_it(dataset_dir, tmp_path, cli_re
 
 
 def test_the_beam_job_takes_build_overrides_only():
-    parser = build_dataset.add_arguments(argparse.ArgumentParser())
+    parser = cli_args.add_build_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--input", "a", "--output", "b", "--max-history", "64", "--set", "build.max_history=9"])
-    assert build_dataset.config_from_args(args).max_history == 9
+    assert cli_args.build_config_from_args(args).max_history == 9
     args = parser.parse_args(["--input", "a", "--output", "b", "--set", "model.top_k=9"])
     with pytest.raises(ValueError, match="takes only build.FIELD=VALUE"):
-        build_dataset.config_from_args(args)
+        cli_args.build_config_from_args(args)
 
 
 def test_flags_are_made_from_the_dataclasses_and_parsed_as_set_parses_them(capsys):
     """One mechanism (config_lib.add_dataclass_arguments) makes the Beam job's, world's and finetune's flags."""
-    job = build_dataset.add_arguments(argparse.ArgumentParser())
+    job = cli_args.add_build_arguments(argparse.ArgumentParser())
     args = job.parse_args(["--input", "a", "--output", "b", "--history-events", "impression, click",
                            "--valid-fraction", "0.2"])
-    built = build_dataset.config_from_args(args)
+    built = cli_args.build_config_from_args(args)
     assert built.history_events == ("impression", "click") and built.valid_fraction == 0.2
     assert built.max_history == config_lib.BuildConfig().max_history
     with pytest.raises(SystemExit):

@@ -233,7 +233,7 @@ def test_entry_attention_equals_gated_call_over_the_gathered_history():
         np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(c).numpy(), rtol=1e-4,
                                    atol=1e-5)
     # the history-averaged logits are the GSU scores of the entries
-    scores = retrievers.entry_scores(entries, retrievers.folded_targets(attention, kernel, q_t, gamma))
+    scores = retrievers.entry_scores(entries, retrievers.target_vectors(kernel, attention.folded_query(q_t), gamma))
     np.testing.assert_allclose(tf.where(mask[:, None], scores, 0.0).numpy(),
                                tf.where(mask[:, None], got_scores, 0.0).numpy(), rtol=1e-4, atol=1e-5)
 

@@ -34,14 +34,12 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from seminar_tf.bench import stamp
-from seminar_tf.bench.longseq_report import markdown  # noqa: F401  (re-exported: stamp.RENDERERS)
+from seminar_tf.bench import child_env, stamp
+from seminar_tf.bench.longseq_report import GIB, KIB, markdown  # noqa: F401  (markdown re-exported: stamp.RENDERERS)
 
 COMMAND = "seminar-tf bench longseq"
 PRESET = "paper_kuaisar"  # build and fine-tuning config of every step
 WORLD_MARKER = "longseq_world.json"  # in the raw directory: the world's flags and summary, written after success
-KIB = 1024
-GIB = 1024 ** 3
 TARGET_LENGTH = 10_000  # the targets are stated for L = 10^4
 TARGET_BYTES_PER_CTR_SAMPLE = 7 * KIB  # "7 KB" read as 7 KiB = 7,168 bytes
 TARGET_PEAK_RSS_BYTES = 4 * GIB  # "4 GB" read as 4 GiB
@@ -104,15 +102,6 @@ def _log(progress, message):
 
 
 # ---------------------------------------------------------------------------------------------- child processes
-def _child_env() -> Dict[str, str]:
-    """This checkout first on PYTHONPATH; no Vertex AI directories (the run's files stay under --model-dir)."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIP_") and k != "TF_CONFIG"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
-
-
 def _tail(path: str, lines: int = 8) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -130,7 +119,7 @@ def run_cli(args: Sequence[str], log_prefix: str, timeout_s: float) -> Dict:
             open(log_prefix + ".err", "w", encoding="utf-8") as err:
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "seminar_tf.cli", *map(str, args)], stdout=out,
-                                   stderr=err, stdin=subprocess.DEVNULL, env=_child_env())
+                                   stderr=err, stdin=subprocess.DEVNULL, env=child_env())
         lock, state = threading.Lock(), {"reaped": False, "timed_out": False}
 
         def kill():

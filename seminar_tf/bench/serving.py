@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from seminar_tf import schema
-from seminar_tf.bench import stamp
+from seminar_tf.bench import child_env, stamp
 from seminar_tf.bench.serving_report import _findings, _setting, markdown  # noqa: F401  (re-exported)
 
 COMMAND = "seminar-tf bench serving"
@@ -215,17 +215,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env() -> Dict[str, str]:
-    """Environment of the bench's child processes (server, no-server load): this checkout on PYTHONPATH."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
 def _start_server(export_base: str, max_message_mb: int, max_concurrency: int, timeout_s: float = 300.0,
                   intra_op_threads: int = 0, malloc_mmap_threshold_mb: float = 32.0):
     port = _free_port()
-    env = _child_env()
+    env = child_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--model-name", MODEL_NAME, "--model-base-path", export_base,
          "--port", str(port), "--rest-port", "0", "--max-message-mb", str(max_message_mb),
@@ -369,7 +362,7 @@ def _in_process_load(export_base: str, feeds: str, clients: int, requests: int, 
     function directly on prebuilt tensors (TF threads and malloc as the server sets them), ``requests`` calls in
     all. What the TF runtime alone gives under the same concurrency; the gap to the gRPC load test is the
     Python server's work (parsing, tensor conversion, gRPC). ``feeds``: the request's inputs as an .npz file."""
-    env = _child_env()
+    env = child_env()
     out = subprocess.run(
         [sys.executable, "-m", "seminar_tf.bench.serving", "in-process-load", export_base, feeds, str(clients),
          str(requests), str(intra_op_threads), str(malloc_mmap_threshold_mb)],

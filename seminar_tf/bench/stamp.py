@@ -15,6 +15,8 @@ import subprocess
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from seminar_tf.bench import REPO_ROOT
+
 # benchmark name -> (module, Markdown file written beside the JSON); each module has ``markdown(report) -> str``
 RENDERERS: Dict[str, Tuple[str, str]] = {
     "pipeline": ("seminar_tf.bench.pipeline", "pipeline.md"),
@@ -29,10 +31,10 @@ RENDERERS: Dict[str, Tuple[str, str]] = {
 def commit() -> str:
     """HEAD of the repository this package runs from, marked when tracked files differ from it; "unknown" outside
     a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True)
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -77,9 +79,6 @@ def _write_text(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)  # a killed run never leaves a half-written report
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def portable(report: dict, places: Optional[Dict[str, Optional[str]]] = None) -> dict:

@@ -177,19 +177,21 @@ def check_layout(dataset_dir: str) -> schema.DatasetMetadata:
 
 
 def load_timelines(dataset_dir: str, metadata: Optional[schema.DatasetMetadata] = None) -> Timelines:
-    """Reads ``timelines/`` into memory (once per process while its files are unchanged; ``check_layout`` first)."""
+    """Reads ``timelines/`` into memory (once per process while its files are unchanged). ``metadata``: the
+    dataset's, its layout already checked (``check_layout``, as ``make_dataset`` does); default: read and checked
+    here."""
     import tensorflow as tf
 
-    check_layout(dataset_dir)
-    metadata = metadata or load_metadata(dataset_dir)
+    metadata = metadata or check_layout(dataset_dir)
     pattern = schema.timeline_pattern(dataset_dir)
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no timeline shards match {pattern}: rebuild the dataset with `seminar-tf build`")
     context_spec, sequence_spec = schema.timeline_spec(metadata)
     user_features = sorted(name for name in context_spec if name != schema.CTX_USER_ID)
+    file_stats = [tf.io.gfile.stat(f) for f in files]
     key = (dataset_dir.rstrip("/"), tuple(sequence_spec), tuple(user_features),
-           tuple((f, tf.io.gfile.stat(f).length, tf.io.gfile.stat(f).mtime_nsec) for f in files))
+           tuple((f, stat.length, stat.mtime_nsec) for f, stat in zip(files, file_stats)))
     if key in _TIMELINES:
         _TIMELINES.move_to_end(key)
         return _TIMELINES[key]
@@ -235,7 +237,7 @@ def padded_shapes(metadata: schema.DatasetMetadata, kind: str, max_history: int)
         schema.CTX_LABEL: [],
         schema.CTX_HISTORY_LENGTH: [],
     }
-    for name in schema.SEQUENCE_FEATURES + ((schema.SEQ_HISTORY_FEEDBACK,) if metadata.num_feedback else ()):
+    for name in schema.history_features(metadata):
         shapes[name] = [max_history]
     for name in sorted(metadata.user_attributes):
         shapes[schema.user_attribute_feature(name)] = []

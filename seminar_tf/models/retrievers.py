@@ -101,13 +101,6 @@ def mask_scores(scores, mask):
                    lambda: tf.where(mask[:, None, :], scores, tf.constant(-1e9, scores.dtype)))
 
 
-def folded_targets(attention, kernel, q_t, gamma):
-    """v_j = γ_j G_j u with u = ``attention.folded_query(q_t)``: [B, N, C, d], so that (1/H) Σ_h α_h of the
-    merged key k_l = Σ_j γ_j x_l^{PSU(j)} G_j is Σ_j v_j·x_l^{PSU(j)} (G_j ``kernel`` [C, d, d] folded into the
-    target: the history's channels need no projection)."""
-    return target_vectors(kernel, attention.folded_query(q_t), gamma)
-
-
 def target_vectors(kernel, u, gamma):
     """v_j = γ_j G_j u: u [B, N, d] (or [B, N, H, d], one per head) → [B, N, C, d] ([B, N, H, C, d]), so that
     u·Σ_j γ_j x^{PSU(j)} G_j = Σ_j v_j·x^{PSU(j)}."""
@@ -154,6 +147,13 @@ def gather_entries(entries: HistoryEntries, positions):
     for rows, index, _, _ in entries.parts():
         parts.append(tf.gather(rows, tf.gather(index, positions, batch_dims=1)))  # [B, P, J, d]
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=2)
+
+
+def _linear_scores(context, u, gamma):
+    """Σ_j γ_j u·x_l^{GSU(j)} for every step: u [B, N, d], γ [B, N, C] → [B, N, L], per entry and without
+    gradients (the retrieval's top-K is not differentiable)."""
+    targets = target_vectors(context.model.projection.kernel, u, gamma)
+    return entry_scores(context.entries.stop_gradient(), tf.stop_gradient(targets))
 
 
 def entry_attention(attention, kernel, q_t, gamma, entries: HistoryEntries, mask, training=None):
@@ -327,9 +327,7 @@ class ProjectedGSU(_SeminarGSU):
     gsu_mode = "exact"
 
     def scores(self, context):
-        model = context.model
-        return entry_scores(context.entries.stop_gradient(),
-                            tf.stop_gradient(model.pq_targets(context.q_t, context.gamma)))
+        return _linear_scores(context, context.model.gsu.folded_query(context.q_t), context.gamma)
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
@@ -352,6 +350,7 @@ class IndexedGSU(_SeminarGSU):
 class StoredChannelGSU(ProjectedGSU):
     """Exact GSU over the model's own channels x^{PSU} (``model.history_entries``, e.g. EM3's fused channels),
     G_j folded into the target; only the kept positions are projected (inference)."""
+
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class ExactGSU(Retriever):
@@ -470,13 +469,6 @@ class _PositionRetriever(Retriever):
         return {}
 
 
-def _linear_scores(context, u, gamma):
-    """Σ_j γ_j u·x_l^{GSU(j)} for every step: u [B, N, d], γ [B, N, C] → [B, N, L], per entry and without
-    gradients (the retrieval's top-K is not differentiable)."""
-    targets = target_vectors(context.model.projection.kernel, u, gamma)
-    return entry_scores(context.entries.stop_gradient(), tf.stop_gradient(targets))
-
-
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class DINRetriever(_PositionRetriever):
     """DIN: no search; the newest steps first (the host's K is DIN's ``short_history``)."""
@@ -582,9 +574,7 @@ class TWINRetriever(Retriever):
     (per entry, as SEMINAR's GSU)."""
 
     def call(self, context):
-        model = context.model
-        scores = entry_scores(context.entries.stop_gradient(), tf.stop_gradient(
-            folded_targets(model.esu, model.projection.kernel, context.q_t, context.gamma)))
+        scores = _linear_scores(context, context.model.esu.folded_query(context.q_t), context.gamma)
         return mask_scores(scores, context.mask), self.for_every_target(context.mask, tf.shape(context.q_t)[1])
 
 

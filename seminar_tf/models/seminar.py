@@ -44,7 +44,8 @@ from seminar_tf.models.content import ContentEncoder
 from seminar_tf.models.inputs import check_features
 from seminar_tf.models.psu import history_mask, per_replica_loss
 from seminar_tf.models.retrievers import (EXCLUDED, HistoryEntries, RetrievalContext, Retriever, gsu_retriever,
-                                          indexed_scores, mask_scores, pq_scores, projected_scores, stored_scores)
+                                          indexed_scores, mask_scores, pq_scores, projected_scores, stored_scores,
+                                          target_vectors)
 from seminar_tf.tasks import CTRTask, GSUAuxiliaryTask, UserRankingTask
 
 PQ_MODES = ("pq_adc", "pq_sdc")
@@ -412,8 +413,7 @@ class SeminarModel(tfrs.Model):
     def pq_targets(self, q_t, gamma):
         """ADC target vectors v_j = γ_j G_j u, u = folded_query(q_t): [B, N, C, d], so that the exact GSU score
         is score_l = Σ_j v_j·x_l^{PSU(j)} (every trained map folded into the target side, docs/design.md §5)."""
-        u = self.gsu.folded_query(q_t)  # [B, N, d]
-        return tf.einsum("cde,bne->bncd", self.projection.kernel, u) * gamma[..., None]
+        return target_vectors(self.projection.kernel, self.gsu.folded_query(q_t), gamma)
 
     def gsu_bilinear(self):
         """W_ij = G_i A G_j^T [C, C, d, d] with u = q_t A, so score_l = Σ_i Σ_j γ_i γ_j x_t^{PSU(i)} W_ij x_l^{PSU(j)}
