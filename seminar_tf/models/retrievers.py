@@ -114,15 +114,16 @@ def entry_scores(entries: HistoryEntries, targets):
     → [B, M, L]. Each part (query, items) is scored once per distinct entry ([B, M, U], one matmul) and gathered
     to the steps, so the cost is B·M·U·C·d and nothing per step is wider than M."""
     batch, m = tf.shape(targets)[0], tf.shape(targets)[1]
-    scores = None
+    scores = None  # built as [B, L, M] (each step gathers its entry's M scores as one row), transposed at the end
     for rows, index, first, width in entries.parts():
         count = tf.shape(rows)[0]
         w = tf.reshape(targets[:, :, first:first + width], [batch * m, -1])
         # 2-D matmuls: a batched one against the shared rows would take its gradient as [B, U, J·d]
-        per_entry = tf.matmul(w, tf.reshape(rows, [count, -1]), transpose_b=True)  # [B·M, U]
-        part = tf.gather(tf.reshape(per_entry, [batch, m, count]), index, axis=2, batch_dims=1)  # [B, M, L]
+        per_entry = tf.matmul(tf.reshape(rows, [count, -1]), w, transpose_b=True)  # [U, B·M]
+        per_entry = tf.transpose(tf.reshape(per_entry, [count, batch, m]), [1, 0, 2])  # [B, U, M]
+        part = tf.gather(per_entry, index, batch_dims=1)  # [B, L, M]
         scores = part if scores is None else scores + part
-    return scores
+    return tf.transpose(scores, [0, 2, 1])
 
 
 def entry_readout(entries: HistoryEntries, weights):
