@@ -45,6 +45,18 @@ Signatures (B = batch, L = history steps, N = candidates, T = ``max_query_tokens
     (text, image, attributes: x^(m) of ContentEncoder.encode_items); with fitted PQ codebooks also
     pq_item_codes int32 [B, J_item, S] (the codes the PQ GSU reads; channel order in the export info).
 
+  encode_history (the history state: whatever depends only on the history, computed once per history)
+    history_item_ids / history_queries (/ history_feedback) string [B, L]
+    → history_state_items, history_state_queries (, history_state_feedback) int32 [B, L]: each step's item, query
+      (and feedback) index; an unknown query text gets num_queries + p, p its slot among the row's unknown steps;
+      history_state_query_tokens int32 [B, P, T]: those steps' token ids; history_state_fingerprint int64 [B]:
+      the vocabularies' key (``state_fingerprint``)
+  rank_state (``rank`` from a history state: the same scores, no history strings to send, look up or tokenize)
+    the encode_history outputs, candidate_item_ids / candidate_queries string [B, N], user_<attr> (, user_id)
+    → scores, logits as ``rank``. A state of an export with other vocabularies, or of the wrong shape or range,
+    fails with INVALID_ARGUMENT naming the input. TF Serving keeps no state: the client keeps it (e.g. the
+    .npz cache of ``seminar-tf query --history-state``) and sends it with each request.
+
 Limits are enforced in the graph and fail with INVALID_ARGUMENT naming the input: L ≤ ``max_history``,
 N ≤ ``max_candidates``, matching shapes of ids and queries, matching batch sizes.
 """
@@ -85,6 +97,13 @@ SEQUENCE_EMBEDDING = "sequence_embedding"
 CANDIDATE_EMBEDDINGS = "candidate_embeddings"
 ITEM_INDEX = "item_index"
 PQ_ITEM_CODES = "pq_item_codes"
+# The history state (``encode_history`` → ``rank_state``): the history in the model's index space.
+STATE_ITEMS = "history_state_items"
+STATE_QUERIES = "history_state_queries"
+STATE_QUERY_TOKENS = "history_state_query_tokens"
+STATE_FEEDBACK = "history_state_feedback"
+STATE_FINGERPRINT = "history_state_fingerprint"
+STATE_STEP_INPUTS = (STATE_ITEMS, STATE_QUERIES, STATE_FEEDBACK)  # one value per history step [B, L]
 
 CTR_SIGNATURE = "ctr"
 RANK_SIGNATURE = "rank"
@@ -92,6 +111,8 @@ EXAMPLES_SIGNATURE = "ctr_examples"
 CLASSIFY_SIGNATURE = "ctr_classify"
 PRETRAIN_SIGNATURE = "pretrain"
 ENCODE_ITEMS_SIGNATURE = "encode_items"
+ENCODE_HISTORY_SIGNATURE = "encode_history"
+RANK_STATE_SIGNATURE = "rank_state"
 DEFAULT_SIGNATURE = "serving_default"
 METHOD_NAMES = {EXAMPLES_SIGNATURE: "tensorflow/serving/regress", CLASSIFY_SIGNATURE: "tensorflow/serving/classify"}
 
@@ -126,6 +147,21 @@ def _vocabulary_table(path: str, name: str) -> tf.lookup.StaticHashTable:
 def _canonical_ids(ids):
     """In-graph twin of the pipeline's id canonicalisation: whitespace runs collapse to one space, stripped."""
     return tf.strings.strip(tf.strings.regex_replace(ids, r"[\s\p{Z}]+", " "))
+
+
+def state_fingerprint(vocab_dir: str, query_length: int) -> int:
+    """The history state's key, int64: a hash of the vocabularies that give its indices meaning (items, queries,
+    tokens, feedback) and of T. A state is valid for every export with the same key, whatever its weights."""
+    import hashlib
+
+    digest = hashlib.sha256(f"query_length={int(query_length)}".encode())
+    for name in (schema.ITEM_VOCAB, schema.QUERY_VOCAB, schema.TOKEN_VOCAB, schema.FEEDBACK_VOCAB):
+        path = os.path.join(vocab_dir, name)
+        digest.update(name.encode())
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path, "rb") as f:
+                digest.update(f.read())
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
 def _signature(fn, specs: Dict[str, tf.TensorSpec]):
@@ -167,6 +203,9 @@ class SeminarServingModule(tf.Module):
         self.user_tables = {
             name: _vocabulary_table(f"{vocab}/{schema.user_attribute_vocab(name)}", f"user_{name}_vocabulary")
             for name in self.user_attribute_names}
+        self.num_items, self.num_queries = model.content.num_items, model.content.num_queries
+        self.num_tokens = model.content.num_tokens
+        self.fingerprint = state_fingerprint(vocab, query_length)
         self.uses_user_id = getattr(model, "user_id_embedding", None) is not None
         self.uses_feedback = getattr(model, "feedback_embedding", None) is not None
         self.user_id_table = (_vocabulary_table(f"{vocab}/{schema.USER_VOCAB}", "user_id_vocabulary")
@@ -190,6 +229,14 @@ class SeminarServingModule(tf.Module):
         self.ctr_examples = _signature(self._ctr_examples, examples)
         self.ctr_classify = _signature(self._ctr_classify, examples)
         self.encode_items = _signature(self._encode_items, {ITEM_IDS: ids(ITEM_IDS, 1)})
+        self.encode_history = _signature(self._encode_history, history)
+        state = {STATE_ITEMS: tf.TensorSpec([None, None], tf.int32, name=STATE_ITEMS),
+                 STATE_QUERIES: tf.TensorSpec([None, None], tf.int32, name=STATE_QUERIES),
+                 STATE_QUERY_TOKENS: tf.TensorSpec([None, None, None], tf.int32, name=STATE_QUERY_TOKENS),
+                 STATE_FINGERPRINT: tf.TensorSpec([None], tf.int64, name=STATE_FINGERPRINT)}
+        if self.uses_feedback:
+            state[STATE_FEEDBACK] = tf.TensorSpec([None, None], tf.int32, name=STATE_FEEDBACK)
+        self.rank_state = _signature(self._rank_state, {**state, **candidates, **users})
         steps = {HISTORY_ITEM_IDS: history[HISTORY_ITEM_IDS], HISTORY_QUERIES: history[HISTORY_QUERIES]}
         self.pretrain = _signature(self._pretrain, {**steps, **candidates}) if psu is not None else None
 
@@ -199,7 +246,9 @@ class SeminarServingModule(tf.Module):
         out = {DEFAULT_SIGNATURE: ctr, CTR_SIGNATURE: ctr, RANK_SIGNATURE: self.rank.get_concrete_function(),
                EXAMPLES_SIGNATURE: self.ctr_examples.get_concrete_function(),
                CLASSIFY_SIGNATURE: self.ctr_classify.get_concrete_function(),
-               ENCODE_ITEMS_SIGNATURE: self.encode_items.get_concrete_function()}
+               ENCODE_ITEMS_SIGNATURE: self.encode_items.get_concrete_function(),
+               ENCODE_HISTORY_SIGNATURE: self.encode_history.get_concrete_function(),
+               RANK_STATE_SIGNATURE: self.rank_state.get_concrete_function()}
         if self.pretrain is not None:
             out[PRETRAIN_SIGNATURE] = self.pretrain.get_concrete_function()
         return out
@@ -260,7 +309,8 @@ class SeminarServingModule(tf.Module):
         for key, table, feature in lookups:
             value = inputs[key]
             check = tf.debugging.assert_equal(
-                tf.shape(value)[0], batch, message=f"{key}: batch size must equal that of {HISTORY_ITEM_IDS}")
+                tf.shape(value)[0], batch,
+                message=f"{key}: batch size must equal the history's ({HISTORY_ITEM_IDS} or {STATE_ITEMS})")
             with tf.control_dependencies([check]):
                 features[feature] = table.lookup(_canonical_ids(value))
         return features
@@ -306,8 +356,8 @@ class SeminarServingModule(tf.Module):
         checks = [
             tf.debugging.assert_equal(tf.shape(items), tf.shape(queries),
                                       message=f"{query_name} must have the shape of {item_name} [batch, N]"),
-            tf.debugging.assert_equal(tf.shape(items)[0], batch,
-                                      message=f"{item_name}: batch size must equal that of {HISTORY_ITEM_IDS}"),
+            tf.debugging.assert_equal(tf.shape(items)[0], batch, message=(
+                f"{item_name}: batch size must equal the history's ({HISTORY_ITEM_IDS} or {STATE_ITEMS})")),
             tf.debugging.assert_positive(tf.shape(items)[1], message=f"{item_name}: needs at least one candidate"),
             tf.debugging.assert_less_equal(tf.shape(items)[1], self.max_candidates, message=(
                 f"{item_name}: number of candidates N exceeds this export's max_candidates={self.max_candidates}")),
@@ -316,10 +366,12 @@ class SeminarServingModule(tf.Module):
             return (self._item_index(items),) + self._queries(queries)
 
     # ------------------------------------------------------------------------------------------ scoring
-    def _score(self, inputs, items, queries, item_name: str, query_name: str):
-        """score_pairs of [B, N] raw candidate pairs against each row's raw history (encoded once per row)."""
+    def _score(self, inputs, items, queries, item_name: str, query_name: str, features=None):
+        """score_pairs of [B, N] raw candidate pairs against each row's history: the raw history of ``inputs``, or
+        the model's history ``features`` (``_state_features``)."""
         model = self._models.model
-        features = self._history_features(inputs)
+        if features is None:
+            features = self._history_features(inputs)
         batch = tf.shape(features[schema.SEQ_HISTORY_ITEM])[0]
         features.update(self._user_features(inputs, batch))
         item_index, query_index, query_tokens = self._candidates(items, queries, batch, item_name, query_name)
@@ -337,6 +389,102 @@ class SeminarServingModule(tf.Module):
     def _rank(self, inputs):
         outputs = self._score(inputs, inputs[CANDIDATE_ITEM_IDS], inputs[CANDIDATE_QUERIES],
                               CANDIDATE_ITEM_IDS, CANDIDATE_QUERIES)
+        return {SCORES: outputs["probability"], LOGITS: outputs["logit"]}
+
+    # ------------------------------------------------------------------------------------------ history state
+    def _encode_history(self, inputs):
+        """Raw history [B, L] → the history state: each step's item, query and feedback index (int32 [B, L]); an
+        unknown query text gets index num_queries + p, p its slot among the row's unknown steps, whose token ids
+        are ``history_state_query_tokens`` [B, P, T] (P = the most unknown steps of a row); the fingerprint [B]."""
+        features = self._history_features(inputs)
+        queries = features[schema.SEQ_HISTORY_QUERY]
+        unknown = tf.equal(queries, schema.OOV_INDEX)  # [B, L]
+        slot = tf.math.cumsum(tf.cast(unknown, tf.int64), axis=1, exclusive=True)
+        where = tf.where(unknown)  # [P_all, 2]
+        rows = tf.shape(queries, out_type=tf.int64)[0]
+        width = tf.reduce_max(tf.concat([tf.reduce_sum(tf.cast(unknown, tf.int64), 1), [0]], 0))
+        tokens = tf.scatter_nd(tf.stack([where[:, 0], tf.gather_nd(slot, where)], 1),
+                               tf.gather_nd(features[schema.HISTORY_QUERY_TOKENS], where),
+                               tf.stack([rows, width, tf.constant(self.query_length, tf.int64)]))
+        outputs = {STATE_ITEMS: tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32),
+                   STATE_QUERIES: tf.cast(tf.where(unknown, self.num_queries + slot, queries), tf.int32),
+                   STATE_QUERY_TOKENS: tf.cast(tokens, tf.int32),
+                   STATE_FINGERPRINT: tf.fill([rows], tf.constant(self.fingerprint, tf.int64))}
+        if self.uses_feedback:
+            outputs[STATE_FEEDBACK] = tf.cast(features[schema.SEQ_HISTORY_FEEDBACK], tf.int32)
+        return outputs
+
+    def _state_features(self, inputs) -> Dict[str, tf.Tensor]:
+        """A history state → the model's history features, exactly those ``_history_features`` gives for the raw
+        history it was encoded from. Checked in the graph (INVALID_ARGUMENT naming the input)."""
+        items, queries, tokens = inputs[STATE_ITEMS], inputs[STATE_QUERIES], inputs[STATE_QUERY_TOKENS]
+        slots = tf.shape(tokens)[1]
+
+        def in_range(name, value, size, what):
+            return [tf.debugging.assert_non_negative(value, message=f"{name}: negative index; {what}"),
+                    tf.debugging.assert_less(value, tf.cast(size, value.dtype), message=(
+                        f"{name}: index out of range [0, {size}); {what}"))]
+
+        again = "encode the history again with this export's encode_history signature"
+        checks = [
+            tf.debugging.assert_equal(inputs[STATE_FINGERPRINT], tf.constant(self.fingerprint, tf.int64), message=(
+                f"{STATE_FINGERPRINT}: this history state was encoded by an export with other vocabularies (this "
+                f"export's fingerprint is {self.fingerprint}); {again}")),
+            tf.debugging.assert_equal(tf.shape(inputs[STATE_FINGERPRINT])[0], tf.shape(items)[0],
+                                      message=f"{STATE_FINGERPRINT}: one value per row of {STATE_ITEMS}"),
+            tf.debugging.assert_equal(tf.shape(queries), tf.shape(items),
+                                      message=f"{STATE_QUERIES} must have the shape of {STATE_ITEMS} [batch, L]"),
+            tf.debugging.assert_less_equal(tf.shape(items)[1], self.max_history, message=(
+                f"{STATE_ITEMS}: history length L exceeds this export's max_history={self.max_history}")),
+            tf.debugging.assert_equal(tf.shape(tokens)[0], tf.shape(items)[0],
+                                      message=f"{STATE_QUERY_TOKENS}: batch size must equal that of {STATE_ITEMS}"),
+            tf.debugging.assert_equal(tf.shape(tokens)[2], self.query_length, message=(
+                f"{STATE_QUERY_TOKENS} must be [batch, P, {self.query_length}] (T = this export's "
+                "max_query_tokens)")),
+        ]
+        checks += in_range(STATE_ITEMS, items, self.num_items, again)
+        checks += in_range(STATE_QUERY_TOKENS, tokens, self.num_tokens, again)
+        checks.append(tf.debugging.assert_non_negative(queries, message=f"{STATE_QUERIES}: negative index; {again}"))
+        checks.append(tf.debugging.assert_less(queries, self.num_queries + slots, message=(
+            f"{STATE_QUERIES}: index out of range [0, {self.num_queries} + P) (P = the unknown-query slots of "
+            f"{STATE_QUERY_TOKENS}); {again}")))
+        feedback = None
+        if self.uses_feedback:
+            feedback = inputs[STATE_FEEDBACK]
+            checks.append(tf.debugging.assert_equal(tf.shape(feedback), tf.shape(items), message=(
+                f"{STATE_FEEDBACK} must have the shape of {STATE_ITEMS} [batch, L]")))
+            checks += in_range(STATE_FEEDBACK, feedback, self._models.model.feedback_embedding.input_dim, again)
+        with tf.control_dependencies(checks):
+            # as _history_features: an empty history is one padding step
+            missing = tf.maximum(1 - tf.shape(items)[1], 0)
+            items = tf.cast(tf.pad(items, [[0, 0], [0, missing]]), tf.int64)
+            queries = tf.cast(tf.pad(queries, [[0, 0], [0, missing]]), tf.int64)
+        unknown = queries >= self.num_queries
+        where = tf.where(unknown)  # [P_all, 2]
+
+        def scattered():
+            slot = tf.gather_nd(queries, where) - self.num_queries
+            picked = tf.gather_nd(tf.cast(tokens, tf.int64), tf.stack([where[:, 0], slot], 1))
+            return tf.scatter_nd(where, picked, tf.concat([tf.shape(queries, out_type=tf.int64),
+                                                           [self.query_length]], 0))
+
+        query_tokens = tf.cond(tf.size(where) > 0, scattered, lambda: tf.zeros(
+            tf.concat([tf.shape(queries), [self.query_length]], 0), tf.int64))
+        batch, length = tf.shape(items)[0], tf.shape(items)[1]
+        features = {
+            schema.SEQ_HISTORY_ITEM: items,
+            schema.SEQ_HISTORY_QUERY: tf.where(unknown, tf.constant(schema.OOV_INDEX, tf.int64), queries),
+            schema.CTX_HISTORY_LENGTH: tf.fill([batch], tf.cast(length, tf.int64)),
+            schema.HISTORY_QUERY_TOKENS: query_tokens,
+        }
+        if feedback is not None:
+            features[schema.SEQ_HISTORY_FEEDBACK] = tf.cast(tf.pad(feedback, [[0, 0], [0, missing]]), tf.int64)
+        return features
+
+    def _rank_state(self, inputs):
+        """``rank`` from a history state (``encode_history``): the same scores, without the history's strings."""
+        outputs = self._score(inputs, inputs[CANDIDATE_ITEM_IDS], inputs[CANDIDATE_QUERIES], CANDIDATE_ITEM_IDS,
+                              CANDIDATE_QUERIES, features=self._state_features(inputs))
         return {SCORES: outputs["probability"], LOGITS: outputs["logit"]}
 
     def _parse_examples(self, serialized):

@@ -15,6 +15,11 @@ File formats of ``query`` (UTF-8 JSON; every id is a string):
 
 Output: the candidates ranked by the ``rank`` signature's click probability, best first, one per line
 ("rank<TAB>score<TAB>item_id<TAB>query"), or JSON lines with ``--json``.
+
+``--history-state FILE`` (.npz) ranks from a history state instead: the history is sent once to
+``encode_history``, its state cached in FILE on the client (keyed by a digest of the history), and each query
+sends the state and the candidates to ``rank_state`` (same scores as ``rank``). A changed history, or a state
+the server refuses (an export with other vocabularies), is encoded again.
 """
 
 from __future__ import annotations
@@ -169,6 +174,9 @@ def add_cli(subparsers) -> None:
     q.add_argument("--max-history", type=int, default=0,
                    help="send only the newest N history steps (default: 0 = all; the export rejects more "
                    "than its max_history)")
+    q.add_argument("--history-state", default=None, metavar="FILE",
+                   help="rank from the history state cached in FILE (.npz; encode_history fills it when it is "
+                   "missing or stale) with the rank_state signature")
     q.add_argument("--top", type=int, default=0, help="print only the best N (default: 0 = all)")
     q.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     q.add_argument("--timeout", type=float, default=30.0, help="seconds per RPC (default: 30)")
@@ -290,7 +298,10 @@ def _run_query(args, extra) -> int:
         try:
             if "id" in user and "user_id" not in client.user_inputs(args.signature):
                 del user["id"]  # a model without a user-id embedding takes no user_id input
-            ranked = client.rank(history, candidates, user, signature_name=args.signature)
+            if args.history_state:
+                ranked = _rank_from_state(client, args.history_state, history, candidates, user)
+            else:
+                ranked = client.rank(history, candidates, user, signature_name=args.signature)
         except grpc.RpcError as err:
             print(f"query failed: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
@@ -303,6 +314,30 @@ def _run_query(args, extra) -> int:
         else:
             print(f"{position}\t{score:.6f}\t{item}\t{query}")
     return 0
+
+
+def _rank_from_state(client, path: str, history, candidates, user):
+    """``rank_state`` with the state cached at ``path``; encoded (and cached) when missing, stale, or refused."""
+    import grpc
+
+    from serving.client import history_digest, load_state, save_state
+
+    key = history_digest(history)
+    state = load_state(path, key)
+    if state is not None:
+        try:
+            ranked = client.rank_state(state, candidates, user)
+            print(f"history state: {path} (cached, {len(history)} steps)", file=sys.stderr)
+            return ranked
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT or "history_state" not in (err.details() or ""):
+                raise
+            print(f"history state: {path} refused ({err.details().splitlines()[0]}); encoding again",
+                  file=sys.stderr)
+    state = client.encode_history(history)
+    save_state(path, state, key)
+    print(f"history state: encoded {len(history)} steps into {path}", file=sys.stderr)
+    return client.rank_state(state, candidates, user)
 
 
 def main(argv=None) -> int:

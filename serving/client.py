@@ -46,6 +46,9 @@ CANDIDATE_QUERIES = "candidate_queries"
 USER_INPUT_PREFIX = "user_"
 SCORES = "scores"
 RANK_SIGNATURE = "rank"
+ENCODE_HISTORY_SIGNATURE = "encode_history"
+RANK_STATE_SIGNATURE = "rank_state"
+STATE_PREFIX = "history_state_"  # the outputs of encode_history, inputs of rank_state
 CTR_SIGNATURE = "ctr"
 EXAMPLES_SIGNATURE = "ctr_examples"
 CLASSIFY_SIGNATURE = "ctr_classify"
@@ -239,6 +242,63 @@ class PredictClient:
         scores = self.predict(inputs, signature_name, version, output_filter=[SCORES])[SCORES][0]
         order = np.argsort(-scores, kind="stable")
         return [(int(i), float(scores[i])) for i in order]
+
+
+    # ------------------------------------------------------------------------------------------ history state
+    def encode_history(self, history: Sequence[Pair], version: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """The history state of one history (oldest first): ``encode_history``'s outputs, int32 [1, L] per step
+        (item, query and feedback indices), the unknown query texts' tokens and the vocabulary fingerprint.
+        Keep it (``save_state``) and rank against it with ``rank_state`` while the history is unchanged."""
+        self.user_inputs(RANK_SIGNATURE)  # fetches the signatures once
+        inputs = {HISTORY_ITEM_IDS: to_array([[step[0] for step in history]]).reshape(1, len(history)),
+                  HISTORY_QUERIES: to_array([[step[1] for step in history]]).reshape(1, len(history))}
+        if HISTORY_FEEDBACK in self._signatures[ENCODE_HISTORY_SIGNATURE].inputs:
+            inputs[HISTORY_FEEDBACK] = to_array([_feedback(history)]).reshape(1, len(history))
+        return self.predict(inputs, ENCODE_HISTORY_SIGNATURE, version)
+
+    def rank_state(self, state: Mapping[str, np.ndarray], candidates: Sequence[Pair],
+                   user_attributes: Optional[Mapping[str, str]] = None,
+                   version: Optional[int] = None) -> List[Tuple[int, float]]:
+        """``rank`` against a history state (``encode_history``): [(candidate position, score)] best first, the
+        scores ``rank`` gives for the history the state was encoded from. A state of an export with other
+        vocabularies is refused (INVALID_ARGUMENT naming history_state_fingerprint): encode the history again."""
+        user_inputs = self.user_inputs(RANK_STATE_SIGNATURE)
+        inputs = rank_inputs([], candidates, user_inputs, user_attributes)
+        del inputs[HISTORY_ITEM_IDS], inputs[HISTORY_QUERIES]
+        inputs.update({k: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
+        scores = self.predict(inputs, RANK_STATE_SIGNATURE, version, output_filter=[SCORES])[SCORES][0]
+        order = np.argsort(-scores, kind="stable")
+        return [(int(i), float(scores[i])) for i in order]
+
+
+def save_state(path: str, state: Mapping[str, np.ndarray], history_key: str) -> None:
+    """Writes a history state to ``path`` (.npz, written whole then renamed) with ``history_key``, a digest of the
+    history it encodes (``history_digest``): the client-side cache of ``seminar-tf query --history-state``."""
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in state.items()}, history_key=np.array(history_key))
+    os.replace(tmp, path)
+
+
+def load_state(path: str, history_key: str) -> Optional[Dict[str, np.ndarray]]:
+    """The history state cached at ``path`` when it was saved for the same history (``history_key``), else None
+    (missing, unreadable or stale: the caller encodes the history again)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["history_key"]) != history_key:
+                return None
+            return {k: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def history_digest(history: Sequence[Sequence[str]]) -> str:
+    """A digest of a history's steps (item, query[, feedback]), the key of a cached history state."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([list(step) for step in history]).encode()).hexdigest()
 
 
 def _fill_input(request_input, examples, context) -> None:

@@ -5,12 +5,13 @@ serialized tf.Examples of Classify / Regress / ``ctr_examples``).
 What is checked (INVALID_ARGUMENT naming the input unless said otherwise):
   * names: missing / unknown inputs; dtype; rank and fixed dimensions of the SignatureDef;
   * declared sizes: no negative dimension; batch (dimension 0) <= ``max_batch_size``; the history length L of
-    ``history_*`` <= the export's ``max_history``; the candidate count N of ``candidate_*`` <= its
-    ``max_candidates``; all the elements a request declares together <= ``max_elements``
+    ``history_*`` (and of the history state) <= the export's ``max_history``; the candidate count N of
+    ``candidate_*`` <= its ``max_candidates``; all the elements a request declares together <= ``max_elements``
     (RESOURCE_EXHAUSTED: one value broadcast to a huge shape cannot allocate gigabytes);
   * values sent: a TensorProto carries one value per element, or one value broadcast (TensorProto's rule);
     ``tensor_content`` holds exactly elements x item size bytes;
-  * per-step consistency: every ``history_*`` input has the shape of ``history_item_ids`` [B, L], every
+  * per-step consistency: every ``history_*`` input has the shape of ``history_item_ids`` [B, L] (the history
+    state's per-step inputs that of ``history_state_items``), every
     ``candidate_*`` input that of ``candidate_item_ids``, every input the same batch B;
   * tf.Examples: each value parses as a tf.Example; the history lists of one example have one value per step
     (an absent list means "" for every step, as the graph's parser reads it), L <= ``max_history``; the
@@ -44,6 +45,8 @@ CANDIDATE_ITEM_IDS = "candidate_item_ids"
 CANDIDATE_QUERIES = "candidate_queries"
 TARGET_ITEM_ID = "target_item_id"
 HISTORY_INPUTS = (HISTORY_ITEM_IDS, HISTORY_QUERIES, HISTORY_FEEDBACK)
+STATE_ITEMS = "history_state_items"  # the history state of encode_history / rank_state: one value per step
+STATE_INPUTS = (STATE_ITEMS, "history_state_queries", "history_state_feedback")
 CANDIDATE_INPUTS = (CANDIDATE_ITEM_IDS, CANDIDATE_QUERIES)
 EXAMPLES_INPUT = "inputs"  # tf.saved_model.REGRESS_INPUTS == CLASSIFY_INPUTS
 EXAMPLES_METHODS = ("tensorflow/serving/regress", "tensorflow/serving/classify")
@@ -125,7 +128,7 @@ def check_declared(signature_name: str, signature_def: meta_graph_pb2.SignatureD
             if dims and dims[0] < 0 and shape[0] > limits.max_batch_size:
                 raise invalid(f"input {name!r}: batch size {shape[0]} exceeds this server's max_batch_size="
                               f"{limits.max_batch_size}")
-        if len(shape) >= 2 and name in HISTORY_INPUTS and limits.max_history is not None \
+        if len(shape) >= 2 and name in HISTORY_INPUTS + STATE_INPUTS and limits.max_history is not None \
                 and shape[1] > limits.max_history:
             raise invalid(f"{name}: history length L={shape[1]} exceeds this export's max_history="
                           f"{limits.max_history}; send the newest steps only")
@@ -151,14 +154,15 @@ def _dtype_name(enum: int) -> str:
 def _check_consistent(signature_def, shapes: Mapping[str, Sequence[int]]) -> None:
     """The per-step checks the graph makes, before running it: one batch size, history_* inputs shaped as
     history_item_ids, candidate_* inputs as candidate_item_ids."""
-    for group in (HISTORY_INPUTS, CANDIDATE_INPUTS):
+    for group in (HISTORY_INPUTS, STATE_INPUTS, CANDIDATE_INPUTS):
         present = [n for n in group if n in shapes]
         for name in present[1:]:
             if list(shapes[name]) != list(shapes[present[0]]):
                 raise invalid(f"{name} must have the shape of {present[0]} [batch, steps]: got "
                               f"{list(shapes[name])} and {list(shapes[present[0]])}")
     batched = [n for n in sorted(shapes) if _batched(signature_def, n) and len(shapes[n])]
-    reference = next((n for n in (HISTORY_ITEM_IDS, CANDIDATE_ITEM_IDS) if n in batched), batched[0] if batched
+    reference = next((n for n in (HISTORY_ITEM_IDS, STATE_ITEMS, CANDIDATE_ITEM_IDS) if n in batched), batched[0]
+                     if batched
                      else None)
     for name in batched:
         if shapes[name][0] != shapes[reference][0]:

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow  # end to end: trains and exports (make test-quick
 
 MAX_CANDIDATES = 12
 _DATA = []  # the module's dataset directory, for helpers that need its metadata
-SIGNATURES = ("serving_default", "ctr", "rank", "ctr_examples", "ctr_classify", "pretrain", "encode_items")
+SIGNATURES = ("serving_default", "ctr", "rank", "ctr_examples", "ctr_classify", "pretrain", "encode_items",
+              "encode_history", "rank_state")
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -257,6 +258,83 @@ def test_rank_scores_n_candidates_against_one_history(exported, model, batch, vo
     # Candidate 0 is row 0's own target: the same number as the row-format signature.
     ctr = call(exported["loaded"], "ctr", {k: v[:1] for k, v in raw.items()})
     np.testing.assert_allclose(got["scores"][0, 0], ctr["probability"][0], rtol=1e-5)
+
+
+def _rank_and_state_inputs(raw, rows):
+    """rank inputs for the first ``rows`` histories of a batch against every target of the batch as candidates,
+    with unknown query text at a few steps (row 0: two distinct texts, one twice; row 1: one)."""
+    n = len(raw[export.TARGET_ITEM_ID])
+    history = {export.HISTORY_ITEM_IDS: raw[export.HISTORY_ITEM_IDS][:rows].copy(),
+               export.HISTORY_QUERIES: raw[export.HISTORY_QUERIES][:rows].copy()}
+    history[export.HISTORY_QUERIES][0, :3] = ["never seen words", "another unseen text", "never seen words"]
+    if rows > 1:
+        history[export.HISTORY_QUERIES][1, 1] = "unheard of phrase"
+    candidates = {export.CANDIDATE_ITEM_IDS: np.repeat(raw[export.TARGET_ITEM_ID][None, :], rows, axis=0),
+                  export.CANDIDATE_QUERIES: np.repeat(raw[export.TARGET_QUERY][None, :], rows, axis=0)}
+    targets = (export.TARGET_ITEM_ID, export.TARGET_QUERY)
+    users = {k: v[:rows] for k, v in raw.items() if v.ndim == 1 and k not in targets}
+    assert candidates[export.CANDIDATE_ITEM_IDS].shape == (rows, n)
+    return history, candidates, users
+
+
+def _encode_history(loaded, history):
+    fn = loaded.signatures[export.ENCODE_HISTORY_SIGNATURE]
+    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v, tf.string) for k, v in history.items()}).items()}
+
+
+def _rank_state(loaded, state, candidates, users):
+    fn = loaded.signatures[export.RANK_STATE_SIGNATURE]
+    inputs = {k: tf.constant(v) for k, v in state.items()}
+    inputs.update({k: tf.constant(v, tf.string) for k, v in {**candidates, **users}.items()})
+    return {k: v.numpy() for k, v in fn(**inputs).items()}
+
+
+def test_rank_state_gives_the_scores_of_rank(exported, batch, vocab):
+    raw = raw_inputs(batch, vocab)
+    history, candidates, users = _rank_and_state_inputs(raw, rows=3)
+    loaded = exported["loaded"]
+    want = call(loaded, "rank", {**history, **candidates, **users})
+    state = _encode_history(loaded, history)
+    length = history[export.HISTORY_ITEM_IDS].shape[1]
+    assert state[export.STATE_ITEMS].shape == (3, length) and state[export.STATE_ITEMS].dtype == np.int32
+    assert state[export.STATE_QUERIES].shape == (3, length)
+    # one token slot per unknown step of a row: row 0 has 3, row 1 one, row 2 none
+    assert state[export.STATE_QUERY_TOKENS].shape == (3, 3, vocab["metadata"].max_query_tokens)
+    num_queries = len(vocab["queries"])
+    assert state[export.STATE_QUERIES][0, :3].tolist() == [num_queries, num_queries + 1, num_queries + 2]
+    np.testing.assert_array_equal(state[export.STATE_QUERY_TOKENS][0, 0], python_tokens(["never seen words"],
+                                                                                          vocab)[0])
+    assert np.all(state[export.STATE_QUERIES][2] < num_queries) and not state[export.STATE_QUERY_TOKENS][2].any()
+    assert len(set(state[export.STATE_FINGERPRINT].tolist())) == 1
+    got = _rank_state(loaded, state, candidates, users)
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-6, atol=1e-6)
+    # a state row stands alone: row 1's state ranks as row 1 of the batch did
+    alone = _rank_state(loaded, {k: v[1:2] for k, v in state.items()}, {k: v[1:2] for k, v in candidates.items()},
+                        {k: v[1:2] for k, v in users.items()})
+    np.testing.assert_allclose(alone["scores"], want["scores"][1:2], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, names", [
+    (lambda s: {export.STATE_FINGERPRINT: s[export.STATE_FINGERPRINT] + 1}, ["history_state_fingerprint",
+                                                                            "other vocabularies", "encode_history"]),
+    (lambda s: {export.STATE_QUERIES: s[export.STATE_QUERIES][:, :-1]}, ["history_state_queries", "shape"]),
+    (lambda s: {export.STATE_ITEMS: s[export.STATE_ITEMS] + 10 ** 6}, ["history_state_items", "out of range"]),
+    (lambda s: {export.STATE_QUERIES: s[export.STATE_QUERIES] * 0 + 10 ** 6}, ["history_state_queries",
+                                                                               "out of range"]),
+    (lambda s: {export.STATE_QUERY_TOKENS: s[export.STATE_QUERY_TOKENS][:, :, :2]}, ["history_state_query_tokens",
+                                                                                     "max_query_tokens"]),
+    (lambda s: {export.STATE_ITEMS: np.zeros([1, 65], np.int32), export.STATE_QUERIES: np.zeros([1, 65], np.int32)},
+     ["history_state_items", "max_history=64"]),
+])
+def test_a_wrong_state_fails_with_invalid_argument_naming_the_input(exported, batch, vocab, change, names):
+    raw = raw_inputs(batch, vocab)
+    history, candidates, users = _rank_and_state_inputs(raw, rows=1)
+    state = _encode_history(exported["loaded"], history)
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        _rank_state(exported["loaded"], {**state, **change(state)}, candidates, users)
+    for name in names:
+        assert name in info.value.message
 
 
 def test_examples_signatures_equal_ctr_and_padding_is_masked(exported, batch, vocab):
@@ -535,5 +613,16 @@ def test_user_id_and_history_feedback_inputs_equal_the_model(tmp_path):
             .SerializeToString())
     regress = call(loaded, "ctr_examples", {export.EXAMPLES: np.array(examples, object)})["outputs"]
     np.testing.assert_allclose(regress, got, rtol=1e-5, atol=1e-6)
+    # the history state carries the feedback: rank_state scores as rank does
+    history = {k: inputs[k] for k in (export.HISTORY_ITEM_IDS, export.HISTORY_QUERIES, export.HISTORY_FEEDBACK)}
+    state = _encode_history(loaded, history)
+    assert state[export.STATE_FEEDBACK].shape == history[export.HISTORY_FEEDBACK].shape
+    candidates = {export.CANDIDATE_ITEM_IDS: inputs[export.TARGET_ITEM_ID][:, None],
+                  export.CANDIDATE_QUERIES: inputs[export.TARGET_QUERY][:, None]}
+    np.testing.assert_allclose(_rank_state(loaded, state, candidates, {export.USER_ID: inputs[export.USER_ID]})[
+        "scores"][:, 0], got, rtol=1e-5, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=export.STATE_FEEDBACK):
+        _rank_state(loaded, {**state, export.STATE_FEEDBACK: state[export.STATE_FEEDBACK] + 1000}, candidates,
+                    {export.USER_ID: inputs[export.USER_ID]})
     with pytest.raises(Exception, match=export.HISTORY_FEEDBACK):
         call(loaded, "ctr", {**inputs, export.HISTORY_FEEDBACK: inputs[export.HISTORY_FEEDBACK][:, :2]})

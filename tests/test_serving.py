@@ -155,6 +155,12 @@ def test_client_contract_names_match_the_export():
     assert (client.RANK_SIGNATURE, client.CTR_SIGNATURE, client.EXAMPLES_SIGNATURE, client.CLASSIFY_SIGNATURE) == (
         export.RANK_SIGNATURE, export.CTR_SIGNATURE, export.EXAMPLES_SIGNATURE, export.CLASSIFY_SIGNATURE)
     assert client.USER_INPUT_PREFIX == schema.USER_ATTRIBUTE_PREFIX
+    assert (client.ENCODE_HISTORY_SIGNATURE, client.RANK_STATE_SIGNATURE) == (export.ENCODE_HISTORY_SIGNATURE,
+                                                                              export.RANK_STATE_SIGNATURE)
+    state_inputs = (export.STATE_ITEMS, export.STATE_QUERIES, export.STATE_QUERY_TOKENS, export.STATE_FEEDBACK,
+                    export.STATE_FINGERPRINT)
+    assert all(name.startswith(client.STATE_PREFIX) for name in state_inputs)
+    assert validation.STATE_INPUTS == export.STATE_STEP_INPUTS and validation.STATE_ITEMS == export.STATE_ITEMS
 
 
 def test_export_info_records_the_inputs_of_every_signature(setup):
@@ -1029,6 +1035,51 @@ def test_query_cli_ranks_candidates(setup, grpc_client, tmp_path, capsys):
     assert [candidates[i]["item_id"] for i, _ in want] == [line["item_id"] for line in lines]
 
 
+def test_query_cli_ranks_from_a_cached_history_state(setup, grpc_client, tmp_path, capsys):
+    inputs = ctr_inputs(setup, rows=1, length=6)
+    history = [{"item_id": i, "query": q} for i, q in zip(inputs["history_item_ids"][0], inputs["history_queries"][0])
+               if i]
+    history[0]["query"] = "words nobody searched"  # unknown query text travels in the state as tokens
+    user = {name: "" for name in user_names(setup)}
+    (tmp_path / "history.json").write_text(json.dumps({"user": user, "history": history}))
+    candidates = [{"item_id": setup["items"][i], "query": ""} for i in range(2, 7)]
+    (tmp_path / "candidates.json").write_text(json.dumps(candidates))
+    state_file = tmp_path / "state.npz"
+    argv = ["query", "--target", f"127.0.0.1:{setup['server'].grpc_port}", "--user-history",
+            str(tmp_path / "history.json"), "--candidates", str(tmp_path / "candidates.json"), "--json",
+            "--history-state", str(state_file)]
+    pairs = [(h["item_id"], h["query"]) for h in history]
+    want = grpc_client.rank(pairs, [(c["item_id"], c["query"]) for c in candidates], user)
+
+    def ranked():
+        captured = capsys.readouterr()
+        return [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+    assert _cli(argv) == 0
+    lines, err = ranked()
+    assert "encoded 6 steps" in err and state_file.exists()
+    assert [candidates[i]["item_id"] for i, _ in want] == [line["item_id"] for line in lines]
+    np.testing.assert_allclose([line["score"] for line in lines], [score for _, score in want], rtol=1e-6)
+    assert _cli(argv) == 0
+    again, err = ranked()
+    assert "cached" in err and again == lines
+    # a state of other vocabularies is refused by the server and encoded again
+    with np.load(state_file) as data:
+        stale = {k: data[k] for k in data.files}
+    stale["history_state_fingerprint"] = stale["history_state_fingerprint"] + 1
+    np.savez(state_file, **stale)
+    assert _cli(argv) == 0
+    refused, err = ranked()
+    assert "refused" in err and "history_state_fingerprint" in err and refused == lines
+    # the server checks the state's declared shapes before the graph runs
+    state = grpc_client.encode_history(pairs)
+    bad = {**state, "history_state_queries": state["history_state_queries"][:, :-1]}
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_client.rank_state(bad, [(c["item_id"], c["query"]) for c in candidates], user)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "history_state_queries must have the shape of history_state_items" in info.value.details()
+
+
 def test_user_history_file_formats(tmp_path):
     events = [{"user_id": "u1", "timestamp": 30, "item_id": "c", "query": "", "event": "click"},
               {"user_id": "u1", "timestamp": 10, "item_id": "a", "query": "red shoes", "event": "click"},
@@ -1202,13 +1253,22 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
                              model_dir=str(tmp_path / "no-run"))
     with open(tmp_path / "out" / "serving.json") as f:
         report = json.load(f)
-    assert [r["gsu"] for r in report["rows"]] == ["exact", "pq_adc", "pq_adc_rerank"]
+    assert [r["path"] for r in report["rows"]] == ["exact", "exact+state", "pq_adc", "pq_adc+state", "pq_adc_rerank",
+                                                   "pq_adc_rerank+state"]
     for row in report["rows"]:
         assert (row["L"], row["N"]) == (40, 5)
         assert row["concurrent"]["completed"] == 6 and row["concurrent"]["errors"] == 0
         assert 0 < row["concurrent"]["p50_ms"] <= row["concurrent"]["p99_ms"] and row["concurrent"]["qps"] > 0
-        assert [(x["intra_op_threads"], x["malloc_mmap_threshold_mb"], x["clients"]) for x in row["sweep"]] == [
-            (0, 32, 1), (0, 32, 2), (1, 32, 1), (1, 32, 2), (1, 0, 1), (1, 0, 2)]
+        settings = [(x["intra_op_threads"], x["malloc_mmap_threshold_mb"], x["clients"]) for x in row["sweep"]]
+        if row["signature"] == "rank":
+            assert settings == [(0, 32, 1), (0, 32, 2), (1, 32, 1), (1, 32, 2), (1, 0, 1), (1, 0, 2)]
+        else:  # the state path's load test runs at the target's client count only
+            assert settings == [(0, 32, 2), (1, 32, 2), (1, 0, 2)]
+            state = row["state"]
+            # indices as int32 per step (the test model has no feedback): about 8 bytes per step plus a header
+            assert 8 <= state["bytes_per_step_ids"] < 12 and 0 < state["encode_history"]["p50_ms"]
+            assert state["bytes_per_step_float"] == 4 * state["channels"] * state["dim"]
+            assert state["bytes_per_step_pq_codes"] == state["channels"] * 4  # S = 4 sub-spaces, one byte each
         assert all(x["errors_total"] == 0 and len(x["p99_ms_runs"]) == 2 for x in row["sweep"])
         assert all(x["p99_ms"] in x["p99_ms_runs"] for x in row["sweep"])
         if sys.platform.startswith("linux"):  # CPU per request from /proc: the server process did the work
@@ -1232,5 +1292,10 @@ def test_serving_bench_writes_reports_with_zero_errors(tmp_path):
     assert {(g["gsu"], g["L"], g["N"]) for g in report["grid"]} == {
         (gsu, length, n) for gsu in ("exact", "pq_adc", "pq_adc_rerank") for length in (20, 40) for n in (2, 5)}
     assert "fastest in-process path" in text and "server intra-op threads 1, malloc 0 (glibc default)" in text
+    assert "## History state" in text and "| exact+state | 40 | 5 |" in text
+    report["rows"][1]["L"], report["rows"][1]["N"] = 10_000, 100  # the targets are read at L=10^4, N=100 only
+    report["rows"][1]["concurrent"]["p99_ms"], report["rows"][1]["in_process"]["p50_ms"] = 19.5, 6.5
+    findings = "\n".join(serving_bench._findings(report))
+    assert "best path exact+state, 19.5 ms: met" in findings and "best path exact+state, 6.5 ms: missed" in findings
     assert report["in_process_malloc"]["tuned"] is (platform.libc_ver()[0] == "glibc")
     assert text == (tmp_path / "out" / "serving.md").read_text()

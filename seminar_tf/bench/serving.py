@@ -68,6 +68,9 @@ class ServingBenchConfig:
     pq_subspaces: int = 8  # S of the PQ codebooks fitted for the PQ paths
     pq_centroids: int = 256  # C of the PQ codebooks
     rerank: int = 4  # pq_adc_rerank keeps rerank·K PQ candidates and re-scores them exactly
+    # signatures measured on each path: rank (raw history) and rank_state (the history state of encode_history;
+    # its load test runs at ``clients`` only)
+    signatures: Sequence[str] = ("rank", "rank_state")
 
 
 def _log(progress, message):
@@ -252,12 +255,12 @@ def _stop_server(process, client) -> None:
         process.wait(timeout=30)
 
 
-def _rank_request(inputs):
+def _rank_request(inputs, signature: str = "rank"):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
-    request.model_spec.name, request.model_spec.signature_name = MODEL_NAME, "rank"
+    request.model_spec.name, request.model_spec.signature_name = MODEL_NAME, signature
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     return request
@@ -306,7 +309,8 @@ def _split_over_threads(worker, clients: int, requests: int) -> float:
 
 
 def _concurrent_load(target: str, inputs, clients: int, requests: int, max_message_bytes: int,
-                     time_limit_s: float, server_pid: Optional[int] = None) -> Dict[str, object]:
+                     time_limit_s: float, server_pid: Optional[int] = None,
+                     signature: str = "rank") -> Dict[str, object]:
     """``requests`` rank calls split over ``clients`` threads (one channel each); bounded in count and time.
 
     With ``server_pid``, also the CPU the server process spent per completed request during the run (all its
@@ -315,7 +319,7 @@ def _concurrent_load(target: str, inputs, clients: int, requests: int, max_messa
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = _rank_request(inputs)
+    request = _rank_request(inputs, signature)
     latencies, errors, lock = [], [], threading.Lock()
     deadline = time.time() + time_limit_s
 
@@ -357,7 +361,8 @@ def _median_run(runs: Sequence[Dict[str, object]]) -> Dict[str, object]:
 
 # ---------------------------------------------------------------------------------------------------- run
 def _in_process_load(export_base: str, feeds: str, clients: int, requests: int, intra_op_threads: int,
-                     malloc_mmap_threshold_mb: float, timeout_s: float = 900.0) -> Dict[str, object]:
+                     malloc_mmap_threshold_mb: float, timeout_s: float = 900.0,
+                     signature: str = "rank") -> Dict[str, object]:
     """The load test without the server: ``clients`` threads of a fresh process call the servable's ``rank``
     function directly on prebuilt tensors (TF threads and malloc as the server sets them), ``requests`` calls in
     all. What the TF runtime alone gives under the same concurrency; the gap to the gRPC load test is the
@@ -365,13 +370,13 @@ def _in_process_load(export_base: str, feeds: str, clients: int, requests: int, 
     env = child_env()
     out = subprocess.run(
         [sys.executable, "-m", "seminar_tf.bench.serving", "in-process-load", export_base, feeds, str(clients),
-         str(requests), str(intra_op_threads), str(malloc_mmap_threshold_mb)],
+         str(requests), str(intra_op_threads), str(malloc_mmap_threshold_mb), signature],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=timeout_s, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requests: int, intra_op_threads: int,
-                           malloc_mmap_threshold_mb: float) -> Dict[str, object]:
+                           malloc_mmap_threshold_mb: float, signature: str = "rank") -> Dict[str, object]:
     import tensorflow as tf
 
     from serving import server as server_lib
@@ -380,7 +385,7 @@ def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requ
     server_lib.set_tensorflow_parallelism(intra_op_threads)
     manager = server_lib.ModelManager(MODEL_NAME, export_base)
     manager.poll()
-    rank = manager.servable(MODEL_NAME).functions["rank"]
+    rank = manager.servable(MODEL_NAME).functions[signature]
     with np.load(feeds_path, allow_pickle=True) as data:
         feeds = {k: tf.constant(data[k]) for k in data.files}
     for _ in range(3):
@@ -399,6 +404,80 @@ def _in_process_load_child(export_base: str, feeds_path: str, clients: int, requ
             "malloc_mmap_threshold_mb": malloc_mmap_threshold_mb, "wall_s": round(wall, 2),
             "qps": round(len(latencies) / wall, 2), **_percentiles(latencies),
             "cpu_ms_per_request": _cpu_ms_per_request(cpu_before, cpu_after, len(latencies))}
+
+
+def _state_sizes(model, state: Dict[str, np.ndarray], length: int, subspaces: int) -> Dict[str, object]:
+    """Bytes per history step of the history state as sent (its TensorProtos), and what a state of PQ codes
+    (uint8, S = ``subspaces`` per channel) or of float channels (4·C·d) would take per step (from the shapes)."""
+    import tensorflow as tf
+
+    sent = sum(tf.make_tensor_proto(v).ByteSize() for v in state.values())
+    channels, dim = len(model.channels), model.content.dim
+    return {"state_bytes": sent, "bytes_per_step_ids": round(sent / length, 2),
+            "bytes_per_step_pq_codes": channels * subspaces, "bytes_per_step_float": 4 * channels * dim,
+            "channels": channels, "dim": dim, "pq_subspaces": subspaces}
+
+
+def _measure_signature(bench: ServingBenchConfig, gsu: str, signature: str, inputs: Dict[str, np.ndarray], loaded,
+                       export_base: str, work_dir: str, progress, state_info: Optional[dict]) -> Dict[str, object]:
+    """One row: ``signature`` on the exported ``gsu`` path, sequential in-process vs gRPC, the load test per server
+    setting (``rank``: every client count; ``rank_state``: ``bench.clients``), and the load without the server."""
+    import tensorflow as tf
+
+    label = gsu if signature == "rank" else f"{gsu}+state"
+    size_mb = sum(tf.make_tensor_proto(v).ByteSize() for v in inputs.values()) / 2 ** 20
+    fn = loaded.signatures[signature]
+    max_message_mb = max(64, int(4 * size_mb) + 1)
+    client_counts = sorted({*bench.fewer_clients, bench.clients}) if signature == "rank" else [bench.clients]
+    sweep = []
+    for setting, (threads, malloc_mb) in enumerate(bench.server_settings):
+        process, client = _start_server(export_base, max_message_mb, max_concurrency=bench.clients,
+                                        intra_op_threads=threads, malloc_mmap_threshold_mb=malloc_mb)
+        try:
+            for _ in range(3):
+                client.predict(inputs, signature)
+            if setting == 0:
+                feeds = {k: tf.constant(v) for k, v in inputs.items()}
+                for _ in range(3):
+                    fn(**feeds)
+                request = _rank_request(inputs, signature)
+                # Alternate the two so that both see the same machine load (the cores may be shared). The gRPC
+                # request proto is built once; building it (client-side encoding) is timed on its own.
+                in_process, sequential = [], []
+                for _ in range(bench.sequential_requests):
+                    in_process += _time_calls(lambda: fn(**feeds)["scores"].numpy(), 1)
+                    sequential += _time_calls(lambda: client.prediction.Predict(request, timeout=60), 1)
+                encode = _time_calls(lambda: _rank_request(inputs, signature), bench.sequential_requests)
+                _log(progress, f"bench serving [{label}]: in-process {_percentiles(in_process)}, "
+                               f"gRPC sequential {_percentiles(sequential)}")
+            for clients in client_counts:
+                runs = [_concurrent_load(client.target, inputs, clients, bench.requests, max_message_mb << 20,
+                                         time_limit_s=600, server_pid=process.pid, signature=signature)
+                        for _ in range(max(1, bench.repeats))]
+                sweep.append({"intra_op_threads": threads, "malloc_mmap_threshold_mb": malloc_mb,
+                              **_median_run(runs), "errors_total": sum(r["errors"] for r in runs)})
+                _log(progress, f"bench serving [{label}]: {_setting(sweep[-1])}, {clients} clients {sweep[-1]}")
+        finally:
+            _stop_server(process, client)
+    # The load row of the target: the server setting with the lowest p99 at ``clients``.
+    load = min((r for r in sweep if r["clients"] == bench.clients), key=lambda r: r["p99_ms"])
+    # The same concurrency without the server, with that row's TF threads and malloc (repeated like it).
+    feeds_path = os.path.join(work_dir, "in_process_load_inputs.npz")
+    np.savez(feeds_path, **inputs)
+    in_process_load = _median_run([_in_process_load(export_base, feeds_path, bench.clients, bench.requests,
+                                                    load["intra_op_threads"], load["malloc_mmap_threshold_mb"],
+                                                    signature=signature)
+                                   for _ in range(max(1, bench.repeats))])
+    _log(progress, f"bench serving [{label}]: in-process, {bench.clients} threads {in_process_load}")
+    in_process_p, sequential_p = _percentiles(in_process), _percentiles(sequential)
+    row = {"gsu": gsu, "signature": signature, "path": label, "L": bench.history_length, "N": bench.num_candidates,
+           "request_mb": round(size_mb, 2), "in_process": in_process_p, "grpc_sequential": sequential_p,
+           "grpc_overhead_p50_ms": round(sequential_p["p50_ms"] - in_process_p["p50_ms"], 2),
+           "client_encode": _percentiles(encode), "concurrent": load, "in_process_concurrent": in_process_load,
+           "sweep": sweep}
+    if state_info:
+        row["state"] = state_info
+    return row
 
 
 def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] = None, *,
@@ -434,9 +513,8 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
             shutil.rmtree(export_base)
         path = _export_for(model, metadata, vocab_dir, export_base, max_history, max_candidates)
         _log(progress, f"bench serving [{gsu}]: exported {path}")
-        inputs = make_request(vocab_dir, user_inputs, bench.history_length, bench.num_candidates,
-                              bench.search_fraction, bench.seed)
-        size_mb = sum(tf.make_tensor_proto(v).ByteSize() for v in inputs.values()) / 2 ** 20
+        raw = make_request(vocab_dir, user_inputs, bench.history_length, bench.num_candidates,
+                           bench.search_fraction, bench.seed)
         loaded = tf.saved_model.load(path)
         rank = loaded.signatures["rank"]
         for length in bench.grid_lengths:
@@ -447,55 +525,20 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
                 grid.append({"gsu": gsu, "L": length, "N": n,
                              **_percentiles(_time_calls(lambda: rank(**grid_feeds)["scores"].numpy(),
                                                         bench.grid_requests))})
-        max_message_mb = max(64, int(4 * size_mb) + 1)
-        sweep = []
-        for setting, (threads, malloc_mb) in enumerate(bench.server_settings):
-            process, client = _start_server(export_base, max_message_mb, max_concurrency=bench.clients,
-                                            intra_op_threads=threads, malloc_mmap_threshold_mb=malloc_mb)
-            try:
-                for _ in range(3):
-                    client.predict(inputs, "rank")
-                if setting == 0:
-                    feeds = {k: tf.constant(v) for k, v in inputs.items()}
-                    for _ in range(3):
-                        rank(**feeds)
-                    request = _rank_request(inputs)
-                    # Alternate the two so that both see the same machine load (the cores may be shared). The
-                    # gRPC request proto is built once; building it (client-side encoding) is timed on its own.
-                    in_process, sequential = [], []
-                    for _ in range(bench.sequential_requests):
-                        in_process += _time_calls(lambda: rank(**feeds)["scores"].numpy(), 1)
-                        sequential += _time_calls(lambda: client.prediction.Predict(request, timeout=60), 1)
-                    encode = _time_calls(lambda: _rank_request(inputs), bench.sequential_requests)
-                    _log(progress, f"bench serving [{gsu}]: in-process {_percentiles(in_process)}, "
-                                   f"gRPC sequential {_percentiles(sequential)}")
-                for clients in sorted({*bench.fewer_clients, bench.clients}):
-                    runs = [_concurrent_load(client.target, inputs, clients, bench.requests, max_message_mb << 20,
-                                             time_limit_s=600, server_pid=process.pid)
-                            for _ in range(max(1, bench.repeats))]
-                    sweep.append({"intra_op_threads": threads, "malloc_mmap_threshold_mb": malloc_mb,
-                                  **_median_run(runs), "errors_total": sum(r["errors"] for r in runs)})
-                    _log(progress, f"bench serving [{gsu}]: {_setting(sweep[-1])}, {clients} clients "
-                                   f"{sweep[-1]}")
-            finally:
-                _stop_server(process, client)
-        # The load row of the target: the server setting with the lowest p99 at ``clients``.
-        load = min((r for r in sweep if r["clients"] == bench.clients), key=lambda r: r["p99_ms"])
-        # The same concurrency without the server, with that row's TF threads and malloc (repeated like it).
-        feeds_path = os.path.join(work_dir, "in_process_load_inputs.npz")
-        np.savez(feeds_path, **inputs)
-        in_process_load = _median_run([_in_process_load(export_base, feeds_path, bench.clients, bench.requests,
-                                                        load["intra_op_threads"], load["malloc_mmap_threshold_mb"])
-                                       for _ in range(max(1, bench.repeats))])
-        _log(progress, f"bench serving [{gsu}]: in-process, {bench.clients} threads {in_process_load}")
-        loaded = rank = None  # the loaded SavedModel goes before the next path's export
-        in_process_p = _percentiles(in_process)
-        sequential_p = _percentiles(sequential)
-        rows.append({"gsu": gsu, "L": bench.history_length, "N": bench.num_candidates,
-                     "request_mb": round(size_mb, 2), "in_process": in_process_p, "grpc_sequential": sequential_p,
-                     "grpc_overhead_p50_ms": round(sequential_p["p50_ms"] - in_process_p["p50_ms"], 2),
-                     "client_encode": _percentiles(encode),
-                     "concurrent": load, "in_process_concurrent": in_process_load, "sweep": sweep})
+        history = {k: tf.constant(v) for k, v in raw.items() if k.startswith("history_")}
+        encode = loaded.signatures["encode_history"]
+        state = {k: v.numpy() for k, v in encode(**history).items()}
+        state_info = {"encode_history": _percentiles(_time_calls(lambda: encode(**history)["history_state_items"]
+                                                                 .numpy(), bench.sequential_requests)),
+                      **_state_sizes(model, state, bench.history_length, bench.pq_subspaces)}
+        _log(progress, f"bench serving [{gsu}]: history state {state_info}")
+        requests = {"rank": raw, "rank_state": {**state, **{k: v for k, v in raw.items()
+                                                            if not k.startswith("history_")}}}
+        for signature in bench.signatures:
+            rows.append(_measure_signature(
+                bench, gsu, signature, requests[signature], loaded, export_base, work_dir, progress,
+                state_info if signature == "rank_state" else None))
+        loaded = rank = encode = None  # the loaded SavedModel goes before the next path's export
     report = {
         "benchmark": "serving", **stamp.stamp(COMMAND), "model": source, "load_average_at_start": load_average,
         "config": dataclasses.asdict(bench), "in_process_malloc": malloc, "rows": rows, "grid": grid,
@@ -505,12 +548,12 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
 
 
 if __name__ == "__main__":  # the child of ``_in_process_load``
-    if len(sys.argv) == 8 and sys.argv[1] == "in-process-load":
+    if len(sys.argv) == 9 and sys.argv[1] == "in-process-load":
         import seminar_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
-        base, path, clients_arg, requests_arg, threads_arg, malloc_arg = sys.argv[2:]
+        base, path, clients_arg, requests_arg, threads_arg, malloc_arg, signature_arg = sys.argv[2:]
         print(json.dumps(_in_process_load_child(base, path, int(clients_arg), int(requests_arg), int(threads_arg),
-                                                float(malloc_arg))))
+                                                float(malloc_arg), signature_arg)))
     else:
         sys.exit("usage: python -m seminar_tf.bench.serving in-process-load EXPORT_BASE INPUTS.npz CLIENTS "
-                 "REQUESTS INTRA_OP_THREADS MALLOC_MB")
+                 "REQUESTS INTRA_OP_THREADS MALLOC_MB SIGNATURE")

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+GRPC_P99_TARGET_MS = 20.0  # the best path's gRPC p99 at L = 10^4, N = 100, 4 clients (the lifelong-scale issue)
+IN_PROCESS_P50_TARGET_MS = 6.0  # some path's in-process p50 at L = 10^4, N = 100
+
+
+def _label(row: dict) -> str:
+    """The row's path: its GSU, "+state" for the rank_state signature (reports before it: the GSU)."""
+    return row.get("path", row["gsu"])
+
 
 def markdown(report: dict) -> str:
     bench = report["config"]
@@ -15,7 +23,9 @@ def markdown(report: dict) -> str:
         "when it started: other processes may share the cores).",
         f"Model: {report['model']}. One request = one history of L steps ({bench['search_fraction']:.0%} with a "
         "query) and N candidate (item, query) pairs, raw string ids and query text, through the exported `rank` "
-        "signature. The server (`seminar-tf serve`, gRPC) runs in a child process on loopback.",
+        "signature; `+state` rows send the history state of `encode_history` (int32 indices, computed once per "
+        "history) to `rank_state` instead. The server (`seminar-tf serve`, gRPC) runs in a child process on "
+        "loopback.",
         "",
         "## Load test",
         "",
@@ -37,7 +47,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         for c in r.get("sweep", [r["concurrent"]]):
             runs = ", ".join(str(p) for p in c.get("p99_ms_runs", [c["p99_ms"]]))
-            lines.append(f"| {r['gsu']} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {_malloc(c)} | "
+            lines.append(f"| {_label(r)} | {r['L']:,} | {r['N']} | {r['request_mb']} | {_threads(c)} | {_malloc(c)} | "
                          f"{c['clients']} | {c['requests']} | {c.get('errors_total', c['errors'])} | {c['qps']} | "
                          f"{c['p50_ms']} | {c['p99_ms']} | {_or_dash(c.get('server_cpu_ms_per_request'))} | {runs} |")
     for path, why in report["skipped"].items():
@@ -57,7 +67,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         i, g = r["in_process"], r["grpc_sequential"]
-        lines.append(f"| {r['gsu']} | {i['p50_ms']} | {i['p99_ms']} | {g['p50_ms']} | {g['p99_ms']} | "
+        lines.append(f"| {_label(r)} | {i['p50_ms']} | {i['p99_ms']} | {g['p50_ms']} | {g['p99_ms']} | "
                      f"{r['grpc_overhead_p50_ms']} | {r['client_encode']['p50_ms']} |")
     lines += [
         "",
@@ -76,10 +86,31 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         i, c = r.get("in_process_concurrent"), r["concurrent"]
         if i:
-            lines.append(f"| {r['gsu']} | {i['clients']} | {_threads(i)} | {i['qps']} | {i['p50_ms']} | "
+            lines.append(f"| {_label(r)} | {i['clients']} | {_threads(i)} | {i['qps']} | {i['p50_ms']} | "
                          f"{i['p99_ms']} | {', '.join(str(p) for p in i['p99_ms_runs'])} | "
                          f"{_or_dash(i.get('cpu_ms_per_request'))} | {c['p99_ms']} | "
                          f"{_or_dash(c.get('server_cpu_ms_per_request'))} |")
+    states = [r for r in report["rows"] if r.get("state")]
+    if states:
+        lines += [
+            "",
+            "## History state",
+            "",
+            "`encode_history` turns a raw history into its state once; `rank_state` takes it with the candidates. "
+            "Bytes per step: the state as sent (its TensorProtos: item, query (and feedback) index per step, "
+            "unknown queries' tokens, fingerprint), and what a state of PQ codes (C·S uint8) or of the float "
+            "channels (4·C·d) would take per step, computed from the model's shapes.",
+            "",
+            "| GSU | L | encode_history p50 ms | state bytes per step | PQ codes bytes per step | float channels "
+            "bytes per step | raw request MB | state request MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        raw_mb = {r["gsu"]: r["request_mb"] for r in report["rows"] if r.get("signature", "rank") == "rank"}
+        for r in states:
+            st = r["state"]
+            lines.append(f"| {r['gsu']} | {r['L']:,} | {st['encode_history']['p50_ms']} | {st['bytes_per_step_ids']} "
+                         f"| {st['bytes_per_step_pq_codes']} | {st['bytes_per_step_float']} | "
+                         f"{_or_dash(raw_mb.get(r['gsu']))} | {r['request_mb']} |")
     lines += [
         "",
         "## In-process latency by history length and candidates",
@@ -121,11 +152,11 @@ def _setting(row: dict) -> str:
 
 def _findings(report: dict) -> List[str]:
     """Plain sentences computed from the numbers: target met or not, where the time goes, which path wins."""
-    out = []
+    out = _targets(report)
     for r in report["rows"]:
         c = r["concurrent"]
         verdict = "meets" if c["p99_ms"] < 50 and c.get("errors_total", c["errors"]) == 0 else "misses"
-        out.append(f"- {r['gsu']} GSU, L={r['L']:,}, N={r['N']}: p99 {c['p99_ms']} ms with {c['clients']} concurrent "
+        out.append(f"- {_label(r)}, L={r['L']:,}, N={r['N']}: p99 {c['p99_ms']} ms with {c['clients']} concurrent "
                    f"clients and {_setting(c)} (median of the runs' p99: "
                    f"{', '.join(str(p) for p in c.get('p99_ms_runs', [c['p99_ms']]))} ms; "
                    f"{c.get('errors_total', c['errors'])} errors), {verdict} the 50 ms "
@@ -135,7 +166,7 @@ def _findings(report: dict) -> List[str]:
         sweep = r.get("sweep", [])
         i = r.get("in_process_concurrent")
         if i:
-            out.append(f"- {r['gsu']}: the same {i['clients']}-way load without the server (threads calling the "
+            out.append(f"- {_label(r)}: the same {i['clients']}-way load without the server (threads calling the "
                        f"loaded function) gives p99 {i['p99_ms']} ms at {i['qps']} QPS, vs {c['p99_ms']} ms at "
                        f"{c['qps']} QPS through the gRPC server.")
             alone_cpu, server_cpu = i.get("cpu_ms_per_request"), c.get("server_cpu_ms_per_request")
@@ -148,21 +179,22 @@ def _findings(report: dict) -> List[str]:
                              "per request")
                 else:  # e.g. TF's default intra-op pool, whose threads spin while they wait, in both processes
                     share = "no measurable cost of the server's own work at this setting"
-                out.append(f"- {r['gsu']}: CPU per request under that load: {server_cpu} ms in the server process vs "
+                out.append(f"- {_label(r)}: CPU per request under that load: {server_cpu} ms in the server process vs "
                            f"{alone_cpu} ms for the model alone, {share}{clients_text}.")
         if c["qps"] > 0:
-            out.append(f"- {r['gsu']}: the server completes {c['qps']} requests/s under load, one every "
+            out.append(f"- {_label(r)}: the server completes {c['qps']} requests/s under load, one every "
                        f"{1000 / c['qps']:.1f} ms, so {c['clients']} clients that always have a request in flight "
                        f"wait about {c['clients'] * 1000 / c['qps']:.0f} ms each (throughput, not the single-request "
                        "time, sets the latency once the cores are busy).")
         for setting in dict.fromkeys(_setting(x) for x in sweep):
             runs = [x for x in sweep if _setting(x) == setting]
             meeting = [x["clients"] for x in runs if x["p99_ms"] < 50 and x["errors"] == 0]
-            out.append(f"- {r['gsu']}, {setting}: p99 by concurrent clients: "
+            out.append(f"- {_label(r)}, {setting}: p99 by concurrent clients: "
                        + ", ".join(f"{x['clients']}: {x['p99_ms']} ms ({x['qps']} QPS)" for x in runs)
                        + (f"; under 50 ms with up to {max(meeting)} client(s)." if meeting
                           else "; over 50 ms at every concurrency measured."))
-        grid = {(g["L"], g["N"]): g["p50_ms"] for g in report["grid"] if g["gsu"] == r["gsu"]}
+        grid = {(g["L"], g["N"]): g["p50_ms"] for g in report["grid"]
+                if g["gsu"] == r["gsu"] and r.get("signature", "rank") == "rank"}
         lengths = sorted({length for length, _ in grid})
         counts = sorted({n for _, n in grid})
         if len(counts) >= 2:
@@ -177,9 +209,27 @@ def _findings(report: dict) -> List[str]:
             best = min(times, key=times.get)
             out.append(f"- L={length:,}, N={n}: fastest in-process path {best} ({times[best]} ms p50; "
                        + ", ".join(f"{k} {v} ms" for k, v in times.items() if k != best) + ").")
-    loads = {r["gsu"]: r["concurrent"]["p99_ms"] for r in report["rows"]}
+    loads = {_label(r): r["concurrent"]["p99_ms"] for r in report["rows"]}
     if len(loads) > 1:
         best = min(loads, key=loads.get)
         out.append(f"- Under load (L={report['config']['history_length']:,}, N={report['config']['num_candidates']}) "
                    f"the {best} path has the lowest p99: {loads[best]} ms.")
     return out
+
+
+def _targets(report: dict) -> List[str]:
+    """The lifelong-scale targets at L = 10^4, N = 100: the best path's gRPC p99 under the load test and the best
+    in-process p50, met or missed."""
+    rows = [r for r in report["rows"] if (r["L"], r["N"]) == (10_000, 100)]
+    if not rows:
+        return []
+    best_load = min(rows, key=lambda r: r["concurrent"]["p99_ms"])
+    best_alone = min(rows, key=lambda r: r["in_process"]["p50_ms"])
+    load_p99, alone_p50 = best_load["concurrent"]["p99_ms"], best_alone["in_process"]["p50_ms"]
+    return [
+        f"- Target gRPC p99 <= {GRPC_P99_TARGET_MS:g} ms (L=10,000, N=100, {best_load['concurrent']['clients']} "
+        f"clients): best path {_label(best_load)}, {load_p99} ms: "
+        f"{'met' if load_p99 <= GRPC_P99_TARGET_MS else 'missed'}.",
+        f"- Target in-process p50 <= {IN_PROCESS_P50_TARGET_MS:g} ms (one request at a time): best path "
+        f"{_label(best_alone)}, {alone_p50} ms: {'met' if alone_p50 <= IN_PROCESS_P50_TARGET_MS else 'missed'}.",
+    ]
