@@ -634,14 +634,14 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
     The version is the next integer after the existing ones. Written to ``<export_base>/.tmp-export-*``
     and renamed into place when complete. Returns the version directory.
 
-    ``content_cache``: precompute every vocabulary item's and query's channels into the SavedModel
-    (``ContentEncoder.build_cache``; 4·d bytes per item channel and query), so a request gathers its
-    history's embeddings instead of running the content encoders over all L pairs. Same outputs.
+    ``content_cache``: precompute every vocabulary item's and query's channels, before and after G_j, into the
+    SavedModel (``SeminarModel.build_serving_cache``; 8·d bytes per item channel and query), so a request
+    gathers its history's embeddings instead of running the content encoders over all L pairs. Same outputs.
     """
     start = time.time()
     tf.io.gfile.makedirs(export_base)
     content = getattr(model, "content", None)
-    cache_bytes = content.build_cache() if content_cache and content is not None else 0
+    cache_bytes = model.build_serving_cache() if content_cache and content is not None else 0
     tmp = os.path.join(export_base, f"{TMP_PREFIX}{uuid.uuid4().hex}")
     try:
         module = SeminarServingModule(
@@ -655,7 +655,7 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
         info = {
             "model_name": model_name, "max_history": module.max_history, "max_candidates": module.max_candidates,
             "max_query_tokens": module.query_length, "user_attributes": module.user_attribute_names,
-            "content_cache_bytes": cache_bytes,
+            "content_cache_bytes": cache_bytes, "history_state_fingerprint": module.fingerprint,
             "item_channels": module.item_channels, "signatures": _signature_summary(signatures),
             "gsu": getattr(model, "gsu_mode", "exact"), "pq_rerank": getattr(model, "pq_rerank", 1),
             "pq_item_channels": module.pq_item_channels,
@@ -679,7 +679,7 @@ def export_seminar(model, export_base: str, *, vocab_dir: str, metadata: schema.
         raise
     finally:
         if content is not None:
-            content.clear_cache()  # the in-memory model goes on without it (it would go stale when training)
+            model.clear_serving_cache()  # the in-memory model goes on without it (it would go stale when training)
     tf.get_logger().info("exported %s in %.1fs", final, time.time() - start)
     return final
 

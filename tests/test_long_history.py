@@ -14,6 +14,7 @@ from seminar_tf.layers import MultiHeadTargetAttention
 from seminar_tf.models import baselines, builders, em3, retrievers, seminar_builders
 from seminar_tf.models.psu import history_mask, item_gamma
 from seminar_tf.models.retrievers import HistoryEntries, Retriever, mask_scores, projected_scores
+from seminar_tf.models.seminar import SeminarModel
 
 import model_fixtures
 from model_fixtures import CONFIG
@@ -245,6 +246,33 @@ def test_feedback_features_from_counts_equal_the_per_step_embeddings():
                                _reference_feedback_mean(model, batch).numpy(), rtol=1e-5, atol=1e-6)
     for got, want in zip(model.affinity_features(batch, items), _reference_affinity(model, batch, items)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_affinity_counted_per_category_equals_the_per_step_count():
+    model, batch = _model("seminar", **SEMINAR)
+    items = tf.concat([batch[schema.CTX_TARGET_ITEM][:, None], tf.ones_like(batch[schema.CTX_TARGET_ITEM])[:, None]],
+                      axis=1)  # the second target is OOV: a reserved category matches no step
+    histogram = model.affinity_features(batch, items)
+    model._HISTOGRAM_CATEGORIES = 0  # every vocabulary is "large": counted per (row, target, step)
+    per_step = model.affinity_features(batch, items)
+    for got, want in zip(histogram, per_step):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert np.all(histogram[0].numpy()[:, 1] == 0)
+
+
+def test_category_prior_without_padding_equals_the_masked_formula():
+    rng = np.random.default_rng(0)
+    scores = tf.constant(rng.normal(size=(2, 3, 9)), tf.float32)
+    same = tf.constant(rng.random((2, 3, 9)) < 0.4)
+    every = tf.ones([2, 9], tf.bool)
+    almost = tf.constant([[True] * 9, [True] * 8 + [False]])
+    got = SeminarModel.category_prior(scores, every, same).numpy()
+    high, low = scores.numpy().max(-1, keepdims=True), scores.numpy().min(-1, keepdims=True)
+    np.testing.assert_array_equal(got, np.where(same.numpy(), scores.numpy(), scores.numpy() - (high - low + 1.0)))
+    # with a padded step the padded position keeps its score and the span ignores it
+    padded = SeminarModel.category_prior(scores, almost, same).numpy()
+    np.testing.assert_array_equal(padded[0], got[0])
+    assert padded[1, :, 8].tolist() == scores.numpy()[1, :, 8].tolist()
 
 
 # ------------------------------------------------------------------------------------------ no [B, L, C, d]

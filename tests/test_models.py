@@ -270,6 +270,21 @@ def test_serving_cache_gives_the_same_channels_without_running_the_encoders():
     assert not content.has_cache and len(content.weights) == weights
 
 
+def test_projected_serving_cache_gives_the_channels_after_g():
+    model = builders.build_seminar(CONFIG, METADATA, *_tables())
+    queries = tf.constant([[2, 3, 1, 3], [1, 3, 2, 0]], tf.int64)
+    items = tf.constant([[5, 5, 9, 0], [9, 5, 7, 1]], tf.int64)
+    tokens = tf.constant(np.random.default_rng(0).integers(2, METADATA.num_tokens, (2, 4, METADATA.max_query_tokens)))
+    model.projection.kernel.assign(tf.random.normal(model.projection.kernel.shape))  # G_j away from the identity
+    want = model.projection(model.pair_channels(queries, items, False, query_tokens=tokens)).numpy()
+    size = model.build_serving_cache()
+    assert size == 2 * 4 * CONFIG.dim * (METADATA.num_items * len(model.content.item_channels) + METADATA.num_queries)
+    np.testing.assert_allclose(model.projected_channels(queries, items, False, query_tokens=tokens).numpy(), want,
+                               rtol=1e-5, atol=1e-6)  # the OOV queries (index 1) from their tokens
+    model.clear_serving_cache()
+    assert getattr(model, "_projected_items", None) is None and not model.content.has_cache
+
+
 def test_query_tokens_encode_only_the_out_of_vocabulary_queries():
     item_table, query_table = _tables()
     content = builders.build_content_encoder(CONFIG, METADATA, item_table, query_table)

@@ -242,9 +242,9 @@ def encode_positions(model, features, indices, training=None):
         return tf.gather_nd(features[name], where)[None]  # [1, U, ...]
 
     tokens = features.get(schema.HISTORY_QUERY_TOKENS)
-    encoded = model.projection(model.content(
+    encoded = model.projected_channels(
         pick(schema.SEQ_HISTORY_QUERY), pick(schema.SEQ_HISTORY_ITEM), training=training,
-        query_tokens=None if tokens is None else pick(schema.HISTORY_QUERY_TOKENS)))[0]  # [U, C, d]
+        query_tokens=None if tokens is None else pick(schema.HISTORY_QUERY_TOKENS))[0]  # [U, C, d]
     return tf.reshape(tf.gather(encoded, inverse),
                       tf.concat([tf.shape(indices), tf.shape(encoded)[1:]], axis=0))
 

@@ -348,6 +348,58 @@ class SeminarModel(tfrs.Model):
         """The stored channels x^{PSU} [..., C, d] of (query, item) pairs, before G_j."""
         return self.content(queries, items, training=training, query_tokens=query_tokens)
 
+    def build_serving_cache(self) -> int:
+        """The content encoder's serving cache (``ContentEncoder.build_cache``) and, for a model whose channels are
+        the content encoder's, every vocabulary row's channels after G_j: inference then gathers the kept steps'
+        x^{GSU(j)} (``projected_channels``) instead of projecting them. Returns the bytes of both;
+        ``clear_serving_cache`` drops them (they go stale as soon as the weights change)."""
+        size = self.content.build_cache()
+        if not (self.use_history and self._channels_are_content()):
+            return size
+        kernel = self.projection.kernel
+        first = int(schema.QUERY_CHANNEL in self.channels)
+        if getattr(self.content, "item_cache", None) is not None:
+            items = tf.einsum("ujd,jde->uje", self.content.item_cache, kernel[first:])
+            self._projected_items = tf.Variable(items, trainable=False, name="projected_item_cache")
+            size += items.shape.num_elements() * 4
+        if getattr(self.content, "query_cache", None) is not None:
+            queries = tf.matmul(self.content.query_cache, kernel[0])
+            self._projected_queries = tf.Variable(queries, trainable=False, name="projected_query_cache")
+            size += queries.shape.num_elements() * 4
+        return size
+
+    def clear_serving_cache(self) -> None:
+        """Drops the caches of ``build_serving_cache``."""
+        self.content.clear_cache()
+        for name in ("_projected_items", "_projected_queries"):
+            if getattr(self, name, None) is not None:
+                delattr(self, name)
+
+    def projected_channels(self, queries, items, training=None, query_tokens=None):
+        """x^{GSU(j)} = x^{PSU(j)} G_j [..., C, d] of (query, item) pairs: gathered from ``build_serving_cache``'s
+        projected rows at inference (an unknown query, OOV index with ``query_tokens``, encoded and projected),
+        else the projection of ``pair_channels``."""
+        cached_items = getattr(self, "_projected_items", None)
+        cached_queries = getattr(self, "_projected_queries", None)
+        has_query = schema.QUERY_CHANNEL in self.channels
+        item_parts = len(self.channels) > int(has_query)
+        if training or (item_parts and cached_items is None) or (has_query and cached_queries is None):
+            return self.projection(self.pair_channels(queries, items, training, query_tokens))
+        parts = []
+        if has_query:
+            queries = self.content._check_range(queries, self.content.num_queries, "query index")
+            known = tf.gather(cached_queries, queries)  # [..., d]
+            if query_tokens is not None:
+                unknown = tf.where(tf.equal(tf.cast(queries, tf.int64), schema.OOV_INDEX))  # [P, rank]
+                encoded = self.content.encode_query_tokens(tf.gather_nd(query_tokens, unknown), training=False)
+                known = tf.tensor_scatter_nd_update(known, unknown, tf.cast(
+                    tf.matmul(encoded, self.projection.kernel[0]), known.dtype))
+            parts.append(known[..., None, :])
+        if item_parts:
+            items = self.content._check_range(items, self.content.num_items, "item index")
+            parts.append(tf.gather(cached_items, items))  # [..., J, d]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-2)
+
     def history_entries(self, features, training=None) -> HistoryEntries:
         """The history's distinct entries before G_j (``retrievers.HistoryEntries``): the query channel of each
         distinct query [U_q, d] and the item channels of each distinct item [U_i, J, d] (``distinct_items``), and
@@ -663,33 +715,69 @@ class SeminarModel(tfrs.Model):
     def category_match(self, features, items, column=None):
         """[B, N, L] bool: history step l's item has target n's category (attribute column ``column``, default
         ``affinity_column``); false for targets of a reserved (PAD/OOV) category. SIM hard's filter too."""
-        categories = self.content.attributes[:, self.affinity_column if column is None else column]
+        categories = self._categories(column)
         history = tf.gather(categories, tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
-        target = tf.gather(categories, tf.cast(items, tf.int32))  # [B, N]
-        return tf.equal(history[:, None, :], target[:, :, None]) & (target >= len(schema.RESERVED))[:, :, None]
+        return tf.equal(history[:, None, :], self._target_categories(items, column)[:, :, None])
+
+    def _categories(self, column=None):
+        """Each item's category [num_items] (attribute column ``column``, default ``affinity_column``)."""
+        return self.content.attributes[:, self.affinity_column if column is None else column]
+
+    def _target_categories(self, items, column=None):
+        """The targets' categories [B, N]; -1 (no history step's category) for a reserved (PAD/OOV) category."""
+        target = tf.gather(self._categories(column), tf.cast(items, tf.int32))
+        return tf.where(target >= len(schema.RESERVED), target, tf.constant(-1, target.dtype))
 
     @staticmethod
     def category_prior(scores, mask, same):
         """GSU scores [B, N, L] with every real step outside the target's category (``same`` [B, N, L] false)
         moved below the lowest real score of its row, the same-category scores unchanged: top-K then keeps the
         target's category first and orders each group by the learned score (``mask`` [B, L]: real steps)."""
-        real = tf.broadcast_to(mask[:, None, :], tf.shape(scores))
-        high = tf.reduce_max(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.min)), -1, keepdims=True)
-        low = tf.reduce_min(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.max)), -1, keepdims=True)
-        span = tf.where(high >= low, high - low + 1.0, tf.zeros_like(high))
-        return tf.where(real & ~same, scores - span, scores)
+
+        def every_step_real():  # a serving request without padding: no masked reductions
+            high = tf.reduce_max(scores, -1, keepdims=True)
+            low = tf.reduce_min(scores, -1, keepdims=True)
+            return tf.where(same, scores, scores - (high - low + 1.0))
+
+        def with_padding():
+            real = tf.broadcast_to(mask[:, None, :], tf.shape(scores))
+            high = tf.reduce_max(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.min)), -1,
+                                 keepdims=True)
+            low = tf.reduce_min(tf.where(real, scores, tf.fill(tf.shape(scores), scores.dtype.max)), -1, keepdims=True)
+            span = tf.where(high >= low, high - low + 1.0, tf.zeros_like(high))
+            return tf.where(real & ~same, scores - span, scores)
+
+        return tf.cond(tf.reduce_all(mask), every_step_real, with_padding)
+
+    _HISTOGRAM_CATEGORIES = 4096  # category vocabularies up to this size are counted per (row, category)
 
     def affinity_features(self, features, items):
         """Category affinity of each target over the whole history: ([B, N, 2] share and log1p count of the real
-        steps whose category equals the target's, their mean feedback embedding [B, N, d] or None)."""
+        steps whose category equals the target's, their mean feedback embedding [B, N, d] or None). Counted once per
+        (row, category[, feedback token]) and read at each target's category (per (row, target, step) for category
+        vocabularies over ``_HISTOGRAM_CATEGORIES``)."""
         real = tf.cast(history_mask(features), tf.float32)  # [B, L]
-        same = tf.cast(self.category_match(features, items), tf.float32) * real[:, None, :]  # [B, N, L]
-        count = tf.reduce_sum(same, -1)
+        size = self.content.attribute_vocab_sizes[self.affinity_column]
+        tokens = self.feedback_embedding.input_dim if self.feedback_embedding is not None else 1
+        if size > self._HISTOGRAM_CATEGORIES:
+            same = tf.cast(self.category_match(features, items), tf.float32) * real[:, None, :]  # [B, N, L]
+            count = tf.reduce_sum(same, -1)
+            counts = None if self.feedback_embedding is None else self.feedback_counts(features, same)  # [B, N, F]
+        else:
+            history = tf.gather(self._categories(), tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
+            feedback = (tf.zeros_like(history) if self.feedback_embedding is None
+                        else tf.cast(self._history_feedback(features), history.dtype))
+            batch = tf.shape(history)[0]
+            slots = (tf.range(batch, dtype=history.dtype)[:, None] * size + history) * tokens + feedback
+            table = tf.reshape(tf.math.unsorted_segment_sum(real, slots, batch * size * tokens), [batch, size, tokens])
+            target = self._target_categories(items)  # [B, N]
+            counts = tf.gather(table, tf.maximum(target, 0), batch_dims=1)  # [B, N, F]
+            counts = counts * tf.cast(target >= 0, counts.dtype)[..., None]
+            count = tf.reduce_sum(counts, -1)
         share = tf.math.divide_no_nan(count, tf.reduce_sum(real, -1)[:, None])
         stats = tf.stack([share, tf.math.log1p(count) / 5.0], axis=-1)
         if self.feedback_embedding is None:
             return stats, None
-        counts = self.feedback_counts(features, same)  # [B, N, F]: feedback tokens of the same-category steps
         mean = tf.math.divide_no_nan(tf.einsum("bnf,fd->bnd", counts, self.feedback_table()), count[..., None])
         return stats, mean
 
