@@ -1035,7 +1035,7 @@ def test_query_cli_ranks_candidates(setup, grpc_client, tmp_path, capsys):
     assert [candidates[i]["item_id"] for i, _ in want] == [line["item_id"] for line in lines]
 
 
-def test_query_cli_ranks_from_a_cached_history_state(setup, grpc_client, tmp_path, capsys):
+def test_query_cli_ranks_from_a_cached_history_state(setup, grpc_client, rest, tmp_path, capsys):
     inputs = ctr_inputs(setup, rows=1, length=6)
     history = [{"item_id": i, "query": q} for i, q in zip(inputs["history_item_ids"][0], inputs["history_queries"][0])
                if i]
@@ -1078,6 +1078,13 @@ def test_query_cli_ranks_from_a_cached_history_state(setup, grpc_client, tmp_pat
         grpc_client.rank_state(bad, [(c["item_id"], c["query"]) for c in candidates], user)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "history_state_queries must have the shape of history_state_items" in info.value.details()
+    # REST takes the state as JSON numbers (columnar "inputs"), the same scores
+    columns = {k: v.tolist() for k, v in state.items()}
+    columns.update({"candidate_item_ids": [[c["item_id"] for c in candidates]],
+                    "candidate_queries": [[c["query"] for c in candidates]]})
+    columns.update({f"user_{name}": [""] for name in user})
+    scores = rest.predict(inputs=columns, signature_name="rank_state")["outputs"]["scores"][0]
+    np.testing.assert_allclose(sorted(scores, reverse=True), [score for _, score in want], rtol=1e-6)
 
 
 def test_user_history_file_formats(tmp_path):

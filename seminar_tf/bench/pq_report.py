@@ -101,6 +101,23 @@ def markdown(report: Dict) -> str:
         cells = [f"{r['speedup_vs_best_exact'][n]:.2f}× ({r['speedup_vs_exact_tf'][n]:.2f}×)"
                  for n in speed["variants"]]
         lines.append(f"| {r['L']:,} | {r['N']} | {r['requests_per_call']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per history step and target: nanoseconds of scoring per (position, candidate) pair, the request's time "
+        "divided by L·N (one request per call), exact in plain TF against the fastest ADC of each code size:",
+        "",
+        "| L | N | exact (TF) ns | " + " | ".join(f"ADC {n} ns" for n in speed["variants"]) + " |",
+        "|---:|---:|---:|" + "---:|" * len(speed["variants"]),
+    ]
+    for r in speed["rows"]:
+        if r["requests_per_call"] != 1 or r["ms_per_request"].get("exact (TF)") is None:
+            continue
+        pairs = r["L"] * r["N"] / 1e6  # ms → ns per pair
+        fastest = r.get("fastest_adc", {})
+        cells = [_fmt(r["ms_per_request"][fastest[n]] / pairs, 1) if fastest.get(n) in r["ms_per_request"] else "—"
+                 for n in speed["variants"]]
+        lines.append(f"| {r['L']:,} | {r['N']} | {_fmt(r['ms_per_request']['exact (TF)'] / pairs, 1)} | "
+                     + " | ".join(cells) + " |")
     skipped = sorted({s for r in speed["rows"] for s in r["skipped"]})
     if skipped:
         lines += ["", "Not run where too slow to be useful: " + "; ".join(skipped) + "."]

@@ -57,7 +57,7 @@ class ServingBenchConfig:
     # glibc's defaults)
     server_settings: Sequence[Tuple[int, float]] = ((0, 32.0), (1, 32.0), (1, 0.0))
     repeats: int = 3  # each load test (setting, clients) runs this often; the run with the median p99 is reported
-    sequential_requests: int = 50  # requests of each sequential measurement (in-process, gRPC)
+    sequential_requests: int = 100  # requests of each sequential measurement (in-process, gRPC)
     search_fraction: float = 0.4  # share of history steps that carry a query
     grid_lengths: Sequence[int] = (1_000, 10_000)
     grid_candidates: Sequence[int] = (10, 100)
@@ -418,15 +418,35 @@ def _state_sizes(model, state: Dict[str, np.ndarray], length: int, subspaces: in
             "channels": channels, "dim": dim, "pq_subspaces": subspaces}
 
 
-def _measure_signature(bench: ServingBenchConfig, gsu: str, signature: str, inputs: Dict[str, np.ndarray], loaded,
-                       export_base: str, work_dir: str, progress, state_info: Optional[dict]) -> Dict[str, object]:
-    """One row: ``signature`` on the exported ``gsu`` path, sequential in-process vs gRPC, the load test per server
-    setting (``rank``: every client count; ``rank_state``: ``bench.clients``), and the load without the server."""
+def _sequential_in_process(loaded, requests: Dict[str, Dict[str, np.ndarray]], count: int) -> Dict[str, List[float]]:
+    """Seconds of ``count`` sequential calls of each signature of the loaded SavedModel ({signature: inputs}), the
+    signatures taken in turn so that each sees the same machine load, with no server alive (an idle server's
+    TensorFlow threads spin between requests and would take the cores)."""
+    import tensorflow as tf
+
+    calls = {}
+    for signature, inputs in requests.items():
+        fn, feeds = loaded.signatures[signature], {k: tf.constant(v) for k, v in inputs.items()}
+        calls[signature] = (lambda fn=fn, feeds=feeds: fn(**feeds)["scores"].numpy())
+        for _ in range(3):
+            calls[signature]()
+    times = {signature: [] for signature in calls}
+    for _ in range(count):
+        for signature, call in calls.items():
+            times[signature] += _time_calls(call, 1)
+    return times
+
+
+def _measure_signature(bench: ServingBenchConfig, gsu: str, signature: str, inputs: Dict[str, np.ndarray],
+                       in_process: List[float], export_base: str, work_dir: str, progress,
+                       state_info: Optional[dict]) -> Dict[str, object]:
+    """One row: ``signature`` on the exported ``gsu`` path: its sequential in-process times (``in_process``) vs
+    gRPC, the load test per server setting (``rank``: every client count; ``rank_state``: ``bench.clients``), and
+    the load without the server."""
     import tensorflow as tf
 
     label = gsu if signature == "rank" else f"{gsu}+state"
     size_mb = sum(tf.make_tensor_proto(v).ByteSize() for v in inputs.values()) / 2 ** 20
-    fn = loaded.signatures[signature]
     max_message_mb = max(64, int(4 * size_mb) + 1)
     client_counts = sorted({*bench.fewer_clients, bench.clients}) if signature == "rank" else [bench.clients]
     sweep = []
@@ -437,19 +457,12 @@ def _measure_signature(bench: ServingBenchConfig, gsu: str, signature: str, inpu
             for _ in range(3):
                 client.predict(inputs, signature)
             if setting == 0:
-                feeds = {k: tf.constant(v) for k, v in inputs.items()}
-                for _ in range(3):
-                    fn(**feeds)
+                # The gRPC request proto is built once; building it (client-side encoding) is timed on its own.
                 request = _rank_request(inputs, signature)
-                # Alternate the two so that both see the same machine load (the cores may be shared). The gRPC
-                # request proto is built once; building it (client-side encoding) is timed on its own.
-                in_process, sequential = [], []
-                for _ in range(bench.sequential_requests):
-                    in_process += _time_calls(lambda: fn(**feeds)["scores"].numpy(), 1)
-                    sequential += _time_calls(lambda: client.prediction.Predict(request, timeout=60), 1)
+                sequential = _time_calls(lambda: client.prediction.Predict(request, timeout=60),
+                                         bench.sequential_requests)
                 encode = _time_calls(lambda: _rank_request(inputs, signature), bench.sequential_requests)
-                _log(progress, f"bench serving [{label}]: in-process {_percentiles(in_process)}, "
-                               f"gRPC sequential {_percentiles(sequential)}")
+                _log(progress, f"bench serving [{label}]: gRPC sequential {_percentiles(sequential)}")
             for clients in client_counts:
                 runs = [_concurrent_load(client.target, inputs, clients, bench.requests, max_message_mb << 20,
                                          time_limit_s=600, server_pid=process.pid, signature=signature)
@@ -534,9 +547,13 @@ def run(out_dir: str, work_dir: str, progress: Optional[Callable[[str], None]] =
         _log(progress, f"bench serving [{gsu}]: history state {state_info}")
         requests = {"rank": raw, "rank_state": {**state, **{k: v for k, v in raw.items()
                                                             if not k.startswith("history_")}}}
+        in_process = _sequential_in_process(loaded, {k: requests[k] for k in bench.signatures},
+                                            bench.sequential_requests)
+        _log(progress, f"bench serving [{gsu}]: in-process, one request at a time "
+                       + ", ".join(f"{k} {_percentiles(v)}" for k, v in in_process.items()))
         for signature in bench.signatures:
             rows.append(_measure_signature(
-                bench, gsu, signature, requests[signature], loaded, export_base, work_dir, progress,
+                bench, gsu, signature, requests[signature], in_process[signature], export_base, work_dir, progress,
                 state_info if signature == "rank_state" else None))
         loaded = rank = encode = None  # the loaded SavedModel goes before the next path's export
     report = {

@@ -59,7 +59,10 @@ def markdown(report: dict) -> str:
         "",
         "gRPC: a prebuilt PredictRequest sent through the official stub (to the server of the first setting); "
         "client encoding: building that request from numpy arrays (`tf.make_tensor_proto`), paid by the client on "
-        "top. In-process: the bench process's malloc tuning: " + _malloc_text(report.get("in_process_malloc")) + ".",
+        "top. In-process: the loaded signatures called in the bench process in turn (`rank`, `rank_state`, ...), "
+        "before any server of the path starts (an idle server's TensorFlow threads spin between requests and "
+        "would take the cores); malloc tuning: "
+        + _malloc_text(report.get("in_process_malloc")) + ".",
         "",
         "| GSU | in-process p50 ms | in-process p99 ms | gRPC p50 ms | gRPC p99 ms | gRPC overhead p50 ms | "
         "client encoding p50 ms |",
