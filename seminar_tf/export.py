@@ -587,11 +587,21 @@ def _warmup_inputs(module: SeminarServingModule, item: str, query: str) -> Dict[
                HISTORY_QUERIES: np.array([[query.encode(), b""]], object)}
     if module.uses_feedback:
         history[HISTORY_FEEDBACK] = np.array([[b"", b""]], object)
+    candidates = {CANDIDATE_ITEM_IDS: np.array([[item.encode(), b"unknown-item"]], object),
+                  CANDIDATE_QUERIES: np.array([[query.encode(), b""]], object)}
+    # a valid history state of two browsing steps (an OOV item, then padding)
+    state = {STATE_ITEMS: np.array([[schema.OOV_INDEX, schema.PAD_INDEX]], np.int32),
+             STATE_QUERIES: np.array([[schema.EMPTY_QUERY_INDEX] * 2], np.int32),
+             STATE_QUERY_TOKENS: np.zeros([1, 0, module.query_length], np.int32),
+             STATE_FINGERPRINT: np.array([module.fingerprint], np.int64)}
+    if module.uses_feedback:
+        state[STATE_FEEDBACK] = np.zeros([1, 2], np.int32)
     return {
         CTR_SIGNATURE: {**history, TARGET_ITEM_ID: np.array([item.encode()], object),
                         TARGET_QUERY: np.array([query.encode()], object), **users},
-        RANK_SIGNATURE: {**history, CANDIDATE_ITEM_IDS: np.array([[item.encode(), b"unknown-item"]], object),
-                         CANDIDATE_QUERIES: np.array([[query.encode(), b""]], object), **users},
+        RANK_SIGNATURE: {**history, **candidates, **users},
+        ENCODE_HISTORY_SIGNATURE: history,
+        RANK_STATE_SIGNATURE: {**state, **candidates, **users},
     }
 
 
@@ -605,7 +615,8 @@ def _write_warmup(path: str, requests: Dict[str, Dict[str, np.ndarray]], model_n
             request.model_spec.name = model_name
             request.model_spec.signature_name = signature
             for name, value in inputs.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object
+                                                                   else None))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 

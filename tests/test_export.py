@@ -337,6 +337,21 @@ def test_a_wrong_state_fails_with_invalid_argument_naming_the_input(exported, ba
         assert name in info.value.message
 
 
+def test_warmup_requests_cover_every_ranking_signature_and_run(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(exported["path"], "assets.extra", export.WARMUP_FILE)
+    requests = []
+    for record in tf.data.TFRecordDataset(path):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        requests.append(log.predict_log.request)
+    assert [r.model_spec.signature_name for r in requests] == ["ctr", "rank", "encode_history", "rank_state"]
+    for request in requests:  # each one runs on the export (TF Serving fails a load whose warmup fails)
+        fn = exported["loaded"].signatures[request.model_spec.signature_name]
+        outputs = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        assert all(np.all(np.isfinite(v.numpy())) for v in outputs.values() if v.dtype.is_floating)
+
+
 def test_examples_signatures_equal_ctr_and_padding_is_masked(exported, batch, vocab):
     raw = raw_inputs(batch, vocab)
     lengths = batch[schema.CTX_HISTORY_LENGTH].numpy()
