@@ -164,6 +164,28 @@ def state_fingerprint(vocab_dir: str, query_length: int) -> int:
     return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
+def _at_least_one_step(steps):
+    """[B, L] → [B, max(L, 1)], padding ("" / 0 = PAD) appended: the GSU's top-K needs L >= 1, so an empty history
+    becomes one padding step (masked)."""
+    return tf.pad(steps, [[0, 0], [0, tf.maximum(1 - tf.shape(steps)[1], 0)]])
+
+
+def _step_features(items, queries, query_tokens=None, feedback=None) -> Dict[str, tf.Tensor]:
+    """The model's history features from per-step indices [B, L] (and query tokens [B, L, T], feedback [B, L])."""
+    batch, length = tf.shape(items)[0], tf.shape(items)[1]
+    features = {
+        schema.SEQ_HISTORY_ITEM: items,
+        schema.SEQ_HISTORY_QUERY: queries,
+        # Every step counts; padding is masked by its PAD item index wherever it sits.
+        schema.CTX_HISTORY_LENGTH: tf.fill([batch], tf.cast(length, tf.int64)),
+    }
+    if query_tokens is not None:
+        features[schema.HISTORY_QUERY_TOKENS] = query_tokens
+    if feedback is not None:
+        features[schema.SEQ_HISTORY_FEEDBACK] = feedback
+    return features
+
+
 def _signature(fn, specs: Dict[str, tf.TensorSpec]):
     """A tf.function of one dict argument with an explicit input signature; the signature's input keys are
     the TensorSpec names."""
@@ -327,29 +349,15 @@ class SeminarServingModule(tf.Module):
                 "send the newest steps only")),
         ]
         with tf.control_dependencies(checks):
-            # The GSU's top-K needs L >= 1: an empty history becomes one padding step (masked).
-            missing = tf.maximum(1 - tf.shape(items)[1], 0)
-            items = tf.pad(items, [[0, 0], [0, missing]])
-            queries = tf.pad(queries, [[0, 0], [0, missing]])
+            items, queries = _at_least_one_step(items), _at_least_one_step(queries)
         if feedback is not None:
             check = tf.debugging.assert_equal(tf.shape(feedback)[:2], tf.shape(inputs[HISTORY_ITEM_IDS])[:2], message=(
                 f"{HISTORY_FEEDBACK} must have the shape of {HISTORY_ITEM_IDS} [batch, L] (one feedback token per "
                 "step, e.g. 'impression:r4'; \"\" = unknown)"))
             with tf.control_dependencies([check]):
-                feedback = self.feedback_table.lookup(tf.pad(feedback, [[0, 0], [0, missing]]))
+                feedback = self.feedback_table.lookup(_at_least_one_step(feedback))
         query_index, query_tokens = self._queries(queries, with_tokens)
-        batch, length = tf.shape(items)[0], tf.shape(items)[1]
-        features = {
-            schema.SEQ_HISTORY_ITEM: self._item_index(items),
-            schema.SEQ_HISTORY_QUERY: query_index,
-            # Every step counts; padding is masked by its PAD item index wherever it sits.
-            schema.CTX_HISTORY_LENGTH: tf.fill([batch], tf.cast(length, tf.int64)),
-        }
-        if with_tokens:
-            features[schema.HISTORY_QUERY_TOKENS] = query_tokens
-        if feedback is not None:
-            features[schema.SEQ_HISTORY_FEEDBACK] = feedback
-        return features
+        return _step_features(self._item_index(items), query_index, query_tokens, feedback)
 
     def _candidates(self, items, queries, batch, item_name: str, query_name: str):
         """Raw candidate pairs [B, N] → (item indices, query indices, query token ids [B, N, T]), checked."""
@@ -455,10 +463,8 @@ class SeminarServingModule(tf.Module):
                 f"{STATE_FEEDBACK} must have the shape of {STATE_ITEMS} [batch, L]")))
             checks += in_range(STATE_FEEDBACK, feedback, self._models.model.feedback_embedding.input_dim, again)
         with tf.control_dependencies(checks):
-            # as _history_features: an empty history is one padding step
-            missing = tf.maximum(1 - tf.shape(items)[1], 0)
-            items = tf.cast(tf.pad(items, [[0, 0], [0, missing]]), tf.int64)
-            queries = tf.cast(tf.pad(queries, [[0, 0], [0, missing]]), tf.int64)
+            items = tf.cast(_at_least_one_step(items), tf.int64)
+            queries = tf.cast(_at_least_one_step(queries), tf.int64)
         unknown = queries >= self.num_queries
         where = tf.where(unknown)  # [P_all, 2]
 
@@ -470,16 +476,10 @@ class SeminarServingModule(tf.Module):
 
         query_tokens = tf.cond(tf.size(where) > 0, scattered, lambda: tf.zeros(
             tf.concat([tf.shape(queries), [self.query_length]], 0), tf.int64))
-        batch, length = tf.shape(items)[0], tf.shape(items)[1]
-        features = {
-            schema.SEQ_HISTORY_ITEM: items,
-            schema.SEQ_HISTORY_QUERY: tf.where(unknown, tf.constant(schema.OOV_INDEX, tf.int64), queries),
-            schema.CTX_HISTORY_LENGTH: tf.fill([batch], tf.cast(length, tf.int64)),
-            schema.HISTORY_QUERY_TOKENS: query_tokens,
-        }
         if feedback is not None:
-            features[schema.SEQ_HISTORY_FEEDBACK] = tf.cast(tf.pad(feedback, [[0, 0], [0, missing]]), tf.int64)
-        return features
+            feedback = tf.cast(_at_least_one_step(feedback), tf.int64)
+        return _step_features(items, tf.where(unknown, tf.constant(schema.OOV_INDEX, tf.int64), queries),
+                              query_tokens, feedback)
 
     def _rank_state(self, inputs):
         """``rank`` from a history state (``encode_history``): the same scores, without the history's strings."""

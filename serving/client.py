@@ -107,18 +107,30 @@ def rank_inputs(history: Sequence[Pair], candidates: Sequence[Pair], user_inputs
                 user_attributes: Optional[Mapping[str, str]] = None, feedback: bool = False) -> Dict[str, np.ndarray]:
     """``rank`` signature inputs: history [1, L], candidates [1, N], each user input [1] ("" when unknown);
     with ``feedback`` also ``history_feedback`` [1, L] from the steps' third elements."""
+    inputs = history_inputs(history, feedback)
+    inputs.update(candidate_inputs(candidates, user_inputs, user_attributes))
+    return inputs
+
+
+def history_inputs(history: Sequence[Pair], feedback: bool = False) -> Dict[str, np.ndarray]:
+    """One history's inputs [1, L] (``history_feedback`` too with ``feedback``), for ``rank`` and
+    ``encode_history``."""
+    inputs = {HISTORY_ITEM_IDS: to_array([[step[0] for step in history]]).reshape(1, len(history)),
+              HISTORY_QUERIES: to_array([[step[1] for step in history]]).reshape(1, len(history))}
+    if feedback:
+        inputs[HISTORY_FEEDBACK] = to_array([_feedback(history)]).reshape(1, len(history))
+    return inputs
+
+
+def candidate_inputs(candidates: Sequence[Pair], user_inputs: Iterable[str],
+                     user_attributes: Optional[Mapping[str, str]] = None) -> Dict[str, np.ndarray]:
+    """The candidates [1, N] and each user input [1] ("" when unknown), for ``rank`` and ``rank_state``."""
     given = {_user_input(k): v for k, v in (user_attributes or {}).items()}
     unknown = sorted(set(given) - set(user_inputs))
     if unknown:
         raise ValueError(f"user attributes {unknown} are not inputs of the model (it has {sorted(user_inputs)})")
-    inputs = {
-        HISTORY_ITEM_IDS: to_array([[step[0] for step in history]]).reshape(1, len(history)),
-        HISTORY_QUERIES: to_array([[step[1] for step in history]]).reshape(1, len(history)),
-        CANDIDATE_ITEM_IDS: to_array([[i for i, _ in candidates]]).reshape(1, len(candidates)),
-        CANDIDATE_QUERIES: to_array([[q for _, q in candidates]]).reshape(1, len(candidates)),
-    }
-    if feedback:
-        inputs[HISTORY_FEEDBACK] = to_array([_feedback(history)]).reshape(1, len(history))
+    inputs = {CANDIDATE_ITEM_IDS: to_array([[i for i, _ in candidates]]).reshape(1, len(candidates)),
+              CANDIDATE_QUERIES: to_array([[q for _, q in candidates]]).reshape(1, len(candidates))}
     for name in user_inputs:
         inputs[name] = to_array([str(given.get(name, ""))])
     return inputs
@@ -250,11 +262,8 @@ class PredictClient:
         (item, query and feedback indices), the unknown query texts' tokens and the vocabulary fingerprint.
         Keep it (``save_state``) and rank against it with ``rank_state`` while the history is unchanged."""
         self.user_inputs(RANK_SIGNATURE)  # fetches the signatures once
-        inputs = {HISTORY_ITEM_IDS: to_array([[step[0] for step in history]]).reshape(1, len(history)),
-                  HISTORY_QUERIES: to_array([[step[1] for step in history]]).reshape(1, len(history))}
-        if HISTORY_FEEDBACK in self._signatures[ENCODE_HISTORY_SIGNATURE].inputs:
-            inputs[HISTORY_FEEDBACK] = to_array([_feedback(history)]).reshape(1, len(history))
-        return self.predict(inputs, ENCODE_HISTORY_SIGNATURE, version)
+        feedback = HISTORY_FEEDBACK in self._signatures[ENCODE_HISTORY_SIGNATURE].inputs
+        return self.predict(history_inputs(history, feedback), ENCODE_HISTORY_SIGNATURE, version)
 
     def rank_state(self, state: Mapping[str, np.ndarray], candidates: Sequence[Pair],
                    user_attributes: Optional[Mapping[str, str]] = None,
@@ -263,8 +272,7 @@ class PredictClient:
         scores ``rank`` gives for the history the state was encoded from. A state of an export with other
         vocabularies is refused (INVALID_ARGUMENT naming history_state_fingerprint): encode the history again."""
         user_inputs = self.user_inputs(RANK_STATE_SIGNATURE)
-        inputs = rank_inputs([], candidates, user_inputs, user_attributes)
-        del inputs[HISTORY_ITEM_IDS], inputs[HISTORY_QUERIES]
+        inputs = candidate_inputs(candidates, user_inputs, user_attributes)
         inputs.update({k: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
         scores = self.predict(inputs, RANK_STATE_SIGNATURE, version, output_filter=[SCORES])[SCORES][0]
         order = np.argsort(-scores, kind="stable")
