@@ -433,6 +433,7 @@ def _run_demo(args, extra) -> int:
 # ---------------------------------------------------------------------------------------------- bench
 MOVIELENS_MODELS = "seminar,din,sim_hard,sim_soft,eta,twin,no_history"  # bench movielens --models default
 LONGSEQ_MODELS = "seminar,din"  # bench longseq --models default
+LONGSEQ_VARIANTS = "model.aux_scope=history"  # bench longseq --variants default (LongSeqBenchConfig's)
 
 
 def _names(text: str) -> tuple:
@@ -497,6 +498,10 @@ def _add_bench(sub) -> None:
     ls.add_argument("--lengths", default="1000,10000",
                     help="comma-separated max_history values, one build and training cells each (default: "
                          "%(default)s)")
+    ls.add_argument("--variants", default=None,
+                    help="comma-separated SECTION.FIELD=VALUE settings, each one more SEMINAR training cell at the "
+                         "longest L beside the preset's ('' for none; default: "
+                         f"{LONGSEQ_VARIANTS})")
     ls.add_argument("--batch-size", type=int, default=64,
                     help="batch of the timed training cells, 2 steps per epoch (default: %(default)s)")
     ls.add_argument("--peak-batch-size", type=int, default=256,
@@ -565,7 +570,8 @@ def _run_bench(args, extra) -> int:
                     lengths=tuple(int(float(s)) for s in args.lengths.split(",") if s.strip()),
                     models=_names(args.models or LONGSEQ_MODELS), batch_size=args.batch_size,
                     epochs=3 if args.epochs is None else args.epochs, peak_batch_size=args.peak_batch_size,
-                    timeout_s=args.child_timeout)
+                    timeout_s=args.child_timeout,
+                    seminar_variants=_names(LONGSEQ_VARIANTS if args.variants is None else args.variants))
             except ValueError as error:
                 raise UsageError(str(error)) from None
             report = longseq_bench.run(config, out_dir=args.out, work_dir=args.work_dir or "runs/bench/longseq",

@@ -18,6 +18,7 @@ from seminar_tf import schema
 
 ARCHITECTURES = ("seminar", "din", "sim_hard", "sim_soft", "eta", "twin", "qin")
 GSU_MODES = ("exact", "pq_adc", "pq_sdc")
+AUX_SCOPES = ("history", "top_k")  # what the GSU auxiliary read-out attends over: all L steps, or the K kept
 # Columns of the item-statistics table (``experiment.item_statistics_table``): the target item's smoothed train-split
 # click log-odds and log1p(impressions) / 5.
 ITEM_STATISTICS_COLUMNS = ("log_odds", "log_count")
@@ -265,6 +266,7 @@ class ModelConfig:
     recent_history: int = 0  # short-term branch: target attention over the newest R steps beside the GSU/ESU; 0 = off
     tower_units: Tuple[int, ...] = (64, 32)
     aux_weight: float = 0.1  # GSU auxiliary loss
+    aux_scope: str = "history"  # its read-out head^GSU over all L steps ("history") or the K kept ones ("top_k")
     ranking_weight: float = 0.0  # within-user pairwise ranking loss beside L_ctr (the batch's same-user pairs;
     # it targets GAUC); 0 = off
     category_attribute: str = "category_id"  # SIM hard search: the item attribute that is the category
@@ -304,6 +306,8 @@ class ModelConfig:
             raise ValueError(f"model.architecture {self.architecture!r}: choose one of {list(ARCHITECTURES)}")
         if self.gsu not in GSU_MODES:
             raise ValueError(f"model.gsu {self.gsu!r}: choose one of {list(GSU_MODES)}")
+        if self.aux_scope not in AUX_SCOPES:
+            raise ValueError(f"model.aux_scope {self.aux_scope!r}: choose one of {list(AUX_SCOPES)}")
         if self.align_negatives not in ("sequence", "batch"):
             raise ValueError(f"model.align_negatives {self.align_negatives!r}: choose 'sequence' or 'batch'")
         if self.missing_image not in ("zero", "text"):
@@ -433,7 +437,9 @@ def _paper_kuaisar() -> Preset:
         # the paper's PSU, GSU and fine-tuning
         model=dataclasses.replace(preset.model, dim=64, token_dim=64, num_heads=4, top_k=200, use_user_id=True,
                                   use_item_id=True, align_negatives="sequence", category_affinity=False,
-                                  gsu_category_prior=False, freeze_pretrained_content=False),
+                                  gsu_category_prior=False, freeze_pretrained_content=False,
+                                  # chosen on valid at L=10^4: benchmarks/tuning/aux_scope
+                                  aux_scope="top_k"),
         pretrain=dataclasses.replace(preset.pretrain, batch_size=256, epochs=5),
         finetune=dataclasses.replace(preset.finetune, batch_size=256, epochs=10))
 
@@ -444,7 +450,7 @@ def _paper_amazon() -> Preset:
     return dataclasses.replace(
         preset, name="paper_amazon",
         build=dataclasses.replace(preset.build, max_history=100),
-        model=dataclasses.replace(preset.model, top_k=50))
+        model=dataclasses.replace(preset.model, top_k=50, aux_scope="history"))
 
 
 def _movielens() -> Preset:

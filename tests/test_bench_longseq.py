@@ -39,7 +39,8 @@ def _report():
     config = longseq.LongSeqBenchConfig()
     builds = [_build(1000, per_sample=1500.0), _build(10_000, per_sample=8000.0)]
     cells = [_cell("seminar", 1000, epochs=(9.0, 0.3, 0.2)), _cell("din", 1000, rss=0.5),
-             _cell("seminar", 10_000, epochs=(20.0, 0.5, 0.4)), _cell("din", 10_000, rss=0.8)]
+             _cell("seminar", 10_000, epochs=(20.0, 0.5, 0.4)), _cell("din", 10_000, rss=0.8),
+             dict(_cell("seminar", 10_000, epochs=(21.0, 0.9, 0.8), rss=1.5), variant="model.aux_scope=history")]
     peaks = [_cell("seminar", 10_000, batch=256, ok=False, epochs=(), rss=5.0), _cell("din", 10_000, batch=256,
                                                                                       epochs=(3.0,), rss=2.0)]
     world = {"command": "seminar-tf world --out raw", "ok": True, "returncode": 0, "wall_s": 60.0,
@@ -80,6 +81,11 @@ def test_ratios_compare_lengths_and_models_of_the_same_run():
     assert ratios["SEMINAR over DIN last epoch time, L=10,000"] == pytest.approx(1.0)
     assert ratios["last epoch time, seminar, L=10,000 over L=1,000"] == pytest.approx(2.0)
     assert not any("batch 256" in what for what in ratios)  # the SEMINAR batch-256 run failed: no ratio
+    # a SEMINAR variant is timed beside the preset's row, never taken for it
+    assert ratios["last epoch time, seminar, L=10,000, preset over model.aux_scope=history"] == pytest.approx(0.5)
+    assert ratios["training peak RSS, seminar, L=10,000, preset over model.aux_scope=history"] == pytest.approx(
+        1 / 1.5, abs=1e-3)
+    assert _report()["targets"][2]["measured"] == 0.4
 
 
 def test_markdown_renders_from_the_json_alone(tmp_path):
@@ -92,6 +98,8 @@ def test_markdown_renders_from_the_json_alone(tmp_path):
     assert any(line.startswith("| SEMINAR third epoch at L=10,000") and line.endswith("| met |") for line in lines)
     assert "| 10,000 | 1,000 | 10.0 | 100 | 2.00 | 781.2 KiB | 100 | 8,000 | ok |" in lines
     assert "| seminar | 10,000 | 1.00 | 20.000, 0.500, 0.400 | 320 | 480 | 640 | 30.0 | ok |" in lines
+    assert "| seminar (`--set model.aux_scope=history`) | 10,000 | 1.50 | 21.000, 0.900, 0.800 | 160 | 240 | 320 | " \
+           "30.0 | ok |" in lines
     assert "| timelines/ | 145.5 KiB | 780.3 KiB |" in lines and "| ctr/ | 1,000 B | 1,000 B |" in lines
     assert any("failed: killed by signal 9" in line and "stderr ends: `Killed`" in line for line in lines)
     assert cli.main(["render", str(tmp_path / "longseq.json")]) == 0
@@ -132,7 +140,9 @@ def test_tiny_longseq_bench_end_to_end(tmp_path, capsys):
         assert b["bytes_total"] == sum(b["bytes_by_dir"].values()) > 0 and b["bytes_by_dir"]["stats.json"] > 0
         assert b["bytes_per_ctr_sample"] == pytest.approx(b["bytes_total"] / b["ctr_samples"], abs=0.1)
         assert b["peak_rss_bytes"] > 0 and b["events_per_s"] > 0
-    assert [(c["model"], c["L"]) for c in report["training"]] == [("seminar", 50), ("seminar", 200)]
+    assert [(c["model"], c["L"], c["variant"]) for c in report["training"]] == [
+        ("seminar", 50, None), ("seminar", 200, None), ("seminar", 200, "model.aux_scope=history")]
+    assert "--set model.aux_scope=history" in report["training"][2]["command"]
     for c in report["training"]:
         assert c["ok"] and c["epochs_run"] == 3 and len(c["epoch_time_s"]) == 3 and c["peak_rss_bytes"] > 0
         assert c["train_samples_per_s"] > 0 and c["epoch_times_from"] == "tensorboard"
@@ -142,8 +152,16 @@ def test_tiny_longseq_bench_end_to_end(tmp_path, capsys):
     assert (out / "longseq.md").read_text(encoding="utf-8") == stamp.render(report)
     # a rerun with the same world parameters reuses the world
     rerun = argv[:argv.index("--lengths")] + ["--lengths", "50", "--models", "seminar", "--batch-size", "16",
-                                              "--peak-batch-size", "16", "--epochs", "1"]
+                                              "--peak-batch-size", "16", "--epochs", "1", "--variants", ""]
     assert cli.main(rerun) == 0
     again = json.loads((out / "longseq.json").read_text(encoding="utf-8"))
     assert again["world"]["reused"] and again["world"]["num_events"] == report["world"]["num_events"]
     assert [c["epochs_run"] for c in again["training"]] == [1]
+
+
+def test_cli_defaults_are_the_bench_config_defaults():
+    default = longseq.LongSeqBenchConfig()
+    assert cli.LONGSEQ_VARIANTS.split(",") == list(default.seminar_variants)
+    assert cli.LONGSEQ_MODELS.split(",") == list(default.models)
+    assert "--variants" not in default.command()
+    assert longseq.LongSeqBenchConfig(seminar_variants=()).command().endswith("--variants ''")

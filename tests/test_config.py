@@ -138,3 +138,14 @@ def test_every_preset_validates_and_names_match_the_models():
         config_lib.get_preset(name).model.validate()
     assert set(config_lib.ARCHITECTURES) == set(baselines.MODELS)
     assert config_lib.GSU_MODES == seminar.GSU_MODES
+
+
+def test_aux_scope_of_the_presets():
+    # top_k where the preset meets lifelong lengths (paper_kuaisar, chosen on valid at L=10^4); the paper's
+    # read-out over the whole history where histories are short (the MovieLens report was trained with it)
+    scopes = {name: config_lib.get_preset(name).model.aux_scope for name in config_lib.PRESETS}
+    assert scopes == {"test": "history", "demo": "history", "paper_kuaisar": "top_k", "paper_amazon": "history",
+                      "movielens": "history"}
+    assert config_lib.ModelConfig().aux_scope == "history"
+    with pytest.raises(ValueError, match="model.aux_scope 'all'"):
+        config_lib.apply_overrides(config_lib.get_preset("test"), ["model.aux_scope=all"])

@@ -420,6 +420,28 @@ def test_text_encoder_all_padding_has_finite_gradients():
     assert all(np.all(np.isfinite(tf.convert_to_tensor(g).numpy())) for g in gradients)
 
 
+def test_text_encoder_embedding_gradient_is_dense_and_exact():
+    # Repeated tokens across rows (as in a batch of histories) reach the optimizer as one dense [V, E] gradient
+    # that equals the masked mean's, not one row per token occurrence.
+    rng = np.random.default_rng(16)
+    encoder = TextEncoder(vocab_size=12, embedding_dim=4, output_dim=3)
+    tokens = np.array([[5, 5, 7, 0], [0, 0, 0, 0], [3, 5, 0, 0], [11, 3, 3, 3]], np.int32)
+    encoder(tokens)
+    _randomize(encoder, rng)
+    upstream = tf.constant(rng.normal(size=[4, 3]), tf.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(encoder(tokens) * upstream)
+    gradient = tape.gradient(loss, encoder.token_embedding.embeddings)
+    assert isinstance(gradient, tf.Tensor)
+    kernel = encoder.projection.kernel.numpy()
+    want = np.zeros([12, 4], np.float32)
+    for row, ids in enumerate(tokens):
+        real = ids[ids != 0]
+        for token in real:
+            want[token] += kernel @ upstream.numpy()[row] / len(real)
+    np.testing.assert_allclose(gradient.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_text_encoder_config_round_trip():
     rng = np.random.default_rng(14)
     tokens = rng.integers(0, 30, size=[4, 6]).astype(np.int32)

@@ -178,6 +178,41 @@ def test_loss_gradients_and_outputs_equal_the_reference_path(case):
     _assert_same_step(model, batch)
 
 
+def test_aux_over_the_kept_steps_equals_aux_over_the_history_when_k_covers_it():
+    # K >= L: the K kept steps are every real step, so head^GSU over them is head^GSU over the history (the
+    # attention does not depend on the order of its keys); the loss and every gradient are the same.
+    length = METADATA.max_history
+    results = {}
+    for scope in ("history", "top_k"):
+        model, batch = _model("seminar", **dict(SEMINAR, top_k=length, aux_scope=scope))
+        assert model.aux_scope == scope
+        results[scope] = _loss_and_gradients(model, batch), model
+    (loss, outputs, gradients), model = results["top_k"]
+    (want_loss, want_outputs, want_gradients), _ = results["history"]
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(outputs["aux_logit"].numpy(), want_outputs["aux_logit"].numpy(), rtol=1e-4,
+                               atol=1e-5)
+    for got, want in zip(gradients.values(), want_gradients.values()):
+        assert (got is None) == (want is None)
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1e-3, float(np.abs(want).max())))
+
+
+def test_aux_over_the_kept_steps_reads_only_them():
+    # K < L: the read-out is gated_call over exactly the kept steps' channels after G_j.
+    model, batch = _model("seminar", **dict(SEMINAR, top_k=5, aux_scope="top_k"))
+    outputs = model(batch, training=True)
+    history, _ = model.encode_history(batch)  # [B, L, C, d]
+    q_t, gamma = model.encode_targets(batch[schema.CTX_TARGET_QUERY][:, None], batch[schema.CTX_TARGET_ITEM][:, None])
+    top_k, valid = outputs["top_k"], outputs["top_k_valid"]  # [B, K] (row format)
+    kept = tf.gather(history, top_k, batch_dims=1)
+    readout = model.gsu.gated_call(q_t, kept, gamma, valid)[0]
+    want = tf.squeeze(model.aux_head(tf.concat([readout, q_t], -1)), -1)  # [B, 1]
+    np.testing.assert_allclose(np.reshape(outputs["aux_logit"].numpy(), [-1]), want.numpy()[:, 0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="aux_scope 'all'"):
+        dataclasses.replace(CONFIG, aux_scope="all").validate()
+
+
 def test_em3_fused_channels_take_the_entry_path_with_the_reference_gradients():
     tf.keras.utils.set_random_seed(0)
     model = em3.build_em3_seminar(dataclasses.replace(CONFIG, **SEMINAR), METADATA, *TABLES, fusion_queries=2,

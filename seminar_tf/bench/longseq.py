@@ -59,6 +59,8 @@ class LongSeqBenchConfig:
     seed: int = 0  # of the world
     lengths: Tuple[int, ...] = (1_000, 10_000)  # build.max_history of each build and training cell
     models: Tuple[str, ...] = ("seminar", "din")  # finetune --model
+    # extra SEMINAR cells at the longest L, one `--set` each, timed beside the preset's (same run, same batches)
+    seminar_variants: Tuple[str, ...] = ("model.aux_scope=history",)
     batch_size: int = 64
     epochs: int = 3  # the last epoch's time is the throughput row (the first ones trace and warm up)
     steps_per_epoch: int = 2
@@ -69,6 +71,7 @@ class LongSeqBenchConfig:
 
     def __post_init__(self):
         self.lengths, self.models = tuple(int(n) for n in self.lengths), tuple(self.models)
+        self.seminar_variants = tuple(self.seminar_variants)
         if not self.lengths or min(self.lengths) < 1 or not self.models:
             raise ValueError(f"need at least one length >= 1 and one model, got {self.lengths} and {self.models}")
         for name in ("users", "items", "mean_history", "batch_size", "epochs", "steps_per_epoch", "peak_batch_size"):
@@ -93,6 +96,8 @@ class LongSeqBenchConfig:
             parts += ["--lengths", ",".join(map(str, self.lengths))]
         if self.models != default.models:
             parts += ["--models", ",".join(self.models)]
+        if self.seminar_variants != default.seminar_variants:
+            parts += ["--variants", repr(",".join(self.seminar_variants))]
         return " ".join(parts)
 
 
@@ -285,9 +290,13 @@ def epoch_times(model_dir: str) -> Dict[str, List[float]]:
 
 
 def finetune(config: LongSeqBenchConfig, data_dir: str, runs_dir: str, model: str, length: int, logs_dir: str, *,
-             batch_size: int, epochs: int, steps_per_epoch: int, validation_steps: int) -> Dict:
-    """One ``seminar-tf finetune`` from scratch; peak RSS and every epoch's wall time (the last one's throughput)."""
+             batch_size: int, epochs: int, steps_per_epoch: int, validation_steps: int,
+             variant: Optional[str] = None) -> Dict:
+    """One ``seminar-tf finetune`` from scratch; peak RSS and every epoch's wall time (the last one's throughput).
+    ``variant``: one more ``--set SECTION.FIELD=VALUE`` (the row keeps it in ``variant``)."""
     name = f"{model}_L{length}_b{batch_size}"
+    if variant:
+        name += "_" + "".join(ch if ch.isalnum() else "_" for ch in variant)
     model_dir = os.path.join(runs_dir, name)
     if os.path.isdir(model_dir):
         shutil.rmtree(model_dir)  # a left-over backup would resume instead of train
@@ -295,7 +304,9 @@ def finetune(config: LongSeqBenchConfig, data_dir: str, runs_dir: str, model: st
             "--no-pretrain", "--set", f"build.max_history={length}", "--epochs", str(epochs),
             "--set", f"finetune.steps_per_epoch={steps_per_epoch}",
             "--set", f"finetune.validation_steps={validation_steps}", "--batch-size", str(batch_size)]
-    row = {"model": model, "L": length, "batch_size": batch_size, "epochs": epochs,
+    if variant:
+        args += ["--set", variant]
+    row = {"model": model, "variant": variant, "L": length, "batch_size": batch_size, "epochs": epochs,
            "steps_per_epoch": steps_per_epoch, "validation_steps": validation_steps,
            **run_cli(args, os.path.join(logs_dir, name), config.timeout_s)}
     try:
@@ -328,6 +339,7 @@ def finetune(config: LongSeqBenchConfig, data_dir: str, runs_dir: str, model: st
 
 # ---------------------------------------------------------------------------------------------- targets, ratios
 def _find(rows: Sequence[Dict], **match) -> Optional[Dict]:
+    match.setdefault("variant", None)  # the preset's own row unless a variant is asked for
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
@@ -383,7 +395,7 @@ def ratios(builds: Sequence[Dict], cells: Sequence[Dict], peaks: Sequence[Dict])
                           ("wall_s", "build wall time"), ("peak_rss_bytes", "build peak RSS")):
             out.append({"what": f"{what}, {where}", "value": _ratio(long.get(key), short.get(key))})
     for model in sorted({c["model"] for c in cells}):
-        ok = [c for c in cells if c["model"] == model and c["ok"]]
+        ok = [c for c in cells if c["model"] == model and c["ok"] and not c.get("variant")]
         if len(ok) >= 2:
             short, long = min(ok, key=lambda c: c["L"]), max(ok, key=lambda c: c["L"])
             where = f"{model}, L={long['L']:,} over L={short['L']:,}"
@@ -400,6 +412,14 @@ def ratios(builds: Sequence[Dict], cells: Sequence[Dict], peaks: Sequence[Dict])
                 if kind == "training":
                     out.append({"what": f"SEMINAR over DIN last epoch time, L={length:,}",
                                 "value": _ratio(seminar.get("last_epoch_s"), din.get("last_epoch_s"))})
+    for cell in cells:
+        seminar = _find(cells, model=cell["model"], L=cell["L"])
+        if cell.get("variant") and cell["ok"] and seminar and seminar["ok"]:
+            where = f"{cell['model']}, L={cell['L']:,}"
+            out.append({"what": f"last epoch time, {where}, preset over {cell['variant']}",
+                        "value": _ratio(seminar.get("last_epoch_s"), cell.get("last_epoch_s"))})
+            out.append({"what": f"training peak RSS, {where}, preset over {cell['variant']}",
+                        "value": _ratio(seminar["peak_rss_bytes"], cell["peak_rss_bytes"])})
     return out
 
 
@@ -432,6 +452,14 @@ def run(config: LongSeqBenchConfig, *, out_dir: str, work_dir: str,
                                       validation_steps=config.validation_steps))
                 _log(progress, f"{model} L={length}: ok={cells[-1]['ok']} peak RSS "
                                f"{cells[-1]['peak_rss_bytes'] / GIB:.2f} GiB, epochs {cells[-1]['epoch_time_s']} s")
+        longest = max((b for b in builds if b["ok"]), key=lambda b: b["L"], default=None)
+        if longest is not None and "seminar" in config.models:
+            for variant in config.seminar_variants:
+                _log(progress, f"finetune seminar --set {variant} at L={longest['L']}, batch {config.batch_size}")
+                cells.append(finetune(config, os.path.join(work_dir, f"data_L{longest['L']}"), runs_dir, "seminar",
+                                      longest["L"], logs_dir, batch_size=config.batch_size, epochs=config.epochs,
+                                      steps_per_epoch=config.steps_per_epoch,
+                                      validation_steps=config.validation_steps, variant=variant))
         longest = max((b for b in builds if b["ok"]), key=lambda b: b["L"], default=None)
         if longest is not None:
             for model in config.models:

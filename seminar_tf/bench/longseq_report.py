@@ -141,7 +141,8 @@ def markdown(report: Dict) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for c in report["training"]:
-        lines.append(f"| {c['model']} | {c['L']:,} | {_gib(c.get('peak_rss_bytes'))} | "
+        model = c["model"] + (f" (`--set {c['variant']}`)" if c.get("variant") else "")
+        lines.append(f"| {model} | {c['L']:,} | {_gib(c.get('peak_rss_bytes'))} | "
                      f"{_epochs(c.get('epoch_time_s') or [])} | {_fmt(c.get('train_samples_per_s'), 0)} | "
                      f"{_fmt(c.get('samples_per_s_with_validation'), 0)} | "
                      f"{_fmt(c.get('train_step_samples_per_s'), 0)} | {_fmt(c.get('wall_s'), 1)} | {_status(c)} |")

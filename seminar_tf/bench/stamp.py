@@ -25,6 +25,7 @@ RENDERERS: Dict[str, Tuple[str, str]] = {
     "longseq": ("seminar_tf.bench.longseq_report", "longseq.md"),
     "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
     "report": ("seminar_tf.report_render", "REPORT.md"),
+    "tuning": ("seminar_tf.bench.tuning_report", "tuning.md"),
 }
 
 

@@ -58,17 +58,19 @@ class TextEncoder(tf.keras.layers.Layer):
         token_ids = tf.convert_to_tensor(token_ids)
         if not self.token_embedding.built:
             self.token_embedding.build(token_ids.shape)
-        # Only the real tokens are gathered and summed per row (no [..., T, E] tensor; the embedding's gradient
-        # holds the real tokens' rows only, not the padding's).
+        # The masked mean as one sparse x dense product: bag [R, V] holds 1/count at (row, token) for each real
+        # token, so no [..., T, E] tensor is built and the embedding's gradient is bag^T x grad, a dense [V, E]
+        # (not one row per token occurrence for the optimizer to de-duplicate: a batch's histories repeat tokens).
         rows = tf.reshape(token_ids, [-1, tf.shape(token_ids)[-1]])
         real = tf.where(tf.not_equal(rows, schema.PAD_INDEX))  # [P, 2]: (row, slot), row-major
-        tokens = tf.gather_nd(rows, real)
-        embedded = tf.gather(tf.cast(self.token_embedding.embeddings, self.compute_dtype), tokens)  # [P, E]
-        count = tf.math.unsorted_segment_sum(tf.ones_like(real[:, 0], self.compute_dtype), real[:, 0],
-                                             tf.shape(rows)[0])
-        total = tf.math.unsorted_segment_sum(embedded, real[:, 0], tf.shape(rows)[0])  # [R, E]
-        # divide_no_nan: an all-padding row has sum 0 and count 0 → 0, not NaN.
-        pooled = tf.math.divide_no_nan(total, count[:, None])
+        tokens = tf.cast(tf.gather_nd(rows, real), tf.int64)
+        num_rows = tf.shape(rows, out_type=tf.int64)[0]
+        count = tf.math.unsorted_segment_sum(tf.ones_like(real[:, 0], self.compute_dtype), real[:, 0], num_rows)
+        # reciprocal_no_nan: an all-padding row has no entry in the bag → the zero vector, not NaN.
+        weights = tf.gather(tf.math.reciprocal_no_nan(count), real[:, 0])
+        bag = tf.SparseTensor(tf.stack([real[:, 0], tokens], axis=1), weights,
+                              tf.stack([num_rows, tf.constant(self.vocab_size, tf.int64)]))
+        pooled = tf.sparse.sparse_dense_matmul(bag, tf.cast(self.token_embedding.embeddings, self.compute_dtype))
         pooled = tf.reshape(pooled, tf.concat([tf.shape(token_ids)[:-1], [self.embedding_dim]], 0))
         pooled = self.dropout_layer(pooled, training=training)
         return self.projection(pooled)

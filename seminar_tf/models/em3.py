@@ -186,9 +186,10 @@ def build_em3_seminar(
     temperature = float(given(content_id_temperature, model_config.content_id_temperature))
     return EM3SeminarModel(
         content, fusion=fusion, content_id_weight=weight, content_id_temperature=temperature,
-        aux_weight=model_config.aux_weight, gsu=model_config.gsu, pq_subspaces=model_config.pq_subspaces,
-        pq_centroids=model_config.pq_centroids, pq_jit_compile=model_config.pq_jit_compile,
-        pq_rerank=model_config.pq_rerank, gsu_identity_init=model_config.gsu_identity_init,
+        aux_weight=model_config.aux_weight, aux_scope=model_config.aux_scope, gsu=model_config.gsu,
+        pq_subspaces=model_config.pq_subspaces, pq_centroids=model_config.pq_centroids,
+        pq_jit_compile=model_config.pq_jit_compile, pq_rerank=model_config.pq_rerank,
+        gsu_identity_init=model_config.gsu_identity_init,
         **seminar_arguments(model_config, metadata))
 
 

@@ -37,7 +37,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from seminar_tf import schema
-from seminar_tf.config import GSU_MODES
+from seminar_tf.config import AUX_SCOPES, GSU_MODES
 from seminar_tf.layers import ChannelGate, MultiHeadTargetAttention, top_k_positions
 from seminar_tf.layers.pq import PQLookup
 from seminar_tf.models.content import ContentEncoder
@@ -149,6 +149,9 @@ class SeminarModel(tfrs.Model):
       user_attribute_sizes: {name: vocabulary size} of user profile features for the tower.
       tower_units: hidden layers of the CTR tower.
       aux_weight: weight of the GSU auxiliary loss (0 disables it).
+      aux_scope: the steps the auxiliary read-out head^GSU attends over: "history" (all L steps, the paper's) or
+        "top_k" (the K steps the GSU kept for the ESU: the same set when a history has at most K real steps; at
+        L = 10^4 it keeps no per-step activation of the whole history for backpropagation).
       ranking_weight: weight of the within-user pairwise ranking loss beside L_ctr (``UserRankingTask``; pairs of
         one ``user_id`` in the batch; 0 disables it).
       use_history: False gives the "no history" baseline (tower on target and user features only).
@@ -175,6 +178,7 @@ class SeminarModel(tfrs.Model):
         user_embedding_dim: int = 8,
         tower_units: Sequence[int] = (64, 32),
         aux_weight: float = 0.1,
+        aux_scope: str = "history",
         use_history: bool = True,
         freeze_content: bool = False,
         freeze_projections: bool = False,
@@ -214,6 +218,9 @@ class SeminarModel(tfrs.Model):
             raise ValueError(f"pq_rerank must be >= 1, got {pq_rerank}")
         self.use_history = bool(use_history)
         self.aux_weight = float(aux_weight)
+        if aux_scope not in AUX_SCOPES:
+            raise ValueError(f"aux_scope {aux_scope!r}: choose one of {list(AUX_SCOPES)}")
+        self.aux_scope = aux_scope
         self.projection = ChannelProjection(len(self.channels), dim, name="gsu_projection")
         self.projection.trainable = not freeze_projections
         self.gate = ChannelGate(len(self.channels), mode="dynamic", name="gate")
@@ -582,14 +589,26 @@ class SeminarModel(tfrs.Model):
             outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]),
                            top_k_valid=tf.reshape(valid, [batch, n, k]))
             if training and self.aux_task is not None:
-                # head^GSU = Attention(q_t, K^GSU, V^GSU) over all L pairs, trained by the auxiliary loss
-                # (over the history as the retriever sees it, e.g. decoded from PQ codes)
-                readout = retriever.aux_readout(context)
+                # head^GSU = Attention(q_t, K^GSU, V^GSU), trained by the auxiliary loss: over all L pairs as the
+                # retriever sees them (e.g. decoded from PQ codes), or over the K kept ones
+                if self.aux_scope == "top_k":
+                    readout = self.kept_readout(q_t, gamma, picked, valid)
+                else:
+                    readout = retriever.aux_readout(context)
                 outputs["aux_logit"] = tf.squeeze(self.aux_head(tf.concat([readout, q_t], -1)), -1)
         logit = self.tower_logit(features, q_t, lifelong, selected, valid, training, target_id=target_id,
                                  extra=[recent, attended], items=items)
         outputs.update(logit=logit, probability=tf.sigmoid(logit))
         return outputs
+
+    def kept_readout(self, q_t, gamma, picked, valid):
+        """head^GSU over the kept steps only: q_t [B, N, d], γ [B, N, C], their channels after G_j
+        [B, N, K, C, d] and ``valid`` [B·N, K] → [B, N, d] (``aux_scope="top_k"``)."""
+        batch, n = tf.shape(q_t)[0], tf.shape(q_t)[1]
+        k, channels, dim = tf.shape(picked)[2], len(self.channels), self.content.dim
+        readout = self.gsu.gated_call(tf.reshape(q_t, [-1, 1, dim]), tf.reshape(picked, [-1, k, channels, dim]),
+                                      tf.reshape(gamma, [-1, 1, channels]), tf.reshape(valid, [-1, k]))[0]
+        return tf.reshape(readout, [batch, n, -1])
 
     def target_id_embedding(self, items, training=None):
         """The targets' item-id embeddings [B, N, d] (None without them), looked up once per call: the ESU query,

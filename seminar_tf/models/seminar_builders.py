@@ -86,7 +86,8 @@ def build_seminar(config: ModelConfig, metadata: schema.DatasetMetadata, item_ta
     return SeminarModel(
         content, num_heads=config.num_heads, top_k=config.top_k, gsu=config.gsu,
         user_attribute_sizes=dict(metadata.user_attributes), user_embedding_dim=config.user_embedding_dim,
-        tower_units=config.tower_units, aux_weight=config.aux_weight, use_history=config.use_history,
+        tower_units=config.tower_units, aux_weight=config.aux_weight, aux_scope=config.aux_scope,
+        use_history=config.use_history,
         freeze_content=config.freeze_content, freeze_projections=config.freeze_projections,
         dropout=config.dropout, pq_subspaces=config.pq_subspaces, pq_centroids=config.pq_centroids,
         pq_jit_compile=config.pq_jit_compile, pq_rerank=config.pq_rerank, gsu_identity_init=config.gsu_identity_init,
