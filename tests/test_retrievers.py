@@ -202,9 +202,21 @@ def test_exact_training_indexed_and_stored_channel_paths_agree():
     assert isinstance(exact, retrievers.ExactGSU) and exact.gsu_mode == "exact"
     inputs = exact.history_inputs(model, batch, training=True)
     assert set(inputs) == {"entries"} and isinstance(inputs["entries"], HistoryEntries)
-    assert exact.history_inputs(model, batch, training=False) == {}
+    # Inference without a serving cache (validation in training) encodes the entries once and picks from them;
+    # with the cache (an export) it reads the cached rows: the same scores and picked channels either way.
+    inputs = exact.history_inputs(model, batch, training=False)
+    assert set(inputs) == {"entries"} and not model.has_serving_cache()
+    with_entries = dataclasses.replace(_context(model, batch, entries=False), entries=inputs["entries"])
+    np.testing.assert_allclose(exact(with_entries)[0].numpy(), indexed.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact.pick(with_entries, positions).numpy(), want, rtol=1e-5, atol=1e-5)
+    model.build_serving_cache()
+    assert model.has_serving_cache() and exact.history_inputs(model, batch, training=False) == {}
+    cached = _context(model, batch, entries=False)
+    np.testing.assert_allclose(exact(cached)[0].numpy(), indexed.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact.pick(cached, positions).numpy(), want, rtol=1e-5, atol=1e-5)
+    model.clear_serving_cache()
+    assert not model.has_serving_cache()
     np.testing.assert_array_equal(exact(_context(model, batch, training=True))[0].numpy(), projected.numpy())
-    np.testing.assert_array_equal(exact(_context(model, batch, entries=False))[0].numpy(), indexed.numpy())
 
 
 def test_pq_adc_equals_the_exact_gsu_when_every_vector_is_its_own_centroid_and_set_gsu_mode_switches():

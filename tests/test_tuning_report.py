@@ -9,6 +9,7 @@ from seminar_tf.bench import stamp, tuning_report
 
 def _report():
     rows = [{"label": f"{scope} s{seed}", "settings": [f"model.aux_scope={scope}"], "seed": seed,
+             "preset": "paper_kuaisar",
              "val_auc_by_epoch": values, "ms_per_step": [200, 180], "command": f"seminar-tf finetune --seed {seed}"}
             for scope, seed, values in (("top_k", 0, [0.61, 0.63]), ("top_k", 1, [0.60, 0.59]),
                                         ("history", 0, [0.62, 0.60]), ("history", 1, []))]
@@ -23,8 +24,8 @@ def test_tuning_report_renders_rows_means_and_choice(tmp_path):
     lines = text.splitlines()
     assert "| top_k s0 | `model.aux_scope=top_k` | 0 | 0.6100, 0.6300 | 0.6300 | 200, 180 |" in lines
     assert "| history s1 | `model.aux_scope=history` | 1 | — | — | 200, 180 |" in lines  # a run with no epoch
-    assert "| model.aux_scope=top_k | 2 | 0.6150 |" in lines  # mean of the best epochs (0.63, 0.60)
-    assert "| model.aux_scope=history | 1 | 0.6200 |" in lines
+    assert "| paper_kuaisar | model.aux_scope=top_k | 2 | 0.6150 |" in lines  # mean of the best epochs (0.63, 0.60)
+    assert "| paper_kuaisar | model.aux_scope=history | 1 | 0.6200 |" in lines
     assert "Choice: `model.aux_scope=top_k` in paper_kuaisar. faster, no worse." in lines
     assert tuning_report.best([]) is None
     assert cli.main(["render", str(tmp_path / "tuning.json")]) == 0

@@ -3,7 +3,7 @@
 
 The JSON (``"benchmark": "tuning"``) carries the stamp (command, commit, machine, finished_at), ``title``,
 ``question``, ``protocol`` (the data and what was held fixed), ``rows`` (one training run each: ``label``,
-``settings`` (the ``--set`` values that differ between rows), ``seed``, ``val_auc_by_epoch``, ``ms_per_step``
+``settings`` (the ``--set`` values that differ between rows), ``preset``, ``seed``, ``val_auc_by_epoch``, ``ms_per_step``
 by epoch, ``command``) and ``choice`` (``setting``, ``where``: the preset(s) that take it, ``why``). The test
 split is not read in a tuning report.
 """
@@ -23,14 +23,14 @@ def _fmt(value, digits=4) -> str:
 
 
 def _means(rows: Sequence[Dict]) -> List[Dict]:
-    """Mean best val AUC per settings (over the seeds that ran)."""
-    groups: Dict[str, List[Dict]] = {}
+    """Mean best val AUC per (preset, settings) over the seeds that ran."""
+    groups: Dict[tuple, List[Dict]] = {}
     for row in rows:
-        groups.setdefault(", ".join(row["settings"]) or "(preset)", []).append(row)
+        groups.setdefault((row.get("preset") or "—", ", ".join(row["settings"]) or "(preset)"), []).append(row)
     out = []
-    for settings, members in groups.items():
+    for (preset, settings), members in groups.items():
         values = [best(r["val_auc_by_epoch"]) for r in members if r["val_auc_by_epoch"]]
-        out.append({"settings": settings, "seeds": len(values),
+        out.append({"preset": preset, "settings": settings, "seeds": len(values),
                     "mean_best_val_auc": sum(values) / len(values) if values else None})
     return out
 
@@ -47,10 +47,11 @@ def markdown(report: Dict) -> str:
                      f"{row['seed']} | {', '.join(_fmt(v) for v in row['val_auc_by_epoch']) or '—'} | "
                      f"{_fmt(best(row['val_auc_by_epoch']))} | "
                      f"{', '.join(str(v) for v in row.get('ms_per_step', [])) or '—'} |")
-    lines += ["", "Mean of the best validation AUC over seeds:", "", "| settings | seeds | mean best val AUC |",
-              "|---|---:|---:|"]
+    lines += ["", "Mean of the best validation AUC over seeds:", "",
+              "| preset | settings | seeds | mean best val AUC |", "|---|---|---:|---:|"]
     for mean in _means(report["rows"]):
-        lines.append(f"| {mean['settings']} | {mean['seeds']} | {_fmt(mean['mean_best_val_auc'])} |")
+        lines.append(f"| {mean['preset']} | {mean['settings']} | {mean['seeds']} | "
+                     f"{_fmt(mean['mean_best_val_auc'])} |")
     choice = report["choice"]
     lines += ["", f"Choice: `{choice['setting']}` in {choice['where']}. {choice['why']}", ""]
     lines += ["Commands, in order: `" + "`, `".join(row["command"] for row in report["rows"]) + "`.", ""]

@@ -333,18 +333,22 @@ class ProjectedGSU(_SeminarGSU):
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class IndexedGSU(_SeminarGSU):
-    """Exact GSU from the history's item / query indices (inference: content encoded on the K kept only)."""
+    """Exact GSU from the history's item / query indices (inference). With the model's serving cache
+    (``build_serving_cache``, an export) the scores come from the cached rows and the kept steps are gathered
+    from the projected cache; without it (validation during training) the batch's distinct entries are encoded
+    once, scored, and the kept steps gathered from them, as in training."""
 
     gsu_mode = "exact"
 
     def history_inputs(self, model, features, training=None):
-        return {}
+        if model.has_serving_cache():
+            return {}
+        return {"entries": model.history_entries(features, training)}
 
     def scores(self, context):
-        return indexed_scores(context.model, context.q_t, context.gamma, context.features)
-
-    def pick(self, context, positions):
-        return encode_positions(context.model, context.features, positions, context.training)
+        if context.entries is None:
+            return indexed_scores(context.model, context.q_t, context.gamma, context.features)
+        return entry_scores(context.entries, context.model.pq_targets(context.q_t, context.gamma))
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")

@@ -375,6 +375,10 @@ class SeminarModel(tfrs.Model):
             size += queries.shape.num_elements() * 4
         return size
 
+    def has_serving_cache(self) -> bool:
+        """True once ``build_serving_cache`` has projected the catalog (until ``clear_serving_cache``)."""
+        return any(getattr(self, name, None) is not None for name in ("_projected_items", "_projected_queries"))
+
     def clear_serving_cache(self) -> None:
         """Drops the caches of ``build_serving_cache``."""
         self.content.clear_cache()
