@@ -3,9 +3,9 @@
 
 The JSON (``"benchmark": "tuning"``) carries the stamp (command, commit, machine, finished_at), ``title``,
 ``question``, ``protocol`` (the data and what was held fixed), ``rows`` (one training run each: ``label``,
-``settings`` (the ``--set`` values that differ between rows), ``preset``, ``seed``, ``val_auc_by_epoch``, ``ms_per_step``
-by epoch, ``command``) and ``choice`` (``setting``, ``where``: the preset(s) that take it, ``why``). The test
-split is not read in a tuning report.
+``settings`` (the ``--set`` values that differ between rows), ``preset``, ``seed``, ``val_auc_by_epoch``,
+``ms_per_step`` by epoch, ``command``) and ``choice`` (``setting``, ``where``: the preset(s) that take it,
+``why``). The test split is not read in a tuning report.
 """
 
 from __future__ import annotations
