@@ -183,7 +183,7 @@ def test_exact_training_indexed_and_stored_channel_paths_agree():
     reference = retrievers.mask_scores(
         retrievers.projected_scores(model.gsu, context.q_t, context.gamma, history), mask)
     projected, _ = retrievers.ProjectedGSU()(context)
-    indexed, keep = retrievers.IndexedGSU()(_context(model, batch, entries=False))
+    indexed, keep = retrievers.IndexedGSU()(_context(model, batch))
     stored, _ = retrievers.StoredChannelGSU()(context)
     assert keep is None  # every real step
     mask = mask.numpy()
@@ -194,7 +194,7 @@ def test_exact_training_indexed_and_stored_channel_paths_agree():
     positions = tf.constant(np.array(_top_k(reference, 1)).reshape(-1, 1), tf.int32)
     want = tf.gather(history, positions, batch_dims=1).numpy()
     for retriever, context in ((retrievers.ProjectedGSU(), _context(model, batch)),
-                               (retrievers.IndexedGSU(), _context(model, batch, entries=False)),
+                               (retrievers.IndexedGSU(), _context(model, batch)),
                                (retrievers.StoredChannelGSU(), _context(model, batch))):
         np.testing.assert_allclose(retriever.pick(context, positions).numpy(), want, rtol=1e-5, atol=1e-5)
     # The "exact" mode's retriever takes the training path in training and the indexed one otherwise.
@@ -202,16 +202,20 @@ def test_exact_training_indexed_and_stored_channel_paths_agree():
     assert isinstance(exact, retrievers.ExactGSU) and exact.gsu_mode == "exact"
     inputs = exact.history_inputs(model, batch, training=True)
     assert set(inputs) == {"entries"} and isinstance(inputs["entries"], HistoryEntries)
-    # Inference without a serving cache (validation in training) encodes the entries once and picks from them;
-    # with the cache (an export) it reads the cached rows: the same scores and picked channels either way.
-    inputs = exact.history_inputs(model, batch, training=False)
-    assert set(inputs) == {"entries"} and not model.has_serving_cache()
-    with_entries = dataclasses.replace(_context(model, batch, entries=False), entries=inputs["entries"])
+    # Inference encodes the entries once (from the serving cache once an export built it) and picks the kept
+    # steps from them, or from the projected cache: the same scores and picked channels either way.
+    def inference_context():
+        inputs = exact.history_inputs(model, batch, training=False)
+        assert set(inputs) == {"entries"} and isinstance(inputs["entries"], HistoryEntries)
+        return dataclasses.replace(_context(model, batch, entries=False), entries=inputs["entries"])
+
+    assert not model.has_serving_cache()
+    with_entries = inference_context()
     np.testing.assert_allclose(exact(with_entries)[0].numpy(), indexed.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(exact.pick(with_entries, positions).numpy(), want, rtol=1e-5, atol=1e-5)
     model.build_serving_cache()
-    assert model.has_serving_cache() and exact.history_inputs(model, batch, training=False) == {}
-    cached = _context(model, batch, entries=False)
+    assert model.has_serving_cache()
+    cached = inference_context()
     np.testing.assert_allclose(exact(cached)[0].numpy(), indexed.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(exact.pick(cached, positions).numpy(), want, rtol=1e-5, atol=1e-5)
     model.clear_serving_cache()

@@ -460,7 +460,6 @@ def run(config: LongSeqBenchConfig, *, out_dir: str, work_dir: str,
                                       longest["L"], logs_dir, batch_size=config.batch_size, epochs=config.epochs,
                                       steps_per_epoch=config.steps_per_epoch,
                                       validation_steps=config.validation_steps, variant=variant))
-        longest = max((b for b in builds if b["ok"]), key=lambda b: b["L"], default=None)
         if longest is not None:
             for model in config.models:
                 _log(progress, f"finetune {model} at L={longest['L']}, batch {config.peak_batch_size} (peak RSS)")

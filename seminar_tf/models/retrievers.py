@@ -332,23 +332,15 @@ class ProjectedGSU(_SeminarGSU):
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
-class IndexedGSU(_SeminarGSU):
-    """Exact GSU from the history's item / query indices (inference). With the model's serving cache
-    (``build_serving_cache``, an export) the scores come from the cached rows and the kept steps are gathered
-    from the projected cache; without it (validation during training) the batch's distinct entries are encoded
-    once, scored, and the kept steps gathered from them, as in training."""
+class IndexedGSU(ProjectedGSU):
+    """Exact GSU from the history's item / query indices (inference): the training path's scores over the
+    batch's distinct entries (read from the serving cache once ``build_serving_cache`` has run, as in an export),
+    and, with that cache, the kept steps gathered from the projected cache instead of projected per position."""
 
-    gsu_mode = "exact"
-
-    def history_inputs(self, model, features, training=None):
-        if model.has_serving_cache():
-            return {}
-        return {"entries": model.history_entries(features, training)}
-
-    def scores(self, context):
-        if context.entries is None:
-            return indexed_scores(context.model, context.q_t, context.gamma, context.features)
-        return entry_scores(context.entries, context.model.pq_targets(context.q_t, context.gamma))
+    def pick(self, context, positions):
+        if context.model.has_serving_cache():
+            return encode_positions(context.model, context.features, positions, context.training)
+        return super().pick(context, positions)
 
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
