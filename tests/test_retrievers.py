@@ -273,3 +273,61 @@ def test_the_registry_covers_every_architecture_with_the_configs_options():
     for name in baselines.BASELINES:
         model = baselines.build_baseline(name, CONFIG, METADATA, *TABLES)
         assert type(model.retriever) is retrievers.RETRIEVERS[name] and model.pq is None
+
+
+# ------------------------------------------------------------------------------- the category prior's top-K
+@pytest.mark.parametrize("grouping", ["partition", "argsort"])
+def test_category_top_k_keeps_what_the_prior_ranked_scores_of_every_step_keep(grouping, monkeypatch):
+    """Scoring only the target's category (when it has ≥ K steps) keeps the same steps, in the same order (ties to
+    the lower position), as ranking every step with the category prior; targets with fewer steps of their
+    category, a reserved category (-1), padding and K > L included. Integer scores make ties common."""
+    if grouping == "argsort":
+        monkeypatch.setattr(retrievers, "_PARTITIONED_CATEGORIES", 0)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        batch, m, length, k = rng.integers(1, 4), rng.integers(1, 7), rng.integers(1, 40), int(rng.integers(1, 9))
+        entries = HistoryEntries(
+            tf.constant(rng.integers(-2, 3, size=(5, 3)), tf.float32),
+            tf.constant(rng.integers(0, 5, size=(batch, length)), tf.int32),
+            tf.constant(rng.integers(-2, 3, size=(12, 2, 3)), tf.float32),
+            tf.constant(rng.integers(0, 12, size=(batch, length)), tf.int32))
+        targets = tf.constant(rng.integers(-2, 3, size=(batch, m, 3, 3)), tf.float32)
+        mask = tf.constant(np.arange(length)[None, :] < rng.integers(0, length + 1, size=batch)[:, None])
+        categories = tf.constant(rng.integers(0, 4, size=(batch, length)))
+        target_categories = tf.constant(rng.integers(-1, 4, size=(batch, m)))
+        prior = model_fixtures.category_prior()
+        same = tf.equal(categories[:, None, :], target_categories[:, :, None])
+        ranked = prior(retrievers.mask_scores(retrievers.entry_scores(entries, targets), mask), mask, same)
+        want = top_k_positions(tf.reshape(ranked, [-1, length]), None, k)
+        got = retrievers.category_top_k(retrievers.entry_part_scores(entries, targets), categories,
+                                        target_categories, mask, k, prior, num_categories=4)
+        real = np.repeat(mask.numpy(), m, axis=0)
+        (want_index, want_valid), (got_index, got_valid) = [
+            (index.numpy(), valid.numpy() & np.take_along_axis(real, index.numpy(), 1)) for index, valid in (want, got)]
+        np.testing.assert_array_equal(got_valid, want_valid)
+        np.testing.assert_array_equal(np.where(got_valid, got_index, 0), np.where(want_valid, want_index, 0))
+
+
+def test_with_the_category_prior_and_the_serving_cache_inference_ranks_without_scoring_every_step():
+    """An export's model (serving cache built) with the GSU category prior keeps the same steps and gives the
+    same logits as the inference path that scores every step (no cache), without a gsu_scores output."""
+    model, batch = _model("seminar", gsu_category_prior=True)
+    rng = np.random.default_rng(0)
+    items = tf.constant(rng.integers(len(schema.RESERVED), METADATA.num_items, size=(model_fixtures.BATCH, 5)))
+    queries = tf.constant(rng.integers(0, METADATA.num_queries, size=(model_fixtures.BATCH, 5)))
+    same = model.category_match(batch, items).numpy() & history_mask(batch).numpy()[:, None, :]
+    counts = same.sum(-1)
+    assert (counts >= CONFIG.top_k).any() and (counts < CONFIG.top_k).any()  # both kinds of target
+    every_step = model.score_pairs(batch, queries, items, training=False)
+    assert "gsu_scores" in every_step
+    model.build_serving_cache()
+    try:
+        ranked = model.score_pairs(batch, queries, items, training=False)
+    finally:
+        model.clear_serving_cache()
+    assert "gsu_scores" not in ranked
+    valid = every_step["top_k_valid"].numpy()
+    np.testing.assert_array_equal(ranked["top_k_valid"].numpy(), valid)
+    np.testing.assert_array_equal(np.where(valid, ranked["top_k"].numpy(), 0),
+                                  np.where(valid, every_step["top_k"].numpy(), 0))
+    np.testing.assert_allclose(ranked["logit"].numpy(), every_step["logit"].numpy(), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ retriever; ``build_retriever`` builds it from the config's fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, Optional
 
 import tensorflow as tf
@@ -109,21 +110,112 @@ def target_vectors(kernel, u, gamma):
     return tf.einsum("cde,bne->bncd", kernel, u) * gamma[..., None]
 
 
-def entry_scores(entries: HistoryEntries, targets):
-    """Σ_j t_{b,m,j}·x_{l}^{(j)} for every step: targets [B, M, C, d] (one vector per row, target and channel)
-    → [B, M, L]. Each part (query, items) is scored once per distinct entry ([B, M, U], one matmul) and gathered
-    to the steps, so the cost is B·M·U·C·d and nothing per step is wider than M."""
+def entry_part_scores(entries: HistoryEntries, targets):
+    """Each part's scores per distinct entry: targets [B, M, C, d] → [(per_entry [U, B, M], index int32 [B, L])],
+    one [U, J·d] x [J·d, B·M] matmul per part; step l of row b scores Σ_parts per_entry[index[b, l], b, m]."""
     batch, m = tf.shape(targets)[0], tf.shape(targets)[1]
-    scores = None  # built as [B, L, M] (each step gathers its entry's M scores as one row), transposed at the end
+    parts = []
     for rows, index, first, width in entries.parts():
         count = tf.shape(rows)[0]
         w = tf.reshape(targets[:, :, first:first + width], [batch * m, -1])
         # 2-D matmuls: a batched one against the shared rows would take its gradient as [B, U, J·d]
         per_entry = tf.matmul(tf.reshape(rows, [count, -1]), w, transpose_b=True)  # [U, B·M]
-        per_entry = tf.transpose(tf.reshape(per_entry, [count, batch, m]), [1, 0, 2])  # [B, U, M]
-        part = tf.gather(per_entry, index, batch_dims=1)  # [B, L, M]
+        parts.append((tf.reshape(per_entry, [count, batch, m]), index))
+    return parts
+
+
+def entry_scores(entries: HistoryEntries, targets):
+    """Σ_j t_{b,m,j}·x_{l}^{(j)} for every step: targets [B, M, C, d] (one vector per row, target and channel)
+    → [B, M, L]. Each part (query, items) is scored once per distinct entry ([B, M, U], one matmul) and gathered
+    to the steps, so the cost is B·M·U·C·d and nothing per step is wider than M."""
+    scores = None  # built as [B, L, M] (each step gathers its entry's M scores as one row), transposed at the end
+    for per_entry, index in entry_part_scores(entries, targets):
+        part = tf.gather(tf.transpose(per_entry, [1, 0, 2]), index, batch_dims=1)  # [B, L, M]
         scores = part if scores is None else scores + part
     return tf.transpose(scores, [0, 2, 1])
+
+
+_PARTITIONED_CATEGORIES = 4096  # category vocabularies up to this size are grouped by dynamic_partition, not sorted
+
+
+def _steps_by_category(categories, mask, num_categories):
+    """The real steps grouped by (category, row), in position order within a group: (flat positions int32 [R]
+    (row·L + position), start int32 [V·B] and count int32 [V·B] of group (category c, row b) at c·B + b).
+    Categories lie in [0, num_categories); a stable counting sort (``dynamic_partition``) for vocabularies up to
+    ``_PARTITIONED_CATEGORIES``, else a stable argsort."""
+    batch, length = tf.shape(categories)[0], tf.shape(categories)[1]
+    categories = tf.cast(categories, tf.int32)
+    flat = tf.reshape(tf.where(mask, categories, num_categories), [-1])  # padding: one more group, dropped
+    if num_categories <= _PARTITIONED_CATEGORIES:
+        order = tf.concat(tf.dynamic_partition(tf.range(batch * length), flat, num_categories + 1)[:-1], 0)
+    else:
+        order = tf.argsort(flat, stable=True)
+        order = order[: tf.reduce_sum(tf.cast(mask, tf.int32))]
+    groups = tf.reshape(categories * batch + tf.range(batch)[:, None], [-1])  # c·B + b
+    count = tf.math.unsorted_segment_sum(tf.reshape(tf.cast(mask, tf.int32), [-1]), groups,
+                                         num_categories * batch)
+    return order, tf.math.cumsum(count, exclusive=True), count
+
+
+def category_top_k(parts, categories, target_categories, mask, k: int, prior, num_categories: int):
+    """The GSU's top-K with the category prior (``SeminarModel.category_prior``), reading only the steps of each
+    target's category when it has at least K of them.
+
+    parts: ``entry_part_scores`` (score of step l for target m = Σ_parts per_entry[index[b, l], b, m]);
+    categories: int [B, L], each step's category in [0, num_categories); target_categories: int [B, M] (-1: none);
+    mask: bool [B, L], the real steps; prior: ``category_prior``. Returns (indices int32 [B·M, k], valid bool
+    [B·M, k]), the same as ``top_k_positions`` over the prior-ranked scores of every step: the prior ranks a
+    target's category first, so a target with ≥ k real steps of its category keeps the k best of those (ties to
+    the lower position) and only those are scored (about L / #categories steps instead of L). The other targets
+    are ranked over all L steps, as without this function.
+    """
+    batch, m, length = tf.shape(mask)[0], tf.shape(target_categories)[1], tf.shape(mask)[1]
+    targets = tf.reshape(tf.cast(target_categories, tf.int32), [-1])  # [B·M]
+    order, group_start, group_count = _steps_by_category(categories, mask, num_categories)
+    target_rows = tf.repeat(tf.range(batch), m)
+    real_target = targets >= 0
+    group = tf.where(real_target, targets, 0) * batch + target_rows
+    count = tf.where(real_target, tf.gather(group_count, group), 0)
+    fast = count >= k
+    fast_rows = tf.cast(tf.where(fast)[:, 0], tf.int32)
+    slow_rows = tf.cast(tf.where(~fast)[:, 0], tf.int32)
+
+    # targets with ≥ k steps of their category: the k best of those steps
+    start = tf.gather(tf.gather(group_start, group), fast_rows)
+    slots = tf.ragged.range(start, start + tf.gather(count, fast_rows), row_splits_dtype=tf.int32)  # [F, (S)]
+    owner = tf.gather(fast_rows, slots.value_rowids())  # [P]: row·M + target
+    flat_positions = tf.gather(order, slots.flat_values)  # [P]: row·L + position, ascending per target
+    rows = flat_positions // length
+    total = None
+    for per_entry, index in parts:  # each part's per-entry score, summed in part order (as entry_scores)
+        entry = tf.gather(tf.reshape(index, [-1]), flat_positions)
+        part = tf.gather(tf.reshape(per_entry, [-1]), (entry * batch + rows) * m + owner % m)
+        total = part if total is None else total + part
+    width = tf.maximum(tf.reduce_max(tf.concat([slots.row_lengths(), [0]], 0)), k)
+    shape = tf.stack([tf.size(fast_rows), width])
+    _, local = tf.math.top_k(slots.with_flat_values(total).to_tensor(-math.inf, shape=shape), k=k, sorted=True)
+    positions = slots.with_flat_values(flat_positions - rows * length).to_tensor(0, shape=shape)
+    fast_indices = tf.gather(positions, local, batch_dims=1)
+
+    def every_step():  # the other targets: every step scored, masked and prior-ranked as the GSU does
+        rows, columns = slow_rows // m, slow_rows % m
+        total = None
+        for per_entry, index in parts:
+            per_target = tf.gather_nd(tf.transpose(per_entry, [1, 2, 0]), tf.stack([rows, columns], 1))  # [S, U]
+            part = tf.gather(per_target, tf.gather(index, rows), batch_dims=1)  # [S, L]
+            total = part if total is None else total + part
+        row_mask = tf.gather(mask, rows)
+        same = tf.equal(tf.gather(tf.cast(categories, tf.int32), rows), tf.gather(targets, slow_rows)[:, None])
+        scores = prior(mask_scores(total[:, None, :], row_mask), row_mask, same[:, None, :])
+        return top_k_positions(tf.reshape(scores, [-1, length]), None, k)
+
+    slow_indices, slow_valid = tf.cond(
+        tf.size(slow_rows) > 0, every_step,
+        lambda: (tf.zeros([0, k], tf.int32), tf.zeros([0, k], tf.bool)))
+    indices = tf.dynamic_stitch([fast_rows, slow_rows], [fast_indices, slow_indices])
+    valid = tf.dynamic_stitch([fast_rows, slow_rows], [tf.ones_like(fast_indices, tf.bool), slow_valid])
+    size = batch * m
+    return tf.reshape(indices, [size, k]), tf.reshape(valid, [size, k])
 
 
 def entry_readout(entries: HistoryEntries, weights):
@@ -281,6 +373,11 @@ class Retriever(tf.keras.layers.Layer):
             return encode_positions(context.model, context.features, positions, context.training)
         return context.model.projection(gather_entries(context.entries, positions))
 
+    def top_k(self, context: RetrievalContext, k: int):
+        """(indices int32 [B·N, k], valid bool [B·N, k]) of the k best steps per target, for a retriever that ranks
+        without scoring every step; None (the default): the host ranks the call's scores."""
+        return None
+
     def refine(self, context: RetrievalContext, candidates, valid, top_k: int):
         """Re-ranks r·K candidates [B·N, rK, C, d] (``valid`` [B·N, rK]) → (local indices, valid) [B·N, K]."""
         raise NotImplementedError(f"{type(self).__name__} does not re-rank")
@@ -342,6 +439,17 @@ class IndexedGSU(ProjectedGSU):
             return encode_positions(context.model, context.features, positions, context.training)
         return super().pick(context, positions)
 
+    def top_k(self, context, k):
+        """With the category prior and the serving cache (an export): ``category_top_k``, which scores only the
+        steps of each target's category when it has at least k of them."""
+        model = context.model
+        if not (model.gsu_category_prior and model.has_serving_cache()):
+            return None
+        parts = entry_part_scores(context.entries, model.pq_targets(context.q_t, context.gamma))
+        return category_top_k(parts, model.history_categories(context.features),
+                              model.target_categories(context.items), context.mask, k, model.category_prior,
+                              model.num_categories())
+
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class StoredChannelGSU(ProjectedGSU):
@@ -374,6 +482,9 @@ class ExactGSU(Retriever):
 
     def pick(self, context, positions):
         return self._path(context.training).pick(context, positions)
+
+    def top_k(self, context, k):
+        return self._path(context.training).top_k(context, k)
 
     def aux_readout(self, context):
         return self._path(context.training).aux_readout(context)

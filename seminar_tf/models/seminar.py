@@ -133,8 +133,8 @@ def _from_config(value):
 
 @tf.keras.utils.register_keras_serializable(package="seminar_tf")
 class SeminarModel(tfrs.Model):
-    """SEMINAR CTR/PSR model. ``call`` returns a dict: logit, probability, gsu_scores, top_k (and aux_logit
-    when training).
+    """SEMINAR CTR/PSR model. ``call`` returns a dict: logit, probability, top_k, gsu_scores (unless the retriever
+    ranks without scoring every step, ``Retriever.top_k``) and aux_logit when training.
 
     Args:
       content: ``ContentEncoder`` (restore PSU weights into it before fine-tuning).
@@ -559,15 +559,21 @@ class SeminarModel(tfrs.Model):
             mask = history_mask(features)
             context = RetrievalContext(features=features, queries=queries, items=items, q_t=q_t, gamma=gamma,
                                        mask=mask, model=self, training=training, target=target, **inputs)
-            scores, keep = retriever(context)  # [B, N, L]
-            length = tf.shape(mask)[1]
-            if keep is not None:  # the retriever's own subset of the real steps; every other step scores -1e9
-                keep = tf.logical_and(keep, mask[:, None, :])
-                scores = tf.where(keep, scores, tf.constant(EXCLUDED, scores.dtype))
-                keep = tf.reshape(keep, [-1, length])
-            # Masked positions score -1e9, below any real score: without a keep mask, rank without a second mask,
-            # then check the kept positions against the history mask ([B, N·K] lookups, not [B, N, L] selects).
-            indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), keep, self.top_k * retriever.rerank)
+            ranked = retriever.top_k(context, self.top_k * retriever.rerank)
+            if ranked is None:
+                scores, keep = retriever(context)  # [B, N, L]
+                length = tf.shape(mask)[1]
+                if keep is not None:  # the retriever's own subset of the real steps; every other step scores -1e9
+                    keep = tf.logical_and(keep, mask[:, None, :])
+                    scores = tf.where(keep, scores, tf.constant(EXCLUDED, scores.dtype))
+                    keep = tf.reshape(keep, [-1, length])
+                # Masked positions score -1e9, below any real score: without a keep mask, rank without a second
+                # mask, then check the kept positions against the history mask ([B, N·K] lookups, not [B, N, L]).
+                indices, valid = top_k_positions(tf.reshape(scores, [-1, length]), keep,
+                                                 self.top_k * retriever.rerank)
+                outputs["gsu_scores"] = scores
+            else:  # the retriever ranked without scoring every step (no gsu_scores output)
+                indices, valid = ranked
             k = tf.shape(indices)[1]
             flat_indices = tf.reshape(indices, [batch, -1])  # [B, N*K] (N*rK with re-ranking)
             valid = tf.logical_and(valid, tf.reshape(tf.gather(mask, flat_indices, batch_dims=1), [-1, k]))
@@ -590,7 +596,7 @@ class SeminarModel(tfrs.Model):
             lifelong, attended = self.esu_readout(features, target_id, q_t, selected, indices, valid, training)
             if self.recent is not None:
                 recent = self.recent_readout(features, target_id, q_t, gamma, mask, pick, training)
-            outputs.update(gsu_scores=scores, top_k=tf.reshape(indices, [batch, n, k]),
+            outputs.update(top_k=tf.reshape(indices, [batch, n, k]),
                            top_k_valid=tf.reshape(valid, [batch, n, k]))
             if training and self.aux_task is not None:
                 # head^GSU = Attention(q_t, K^GSU, V^GSU), trained by the auxiliary loss: over all L pairs as the
@@ -738,15 +744,22 @@ class SeminarModel(tfrs.Model):
     def category_match(self, features, items, column=None):
         """[B, N, L] bool: history step l's item has target n's category (attribute column ``column``, default
         ``affinity_column``); false for targets of a reserved (PAD/OOV) category. SIM hard's filter too."""
-        categories = self._categories(column)
-        history = tf.gather(categories, tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
-        return tf.equal(history[:, None, :], self._target_categories(items, column)[:, :, None])
+        history = self.history_categories(features, column)  # [B, L]
+        return tf.equal(history[:, None, :], self.target_categories(items, column)[:, :, None])
+
+    def history_categories(self, features, column=None):
+        """Each history step's category [B, L] (attribute column ``column``, default ``affinity_column``)."""
+        return tf.gather(self._categories(column), tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))
+
+    def num_categories(self, column=None) -> int:
+        """Size of the category vocabulary (attribute column ``column``, default ``affinity_column``)."""
+        return int(self.content.attribute_vocab_sizes[self.affinity_column if column is None else column])
 
     def _categories(self, column=None):
         """Each item's category [num_items] (attribute column ``column``, default ``affinity_column``)."""
         return self.content.attributes[:, self.affinity_column if column is None else column]
 
-    def _target_categories(self, items, column=None):
+    def target_categories(self, items, column=None):
         """The targets' categories [B, N]; -1 (no history step's category) for a reserved (PAD/OOV) category."""
         target = tf.gather(self._categories(column), tf.cast(items, tf.int32))
         return tf.where(target >= len(schema.RESERVED), target, tf.constant(-1, target.dtype))
@@ -793,7 +806,7 @@ class SeminarModel(tfrs.Model):
             batch = tf.shape(history)[0]
             slots = (tf.range(batch, dtype=history.dtype)[:, None] * size + history) * tokens + feedback
             table = tf.reshape(tf.math.unsorted_segment_sum(real, slots, batch * size * tokens), [batch, size, tokens])
-            target = self._target_categories(items)  # [B, N]
+            target = self.target_categories(items)  # [B, N]
             counts = tf.gather(table, tf.maximum(target, 0), batch_dims=1)  # [B, N, F]
             counts = counts * tf.cast(target >= 0, counts.dtype)[..., None]
             count = tf.reduce_sum(counts, -1)
