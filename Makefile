@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick lint bench venv clean
+.PHONY: demo test test-quick lint bench bench-lifelong venv clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/seminar-tf bench all --out benchmarks
+
+# The lifelong claim (hours on 2 cores): SEMINAR at L=10^2..10^4 and the baselines against the world's oracle.
+bench-lifelong: $(STAMP)
+	$(BIN)/seminar-tf bench lifelong --out benchmarks --resume
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -434,6 +434,7 @@ def _run_demo(args, extra) -> int:
 MOVIELENS_MODELS = "seminar,din,sim_hard,sim_soft,eta,twin,no_history"  # bench movielens --models default
 LONGSEQ_MODELS = "seminar,din"  # bench longseq --models default
 LONGSEQ_VARIANTS = "model.aux_scope=history"  # bench longseq --variants default (LongSeqBenchConfig's)
+LIFELONG_MODELS = "seminar_no_pretrain,sim_hard,sim_soft,eta,twin,din"  # bench lifelong --models default
 
 
 def _names(text: str) -> tuple:
@@ -450,9 +451,11 @@ def _add_bench(sub) -> None:
         "gRPC server. 'movielens': SEMINAR and the baselines on MovieLens (RecBole's ml-100k or --input), "
         "OUT/movielens/REPORT.md + movielens.json; not part of 'all'. 'longseq': the project at lifelong length "
         "(world, build and fine-tuning at L=10^3 and 10^4, each a child process of the CLI: peak RSS, bytes per CTR "
-        "sample, epoch time), OUT/longseq.md + longseq.json; not part of 'all'. 'all': pipeline, pq and serving.",
+        "sample, epoch time), OUT/longseq.md + longseq.json; not part of 'all'. 'lifelong': does the far history pay "
+        "(SEMINAR at L=10^2, 10^3, 10^4 and the long-sequence baselines on the lifelong world against its own "
+        "oracle), OUT/lifelong/lifelong.md + lifelong.json; not part of 'all'. 'all': pipeline, pq and serving.",
     )
-    p.add_argument("which", choices=["pipeline", "pq", "serving", "movielens", "longseq", "all"],
+    p.add_argument("which", choices=["pipeline", "pq", "serving", "movielens", "longseq", "lifelong", "all"],
                    help="which benchmark to run")
     p.add_argument("--out", default="benchmarks", help="directory for the reports (default: benchmarks)")
     p.add_argument("--sizes", default="100000,1000000",
@@ -460,24 +463,27 @@ def _add_bench(sub) -> None:
     p.add_argument("--work-dir", default=None,
                    help="scratch directory for generated data and runs (default: runs/bench; movielens: "
                         "runs/bench/movielens; longseq: runs/bench/longseq, whose world is reused when its "
-                        "parameters match)")
+                        "parameters match; lifelong: runs/bench/lifelong, likewise)")
     p.add_argument("--preset", default="test",
                    help="pq: synthetic world + training preset of the trained-embedding parts: test (minutes) | "
                         "demo (the committed report; about an hour on 2 cores) (default: test)")
-    ml = p.add_argument_group("movielens")
+    ml = p.add_argument_group("movielens (--config, --set, --seeds, --epochs, --pretrain-epochs, --resume, --note: "
+                              "lifelong too)")
     ml.add_argument("--input", default=None,
                     help="MovieLens directory the adapter reads (default: RecBole 1.2.1's ml-100k, from the wheel "
                          "that pip downloads into --cache-dir)")
     ml.add_argument("--cache-dir", default="~/.cache/seminar-tf/recbole",
                     help="where the RecBole wheel and the extracted ml-100k files go (default: %(default)s)")
-    ml.add_argument("--config", default="movielens",
-                    help="preset or YAML/JSON config of the build section and the rows (default: movielens)")
+    ml.add_argument("--config", default=None,
+                    help="preset or YAML/JSON config of the build section and the rows (default: movielens; "
+                         "lifelong: demo)")
     config_lib.add_set_argument(ml)
     ml.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
     ml.add_argument("--models", default=None,
                     help=f"comma-separated rows of seminar_tf.report.ROWS (default: {MOVIELENS_MODELS}); the "
                          "popularity reference is always reported; longseq: finetune --model architectures "
-                         f"(default: {LONGSEQ_MODELS})")
+                         f"(default: {LONGSEQ_MODELS}); lifelong: the rows beside SEMINAR at the longest length "
+                         f"(default: {LIFELONG_MODELS})")
     ml.add_argument("--epochs", type=int, default=None,
                     help="fine-tuning epochs (default: the config's; longseq: 3, the last one is timed)")
     ml.add_argument("--pretrain-epochs", type=int, default=None, help="PSU pretraining epochs (default: the config's)")
@@ -485,19 +491,19 @@ def _add_bench(sub) -> None:
                     help="sampled negatives per positive of HIT/NDCG@10 (default: 99)")
     ml.add_argument("--label-threshold", type=float, default=4.0, help="label = rating >= this (default: 4.0)")
     ml.add_argument("--resume", action="store_true",
-                    help="reuse the built dataset (WORK/dataset/metadata.json) and finished cells")
+                    help="reuse the built dataset (WORK/dataset) and finished cells")
     ml.add_argument("--note", default="", help="a paragraph the report prints under its header (e.g. which commit "
                     "trained the cells --resume reuses)")
-    ls = p.add_argument_group("longseq (also --models, --epochs, --work-dir)")
+    ls = p.add_argument_group("longseq and lifelong (also --models, --epochs, --work-dir)")
     ls.add_argument("--users", type=int, default=120, help="users of the world (default: %(default)s)")
     ls.add_argument("--items", type=int, default=20_000, help="items of the world (default: %(default)s)")
     ls.add_argument("--mean-history", type=int, default=10_000,
                     help="mean history events per user; each lies in [0.8, 1.2] x this (default: %(default)s)")
-    ls.add_argument("--impressions-per-user", type=int, default=40,
-                    help="labelled impressions per user (default: %(default)s)")
-    ls.add_argument("--lengths", default="1000,10000",
-                    help="comma-separated max_history values, one build and training cells each (default: "
-                         "%(default)s)")
+    ls.add_argument("--impressions-per-user", type=int, default=None,
+                    help="labelled impressions per user (default: 40; lifelong: 400)")
+    ls.add_argument("--lengths", default=None,
+                    help="comma-separated max_history values (longseq: one build and training cells each, default "
+                         "1000,10000; lifelong: SEMINAR's rows, default 100,1000,10000)")
     ls.add_argument("--variants", default=None,
                     help="comma-separated SECTION.FIELD=VALUE settings, each one more SEMINAR training cell at the "
                          "longest L beside the preset's ('' for none; default: "
@@ -534,31 +540,59 @@ def _run_render(args, extra) -> int:
     return 0
 
 
+def _lengths(text: str) -> tuple:
+    return tuple(int(float(s)) for s in text.split(",") if s.strip())
+
+
+def _run_lifelong(args) -> None:
+    from seminar_tf.bench import lifelong as lifelong_bench
+
+    try:
+        config = lifelong_bench.LifelongBenchConfig(
+            out_dir=args.out, work_dir=args.work_dir or "runs/bench/lifelong", users=args.users, items=args.items,
+            mean_history=args.mean_history, impressions_per_user=args.impressions_per_user or 400,
+            lengths=_lengths(args.lengths or "100,1000,10000"), long_rows=_names(args.models or LIFELONG_MODELS),
+            config=args.config or "demo", overrides=tuple(args.set), seeds=args.seeds, epochs=args.epochs,
+            pretrain_epochs=args.pretrain_epochs, resume=args.resume, timeout_s=args.child_timeout, note=args.note)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _run_checked_bench(lifelong_bench.run, config, os.path.join(args.out, "lifelong", "lifelong.md"))
+
+
+def _run_checked_bench(run, config, markdown_path: str) -> None:
+    """Runs a bench whose report carries ``checks`` (movielens, lifelong) with the command line as typed; prints
+    the Markdown's path and one "status: target" line per check."""
+    import shlex
+
+    if os.path.basename(sys.argv[0]).startswith("seminar-tf"):
+        config.command = "seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        report = run(config, progress=_progress)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    print(markdown_path)
+    for check in report["checks"]:
+        print(f"{check['status']}: {check['target']}")
+
+
 def _run_bench(args, extra) -> int:
     which = ["pipeline", "pq", "serving"] if args.which == "all" else [args.which]
     work_dir = args.work_dir or "runs/bench"
     for name in which:
         _progress(f"bench {name}")
         if name == "movielens":
-            import shlex
-
             from seminar_tf.bench import movielens as movielens_bench
 
             config = movielens_bench.MovieLensBenchConfig(
                 input_dir=args.input, out_dir=args.out, work_dir=args.work_dir or "runs/bench/movielens",
-                cache_dir=args.cache_dir, config=args.config, overrides=tuple(args.set), seeds=args.seeds,
-                models=_names(args.models or MOVIELENS_MODELS), epochs=args.epochs,
+                cache_dir=args.cache_dir, config=args.config or "movielens", overrides=tuple(args.set),
+                seeds=args.seeds, models=_names(args.models or MOVIELENS_MODELS), epochs=args.epochs,
                 pretrain_epochs=args.pretrain_epochs, num_negatives=args.num_negatives,
                 label_threshold=args.label_threshold, resume=args.resume, note=args.note)
-            if os.path.basename(sys.argv[0]).startswith("seminar-tf"):
-                config.command = "seminar-tf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-            try:
-                result = movielens_bench.run(config, progress=_progress)
-            except ValueError as error:
-                raise CliError(str(error)) from None
-            print(os.path.join(args.out, "movielens", "REPORT.md"))
-            for check in result["checks"]:
-                print(f"{check['status']}: {check['target']}")
+            _run_checked_bench(movielens_bench.run, config, os.path.join(args.out, "movielens", "REPORT.md"))
+            continue
+        if name == "lifelong":
+            _run_lifelong(args)
             continue
         if name == "longseq":
             from seminar_tf.bench import longseq as longseq_bench
@@ -566,8 +600,8 @@ def _run_bench(args, extra) -> int:
             try:
                 config = longseq_bench.LongSeqBenchConfig(
                     users=args.users, items=args.items, mean_history=args.mean_history,
-                    impressions_per_user=args.impressions_per_user,
-                    lengths=tuple(int(float(s)) for s in args.lengths.split(",") if s.strip()),
+                    impressions_per_user=args.impressions_per_user or 40,
+                    lengths=_lengths(args.lengths or "1000,10000"),
                     models=_names(args.models or LONGSEQ_MODELS), batch_size=args.batch_size,
                     epochs=3 if args.epochs is None else args.epochs, peak_batch_size=args.peak_batch_size,
                     timeout_s=args.child_timeout,

@@ -1,7 +1,7 @@
 """Benchmarks behind `seminar-tf bench` / `make bench`: each writes a Markdown + JSON report."""
 
 import os
-from typing import Dict
+from typing import Dict, List, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 
@@ -14,3 +14,13 @@ def child_env() -> Dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
+
+
+def changed_flags(config, default, flags: Sequence[Tuple[str, str]]) -> List[str]:
+    """``[flag, value, ...]`` for each (flag, field) of ``flags`` whose value in ``config`` differs from
+    ``default``'s: a bench config's command line as typed."""
+    out = []
+    for flag, name in flags:
+        if getattr(config, name) != getattr(default, name):
+            out += [flag, str(getattr(config, name))]
+    return out

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from seminar_tf.bench import child_env, stamp
+from seminar_tf.bench import changed_flags, child_env, stamp
 from seminar_tf.bench.longseq_report import GIB, KIB, markdown  # noqa: F401  (markdown re-exported: stamp.RENDERERS)
 
 COMMAND = "seminar-tf bench longseq"
@@ -86,12 +86,10 @@ class LongSeqBenchConfig:
 
     def command(self) -> str:
         default = LongSeqBenchConfig()
-        parts = [COMMAND]
-        for flag, name in (("--users", "users"), ("--items", "items"), ("--mean-history", "mean_history"),
-                           ("--impressions-per-user", "impressions_per_user"), ("--batch-size", "batch_size"),
-                           ("--epochs", "epochs"), ("--peak-batch-size", "peak_batch_size")):
-            if getattr(self, name) != getattr(default, name):
-                parts += [flag, str(getattr(self, name))]
+        parts = [COMMAND] + changed_flags(self, default, (
+            ("--users", "users"), ("--items", "items"), ("--mean-history", "mean_history"),
+            ("--impressions-per-user", "impressions_per_user"), ("--batch-size", "batch_size"),
+            ("--epochs", "epochs"), ("--peak-batch-size", "peak_batch_size")))
         if self.lengths != default.lengths:
             parts += ["--lengths", ",".join(map(str, self.lengths))]
         if self.models != default.models:
@@ -193,12 +191,12 @@ def directory_bytes(path: str) -> Tuple[int, Dict[str, int]]:
     return sum(by_entry.values()), by_entry
 
 
-def _preset_build_flags(length: int) -> List[str]:
-    """``build`` flags of the preset's build config: --max-history L and a --set for each field that differs
-    from BuildConfig's default (the Beam job takes no --config)."""
+def build_flags(length: int, build=None) -> List[str]:
+    """``build`` flags of a build config (default: the preset's): --max-history L and a --set for each field
+    that differs from BuildConfig's default (the Beam job takes no --config)."""
     from seminar_tf import config as config_lib
 
-    build = config_lib.get_preset(PRESET).build
+    build = build or config_lib.get_preset(PRESET).build
     default = config_lib.BuildConfig()
     flags = ["--max-history", str(length)]
     for field in dataclasses.fields(build):
@@ -211,10 +209,11 @@ def _preset_build_flags(length: int) -> List[str]:
     return flags
 
 
-def world(config: LongSeqBenchConfig, raw_dir: str, logs_dir: str, progress=None) -> Dict:
-    """Generates the world unless ``raw_dir`` holds one of the same flags (``WORLD_MARKER``)."""
+def world(config, raw_dir: str, logs_dir: str, progress=None, marker_name: str = WORLD_MARKER) -> Dict:
+    """Generates the world of ``config.world_flags()`` (a bool flag: --name / --no-name) unless ``raw_dir`` holds
+    one of the same flags (the marker file) and ``config.reuse_world``."""
     flags = config.world_flags()
-    marker = os.path.join(raw_dir, WORLD_MARKER)
+    marker = os.path.join(raw_dir, marker_name)
     if config.reuse_world and os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             previous = json.load(f)
@@ -225,7 +224,8 @@ def world(config: LongSeqBenchConfig, raw_dir: str, logs_dir: str, progress=None
         shutil.rmtree(raw_dir)
     args = ["world", "--out", raw_dir]
     for name, value in flags.items():
-        args += ["--" + name.replace("_", "-"), str(value)]
+        flag = name.replace("_", "-")
+        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     _log(progress, f"world: {' '.join(args)}")
     row = run_cli(args, os.path.join(logs_dir, "world"), config.timeout_s)
     summary = last_json(os.path.join(logs_dir, "world.out")) or {}
@@ -239,11 +239,13 @@ def world(config: LongSeqBenchConfig, raw_dir: str, logs_dir: str, progress=None
     return {**row, "reused": False}
 
 
-def build(config: LongSeqBenchConfig, raw_dir: str, data_dir: str, length: int, logs_dir: str) -> Dict:
-    """One ``seminar-tf build`` at max_history ``length``: time, events/s, peak RSS, bytes, CTR samples."""
+def build(config, raw_dir: str, data_dir: str, length: int, logs_dir: str, flags: Optional[List[str]] = None) -> Dict:
+    """One ``seminar-tf build`` at max_history ``length`` (``flags``: default the preset's, ``build_flags``): time,
+    events/s, peak RSS, bytes, CTR samples."""
     if os.path.isdir(data_dir):
         shutil.rmtree(data_dir)
-    row = {"L": length, **run_cli(["build", "--input", raw_dir, "--output", data_dir, *_preset_build_flags(length)],
+    flags = flags or build_flags(length)
+    row = {"L": length, **run_cli(["build", "--input", raw_dir, "--output", data_dir, *flags],
                                   os.path.join(logs_dir, f"build_L{length}"), config.timeout_s)}
     stats_path = os.path.join(data_dir, "stats.json")
     if not row["ok"] or not os.path.exists(stats_path):

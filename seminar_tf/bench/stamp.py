@@ -23,6 +23,7 @@ RENDERERS: Dict[str, Tuple[str, str]] = {
     "pq": ("seminar_tf.bench.pq_report", "pq.md"),
     "serving": ("seminar_tf.bench.serving_report", "serving.md"),
     "longseq": ("seminar_tf.bench.longseq_report", "longseq.md"),
+    "lifelong": ("seminar_tf.bench.lifelong_report", "lifelong.md"),
     "movielens": ("seminar_tf.bench.movielens", "REPORT.md"),
     "report": ("seminar_tf.report_render", "REPORT.md"),
     "tuning": ("seminar_tf.bench.tuning_report", "tuning.md"),
