@@ -257,6 +257,18 @@ def _load_json(path):
         return json.load(f)
 
 
+def load_finished_cell(runs_dir: str, cell: str) -> Optional[dict]:
+    """A finished grid cell (its ``cell.json``) with its per-sample test scores under ``"_scores"`` (probability,
+    label, user, ...); None when the cell has not finished."""
+    done = _load_json(os.path.join(runs_dir, cell, CELL_FILE))
+    if done is None:
+        return None
+    scores = dict(np.load(os.path.join(runs_dir, cell, "scores.npz")))
+    scores["user"] = np.asarray(done["users"], dtype=object)
+    done["_scores"] = scores
+    return done
+
+
 def _write_json(path, payload):
     from seminar_tf.evaluate import _json_ready
 
@@ -368,7 +380,7 @@ def user_strings(users) -> List[str]:
 
 
 def paired_differences(payloads: Dict[str, dict], rows: Sequence[str], seeds: int,
-                       reference: str = "seminar") -> Dict[str, dict]:
+                       reference: str = "seminar", draws: int = 2000) -> Dict[str, dict]:
     """Test AUC of ``reference`` minus each other row's (means over their finished seeds), with the paired
     bootstrap over users of ``evaluate.paired_auc_difference``; {} without a finished reference cell."""
     from seminar_tf.evaluate import paired_auc_difference
@@ -385,7 +397,7 @@ def paired_differences(payloads: Dict[str, dict], rows: Sequence[str], seeds: in
         other = finished(row) if row != reference else []
         if other:
             out[row] = paired_auc_difference(users, mine[0]["label"], [c["probability"] for c in mine],
-                                             [c["probability"] for c in other])
+                                             [c["probability"] for c in other], draws=draws)
     return out
 
 
@@ -512,11 +524,8 @@ def run(grid: GridConfig, progress: Optional[Callable[[str], None]] = None) -> d
         for seed in range(grid.seeds):
             cell = f"{name}_s{seed}"
             marker = os.path.join(runs_dir, cell, CELL_FILE)
-            done = _load_json(marker)
+            done = load_finished_cell(runs_dir, cell)
             if done is not None:
-                scores = dict(np.load(os.path.join(runs_dir, cell, "scores.npz")))
-                scores["user"] = np.asarray(done["users"], dtype=object)
-                done["_scores"] = scores
                 payloads[cell] = done
                 reused.append(cell)
                 progress(f"report: {cell} finished before, reused")

@@ -20,10 +20,3 @@ def tables(metadata=METADATA):
 def batch(kind="ctr", batch_size=BATCH, metadata=METADATA, seed=0):
     """One batch with the reader's exact structure."""
     return next(iter(reader.synthetic_dataset(metadata, kind, batch_size, 1, seed=seed)))
-
-
-def category_prior():
-    """SEMINAR's GSU category prior (``SeminarModel.category_prior``)."""
-    from seminar_tf.models.seminar import SeminarModel
-
-    return SeminarModel.category_prior

@@ -14,6 +14,7 @@ from seminar_tf.layers import top_k_positions
 from seminar_tf.models import baselines, builders, retrievers
 from seminar_tf.models.psu import history_mask
 from seminar_tf.models.retrievers import HistoryEntries, RetrievalContext
+from seminar_tf.models.seminar import SeminarModel
 
 import model_fixtures
 from model_fixtures import CONFIG, METADATA
@@ -295,7 +296,7 @@ def test_category_top_k_keeps_what_the_prior_ranked_scores_of_every_step_keep(gr
         mask = tf.constant(np.arange(length)[None, :] < rng.integers(0, length + 1, size=batch)[:, None])
         categories = tf.constant(rng.integers(0, 4, size=(batch, length)))
         target_categories = tf.constant(rng.integers(-1, 4, size=(batch, m)))
-        prior = model_fixtures.category_prior()
+        prior = SeminarModel.category_prior
         same = tf.equal(categories[:, None, :], target_categories[:, :, None])
         ranked = prior(retrievers.mask_scores(retrievers.entry_scores(entries, targets), mask), mask, same)
         want = top_k_positions(tf.reshape(ranked, [-1, length]), None, k)

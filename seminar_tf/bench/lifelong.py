@@ -27,7 +27,7 @@ import numpy as np
 
 from seminar_tf import schema
 from seminar_tf.bench import changed_flags, longseq, stamp
-from seminar_tf.bench.lifelong_report import markdown  # noqa: F401  (stamp.RENDERERS)
+from seminar_tf.bench.lifelong_report import markdown, row_key  # noqa: F401  (markdown: stamp.RENDERERS)
 
 COMMAND = "seminar-tf bench lifelong"
 REFERENCE = "seminar"  # the row whose longest-L run the claim is about
@@ -181,44 +181,31 @@ def _grid(config: LifelongBenchConfig, data_dir: str, length: int):
 
 
 def cell_scores(runs_dir: str, row: str, seeds: int) -> List[dict]:
-    """The finished seeds' per-sample test scores of a row: [{"probability", "label", "user"}]."""
+    """The finished seeds' per-sample test scores of a row (``report.load_finished_cell``): [{"probability",
+    "label", "user", ...}]."""
     from seminar_tf import report as report_lib
 
-    out = []
-    for seed in range(seeds):
-        cell = os.path.join(runs_dir, f"{row}_s{seed}")
-        done = _load_json(os.path.join(cell, report_lib.CELL_FILE))
-        if done is None or not os.path.exists(os.path.join(cell, "scores.npz")):
-            continue
-        scores = dict(np.load(os.path.join(cell, "scores.npz")))
-        out.append({"probability": scores["probability"], "label": scores["label"],
-                    "user": np.asarray(done["users"], dtype=object)})
-    return out
+    cells = (report_lib.load_finished_cell(runs_dir, f"{row}_s{seed}") for seed in range(seeds))
+    return [cell["_scores"] for cell in cells if cell is not None]
 
 
 def paired_intervals(reference: List[dict], others: Dict[str, List[dict]], draws: int = 2000) -> Dict[str, dict]:
     """Test AUC of the reference cells minus each other key's (seeds' means), paired bootstrap over users
-    (``evaluate.paired_auc_difference``); every cell must hold the same test samples in the same order."""
-    from seminar_tf.evaluate import paired_auc_difference
+    (``report.paired_differences``); every cell must hold the same test samples in the same order."""
+    from seminar_tf import report as report_lib
 
     if not reference:
         return {}
     labels, users = reference[0]["label"], reference[0]["user"]
-    out = {}
-    for key, cells in others.items():
-        if not cells:
-            continue
-        for cell in cells + reference:
+    for key, cells in [(REFERENCE, reference), *others.items()]:
+        for cell in cells:
             if not (np.array_equal(cell["label"], labels) and np.array_equal(cell["user"], users)):
                 raise ValueError(f"{key}: its cells did not score the same test samples as the reference; rerun the "
                                  "rows on one dataset")
-        out[key] = paired_auc_difference(users, labels, [c["probability"] for c in reference],
-                                         [c["probability"] for c in cells], draws=draws)
-    return out
-
-
-def row_key(row: str, length: Optional[int]) -> str:
-    return row if length is None else f"{row}@{length}"
+    payloads = {f"{key}_s{seed}": {"_scores": cell}
+                for key, cells in [(REFERENCE, reference), *others.items()] for seed, cell in enumerate(cells)}
+    seeds = max(len(cells) for cells in [reference, *others.values()])
+    return report_lib.paired_differences(payloads, list(others), seeds, reference=REFERENCE, draws=draws)
 
 
 def checks(report: dict) -> List[dict]:

@@ -18,8 +18,9 @@ def _metric(metric: Optional[dict]) -> str:
     return f"{metric['mean']:.4f}"
 
 
-def _key(row: dict) -> str:
-    return row["row"] if row["max_history"] is None else f"{row['row']}@{row['max_history']}"
+def row_key(row: str, length: Optional[int]) -> str:
+    """A row's key in ``paired`` and the checks: "row@L" (the row at max_history L), "row" for a reference row."""
+    return row if length is None else f"{row}@{length}"
 
 
 def markdown(report: dict) -> str:
@@ -58,7 +59,7 @@ def markdown(report: dict) -> str:
     ]
     paired = report.get("paired", {})
     for row in report["rows"]:
-        diff = paired.get(_key(row))
+        diff = paired.get(row_key(row["row"], row["max_history"]))
         versus = "–" if diff is None else (f"{-diff['difference']:+.4f} [{-diff['high']:+.4f}, "
                                           f"{-diff['low']:+.4f}]")
         closed = row.get("gap_closed")

@@ -800,7 +800,7 @@ class SeminarModel(tfrs.Model):
             count = tf.reduce_sum(same, -1)
             counts = None if self.feedback_embedding is None else self.feedback_counts(features, same)  # [B, N, F]
         else:
-            history = tf.gather(self._categories(), tf.cast(features[schema.SEQ_HISTORY_ITEM], tf.int32))  # [B, L]
+            history = self.history_categories(features)  # [B, L]
             feedback = (tf.zeros_like(history) if self.feedback_embedding is None
                         else tf.cast(self._history_feedback(features), history.dtype))
             batch = tf.shape(history)[0]
